@@ -1,0 +1,130 @@
+"""Conversion between protobuf messages and crishim's model types."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from crishim import model
+from crishim.api import v1
+from crishim.errors import InvalidArgument
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _lookup(table: dict[K, V], value: K, what: str) -> V:
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgument(f"{what}: unknown value {value!r}") from None
+
+
+_SANDBOX_STATE = {
+    model.SandboxState.READY: v1.PodSandboxState.SANDBOX_READY,
+    model.SandboxState.NOTREADY: v1.PodSandboxState.SANDBOX_NOTREADY,
+}
+_SANDBOX_STATE_IN = {v: k for k, v in _SANDBOX_STATE.items()}
+
+_CONTAINER_STATE = {
+    model.ContainerState.CREATED: v1.ContainerState.CONTAINER_CREATED,
+    model.ContainerState.RUNNING: v1.ContainerState.CONTAINER_RUNNING,
+    model.ContainerState.EXITED: v1.ContainerState.CONTAINER_EXITED,
+    model.ContainerState.UNKNOWN: v1.ContainerState.CONTAINER_UNKNOWN,
+}
+_CONTAINER_STATE_IN = {v: k for k, v in _CONTAINER_STATE.items()}
+
+_CGROUP_DRIVER = {"systemd": v1.CgroupDriver.SYSTEMD, "cgroupfs": v1.CgroupDriver.CGROUPFS}
+
+
+def pod_sandbox(sandbox: model.Sandbox) -> v1.PodSandbox:
+    """A sandbox as ListPodSandbox reports it."""
+    meta = sandbox.metadata
+    return v1.PodSandbox(
+        id=sandbox.id,
+        metadata=v1.PodSandboxMetadata(
+            name=meta.name, uid=meta.uid, namespace=meta.namespace, attempt=meta.attempt
+        ),
+        state=_SANDBOX_STATE[sandbox.state],
+        created_at=sandbox.created_at,
+        labels=dict(sandbox.labels),
+        annotations=dict(sandbox.annotations),
+        runtime_handler=sandbox.runtime_handler,
+    )
+
+
+def container(item: model.Container) -> v1.Container:
+    """A container as ListContainers reports it."""
+    return v1.Container(
+        id=item.id,
+        pod_sandbox_id=item.sandbox_id,
+        metadata=v1.ContainerMetadata(name=item.metadata.name, attempt=item.metadata.attempt),
+        image=v1.ImageSpec(image=item.image, user_specified_image=item.user_specified_image),
+        image_ref=item.image_ref,
+        state=_CONTAINER_STATE[item.state],
+        created_at=item.created_at,
+        labels=dict(item.labels),
+        annotations=dict(item.annotations),
+        image_id=item.image_id,
+    )
+
+
+def sandbox_filter(msg: v1.PodSandboxFilter | None) -> model.SandboxFilter:
+    """ListPodSandbox's filter; an absent filter matches everything."""
+    if msg is None:
+        return model.SandboxFilter()
+    return model.SandboxFilter(
+        id=msg.id,
+        state=(
+            _lookup(_SANDBOX_STATE_IN, msg.state.state, "filter.state")
+            if msg.state is not None
+            else None
+        ),
+        label_selector=dict(msg.label_selector),
+    )
+
+
+def container_filter(msg: v1.ContainerFilter | None) -> model.ContainerFilter:
+    """ListContainers' filter; an absent filter matches everything."""
+    if msg is None:
+        return model.ContainerFilter()
+    return model.ContainerFilter(
+        id=msg.id,
+        state=(
+            _lookup(_CONTAINER_STATE_IN, msg.state.state, "filter.state")
+            if msg.state is not None
+            else None
+        ),
+        sandbox_id=msg.pod_sandbox_id,
+        label_selector=dict(msg.label_selector),
+    )
+
+
+def status_response(status: model.RuntimeStatus) -> v1.StatusResponse:
+    """Status' reply from the model."""
+    return v1.StatusResponse(
+        status=v1.RuntimeStatus(
+            conditions=[
+                v1.RuntimeCondition(
+                    type=c.type, status=c.status, reason=c.reason, message=c.message
+                )
+                for c in status.conditions
+            ]
+        ),
+        info=dict(status.info),
+        runtime_handlers=[
+            v1.RuntimeHandler(
+                name=h.name,
+                features=v1.RuntimeHandlerFeatures(
+                    recursive_read_only_mounts=h.recursive_read_only_mounts,
+                    user_namespaces=h.user_namespaces,
+                ),
+            )
+            for h in status.handlers
+        ],
+        features=v1.RuntimeFeatures(supplemental_groups_policy=status.supplemental_groups_policy),
+    )
+
+
+def cgroup_driver(name: str) -> v1.CgroupDriver:
+    """The protobuf enum for a configured cgroup driver name."""
+    return _CGROUP_DRIVER[name]

@@ -1,0 +1,58 @@
+"""Per-object cache of encoded list items, keyed by record id and revision.
+
+A repeated message field is the concatenation of (tag, length, item bytes) for each item,
+so a list reply can be built by joining cached items without encoding anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+from crishim.model import Record
+
+R = TypeVar("R", bound=Record)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def frame_field(field_number: int, payload: bytes) -> bytes:
+    """A length-delimited field: key, length, payload."""
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+class EncodedItems(Generic[R]):
+    """Caches the framed wire form of each record for one repeated field."""
+
+    def __init__(self, field_number: int, encode: Callable[[R], bytes]) -> None:
+        self._field_number = field_number
+        self._encode = encode
+        self._cache: dict[str, tuple[int, bytes]] = {}
+
+    def join(self, items: Iterable[R]) -> bytes:
+        """The reply bytes holding ``items`` in the repeated field."""
+        parts = []
+        cache = self._cache
+        for item in items:
+            hit = cache.get(item.id)
+            if hit is None or hit[0] != item.revision:
+                hit = (item.revision, frame_field(self._field_number, self._encode(item)))
+                cache[item.id] = hit
+            parts.append(hit[1])
+        return b"".join(parts)
+
+    def prune(self, live_ids: Iterable[str]) -> None:
+        """Forget items whose records are gone."""
+        live = set(live_ids)
+        for object_id in [k for k in self._cache if k not in live]:
+            del self._cache[object_id]
+
+    def __len__(self) -> int:
+        return len(self._cache)

@@ -1,0 +1,124 @@
+"""The ``crishim`` command: serve, version, doctor, config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import uvloop
+
+from crishim import __version__
+from crishim.config import Config, load_config, render_config
+from crishim.errors import CrishimError
+from crishim.services.runtime_info import RUNTIME_API_VERSION, RUNTIME_NAME
+
+log = logging.getLogger("crishim")
+
+
+def _config_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "--config",
+        type=Path,
+        help="main config file "
+        "(default /etc/crishim/crishim.toml; drop-ins from crishim.d/ beside it)",
+    )
+    flags.add_argument("--root", help="durable state directory (default /var/lib/crishim)")
+    flags.add_argument("--state", help="runtime state directory (default /run/crishim)")
+    flags.add_argument("--socket", help="CRI socket (default /run/crishim/crishim.sock)")
+    flags.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
+    )
+    return flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``crishim`` command."""
+    parser = argparse.ArgumentParser(
+        prog="crishim", description="A Kubernetes CRI runtime running pods with runc or crun."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    flags = _config_flags()
+    sub.add_parser("serve", parents=[flags], help="serve the CRI on the unix socket")
+    sub.add_parser("version", help="print crishim's version")
+    sub.add_parser("doctor", parents=[flags], help="check that this host can run pods")
+    config = sub.add_parser("config", parents=[flags], help="print the effective config")
+    config.add_argument(
+        "--default", action="store_true", help="print the commented default config instead"
+    )
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(
+        args.config,
+        {
+            "root": args.root,
+            "state": args.state,
+            "socket": args.socket,
+            "log_level": args.log_level,
+        },
+    )
+
+
+def _setup_logging(level: str) -> None:
+    # Libraries log at WARNING and above only: grpclib's HTTP/2 stack is very chatty.
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("crishim").setLevel(level.upper())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args)
+    _setup_logging(config.log_level)
+    from crishim.app import serve
+
+    uvloop.run(serve(config))
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from crishim.services.doctor import Level, run_checks
+
+    findings = asyncio.run(run_checks(_load(args)))
+    for finding in findings:
+        print(finding.line())
+    return 1 if any(f.level is Level.FAIL for f in findings) else 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.default:
+        print(render_config(Config(), comments=True), end="")
+    else:
+        print(render_config(_load(args), comments=False), end="")
+    return 0
+
+
+def _version(args: argparse.Namespace) -> int:
+    print(
+        f"{RUNTIME_NAME} {__version__} (CRI {RUNTIME_API_VERSION}, Python {sys.version.split()[0]})"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``crishim`` command."""
+    args = build_parser().parse_args(argv)
+    commands = {"serve": _serve, "version": _version, "doctor": _doctor, "config": _config}
+    try:
+        return commands[args.command](args)
+    except CrishimError as exc:
+        print(f"crishim: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

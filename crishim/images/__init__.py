@@ -1,0 +1,1 @@
+"""Images: references, the registry client, the content store, unpacking and snapshots."""

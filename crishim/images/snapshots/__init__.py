@@ -1,0 +1,1 @@
+"""Snapshotters: an overlayfs one keyed by chain ID, and a copying fallback."""

@@ -1,0 +1,65 @@
+"""Pod sandboxes: their record, states and list filter."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from crishim.model.labels import matches_selector
+from crishim.model.record import Record
+
+
+class SandboxState(StrEnum):
+    """A sandbox is ready while its namespaces and network exist, not ready once stopped."""
+
+    READY = "ready"
+    NOTREADY = "notready"
+
+
+class PodMetadata(BaseModel):
+    """Who the pod is in Kubernetes terms; (name, namespace, attempt) must be unique."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    uid: str
+    namespace: str
+    attempt: int = 0
+
+
+class Sandbox(Record):
+    """The durable record of one pod sandbox.
+
+    Records are immutable snapshots: a change makes a new object with ``revision`` one
+    higher, which lets readers cache anything derived from a given revision.
+    """
+
+    metadata: PodMetadata
+    state: SandboxState = SandboxState.READY
+    created_at: int = Field(description="nanoseconds since the epoch")
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    runtime_handler: str = ""
+
+    def can_remove(self) -> bool:
+        """Only a stopped sandbox is removed without stopping it first."""
+        return self.state is SandboxState.NOTREADY
+
+
+class SandboxFilter(BaseModel):
+    """ListPodSandbox's filter; every set criterion must hold."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(default="", description="full id or a prefix of it")
+    state: SandboxState | None = None
+    label_selector: dict[str, str] = Field(default_factory=dict)
+
+    def matches(self, sandbox: Sandbox) -> bool:
+        """True when ``sandbox`` passes every criterion that is set."""
+        return (
+            sandbox.id.startswith(self.id)
+            and (self.state is None or sandbox.state is self.state)
+            and matches_selector(sandbox.labels, self.label_selector)
+        )

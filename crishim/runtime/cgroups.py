@@ -1,0 +1,85 @@
+"""How cgroups are laid out on this host: v1, v2 (unified) or hybrid.
+
+Hybrid hosts mount v1 controllers under /sys/fs/cgroup and a v2 hierarchy at
+/sys/fs/cgroup/unified. crun refuses such a host while a controller it needs (hugetlb) is
+bound to v2 only; binding hugetlb to a v1 hierarchy first makes it work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+CGROUP_V2_MAGIC_TYPE = "cgroup2"
+# Options of a v1 cgroup mount that are not controller names ("name=..." are skipped too).
+_V1_MOUNT_OPTIONS = frozenset(
+    {"rw", "ro", "nosuid", "nodev", "noexec", "relatime", "noatime", "xattr", "clone_children"}
+)
+
+
+class CgroupMode(StrEnum):
+    """The three ways a Linux host can mount cgroups."""
+
+    V1 = "v1"
+    V2 = "v2"
+    HYBRID = "hybrid"
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    """Which hierarchies exist and which controllers each one holds."""
+
+    mode: CgroupMode
+    v1_controllers: frozenset[str] = field(default_factory=frozenset)
+    v2_controllers: frozenset[str] = field(default_factory=frozenset)
+    v2_mount: str = ""
+
+    @property
+    def hugetlb_only_on_v2(self) -> bool:
+        """True on a hybrid host where hugetlb is not bound to any v1 hierarchy.
+
+        crun fails there; ``mount -t cgroup -o hugetlb none <dir>`` fixes it.
+        """
+        return self.mode is CgroupMode.HYBRID and "hugetlb" not in self.v1_controllers
+
+
+def parse_mounts(mounts: str) -> CgroupLayout:
+    """Classify the layout from /proc/self/mounts text (pure, for tests)."""
+    v1: set[str] = set()
+    v2_mount = ""
+    fs_root_is_v2 = False
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        _, mountpoint, fstype, options = parts[:4]
+        if fstype == CGROUP_V2_MAGIC_TYPE:
+            v2_mount = v2_mount or mountpoint
+            fs_root_is_v2 = fs_root_is_v2 or mountpoint == "/sys/fs/cgroup"
+        elif fstype == "cgroup":
+            v1.update(o for o in options.split(",") if "=" not in o and o not in _V1_MOUNT_OPTIONS)
+    if fs_root_is_v2 and not v1:
+        mode = CgroupMode.V2
+    elif v2_mount:
+        mode = CgroupMode.HYBRID if v1 else CgroupMode.V2
+    else:
+        mode = CgroupMode.V1
+    return CgroupLayout(mode=mode, v1_controllers=frozenset(v1), v2_mount=v2_mount)
+
+
+def detect_layout(proc_mounts: Path = Path("/proc/self/mounts")) -> CgroupLayout:
+    """The layout of this host, with the v2 hierarchy's available controllers."""
+    layout = parse_mounts(proc_mounts.read_text())
+    if not layout.v2_mount:
+        return layout
+    try:
+        text = (Path(layout.v2_mount) / "cgroup.controllers").read_text()
+    except OSError:
+        text = ""
+    return CgroupLayout(
+        mode=layout.mode,
+        v1_controllers=layout.v1_controllers,
+        v2_controllers=frozenset(text.split()),
+        v2_mount=layout.v2_mount,
+    )

@@ -1,0 +1,172 @@
+"""``crishim doctor``: checks that this host can run pods with the configuration given.
+
+Each check yields one line with a level: OK, WARN (works, but something is missing or
+degraded) or FAIL (crishim cannot do its job). The command exits non-zero on any FAIL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from crishim.config import Config
+from crishim.images.snapshots.overlay import overlay_supported, probe_overlay_mount
+from crishim.network.cni import find_network_config, find_plugin
+from crishim.runtime.binaries import probe_binary
+from crishim.runtime.cgroups import CgroupMode, detect_layout
+from crishim.services.runtime_info import CONMON
+from crishim.util.sockets import unix_socket_answers
+
+# Plugins a default bridge network needs; checked when no config names its own.
+STANDARD_CNI_PLUGINS = ("bridge", "host-local", "loopback", "portmap")
+
+
+class Level(StrEnum):
+    """How bad a finding is."""
+
+    OK = "OK"
+    WARN = "WARN"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The result of one check."""
+
+    level: Level
+    subject: str
+    detail: str
+
+    def line(self) -> str:
+        """The finding as the command prints it."""
+        return f"{self.level.value:<4}  {self.subject}: {self.detail}"
+
+
+async def _runtimes(config: Config) -> list[Finding]:
+    findings = []
+    for name, handler in config.runtimes.items():
+        info = await probe_binary(handler.path)
+        subject = f"runtime {name}"
+        if info.found and not info.error:
+            findings.append(Finding(Level.OK, subject, f"{info.path}, {info.version}"))
+        else:
+            level = Level.FAIL if name == config.default_runtime else Level.WARN
+            note = " (the default runtime)" if level is Level.FAIL else ""
+            findings.append(Finding(level, subject, info.error + note))
+    conmon = await probe_binary(CONMON)
+    if conmon.found and not conmon.error:
+        findings.append(Finding(Level.OK, "conmon", f"{conmon.path}, {conmon.version}"))
+    else:
+        findings.append(
+            Finding(Level.FAIL, "conmon", f"{conmon.error}; containers need it (apt: conmon)")
+        )
+    return findings
+
+
+def _cgroups(config: Config) -> Finding:
+    layout = detect_layout()
+    if layout.mode is CgroupMode.V2:
+        return Finding(Level.OK, "cgroups", f"v2 (unified) at {layout.v2_mount}")
+    if layout.mode is CgroupMode.V1:
+        return Finding(Level.OK, "cgroups", "v1")
+    detail = (
+        f"hybrid: v1 controllers ({', '.join(sorted(layout.v1_controllers))}) and v2 at "
+        f"{layout.v2_mount}"
+    )
+    uses_crun = any(Path(h.path).name == "crun" for h in config.runtimes.values())
+    if uses_crun and layout.hugetlb_only_on_v2:
+        return Finding(
+            Level.WARN,
+            "cgroups",
+            f"{detail}; crun refuses this while hugetlb is bound to v2 only: run "
+            "'mkdir -p /sys/fs/cgroup/hugetlb && "
+            "mount -t cgroup -o hugetlb none /sys/fs/cgroup/hugetlb'",
+        )
+    return Finding(Level.OK, "cgroups", f"{detail}; runc and crun both work")
+
+
+async def _overlay(config: Config) -> Finding:
+    if not overlay_supported():
+        return Finding(
+            Level.WARN, "overlayfs", "not in /proc/filesystems; the copying snapshotter is used"
+        )
+    if os.geteuid() != 0:
+        return Finding(Level.OK, "overlayfs", "supported by the kernel (mount not tried: not root)")
+    error = await probe_overlay_mount(Path(config.root))
+    if error:
+        return Finding(
+            Level.WARN,
+            "overlayfs",
+            f"mount under {config.root} failed ({error}); the copying snapshotter is used",
+        )
+    return Finding(Level.OK, "overlayfs", f"mounts under {config.root}")
+
+
+def _cni(config: Config) -> list[Finding]:
+    cni = config.cni
+    search = find_network_config(cni.conf_dir)
+    findings = []
+    if search.config is None:
+        findings.append(
+            Finding(
+                Level.WARN,
+                "cni config",
+                search.reason(cni.conf_dir) + "; NetworkReady "
+                "stays false and only host-network pods can run",
+            )
+        )
+        wanted: tuple[str, ...] = STANDARD_CNI_PLUGINS
+    else:
+        cfg = search.config
+        findings.append(
+            Finding(
+                Level.OK,
+                "cni config",
+                f"{cfg.path}: network {cfg.name!r}, plugins {', '.join(cfg.plugin_types)}",
+            )
+        )
+        wanted = cfg.plugin_types
+    found = {t: find_plugin(cni.bin_dirs, t) for t in wanted}
+    missing = [t for t, path in found.items() if path is None]
+    if missing:
+        level = Level.WARN if search.config is None else Level.FAIL
+        findings.append(
+            Finding(
+                level, "cni plugins", f"{', '.join(missing)} not found in {', '.join(cni.bin_dirs)}"
+            )
+        )
+    else:
+        dirs = sorted({os.path.dirname(p) for p in found.values() if p})
+        findings.append(
+            Finding(Level.OK, "cni plugins", f"{', '.join(wanted)} in {', '.join(dirs)}")
+        )
+    return findings
+
+
+async def _socket(config: Config) -> Finding:
+    path = Path(config.socket)
+    if path.exists() and await unix_socket_answers(path):
+        return Finding(Level.OK, "socket", f"{path}: a CRI server is answering on it")
+    directory = path.parent
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return Finding(Level.FAIL, "socket", f"cannot create {path}: {existing} is not writable")
+    if path.exists():
+        return Finding(
+            Level.WARN, "socket", f"{path} exists but nobody answers (stale); serve will replace it"
+        )
+    return Finding(Level.OK, "socket", f"{path} can be created")
+
+
+async def run_checks(config: Config) -> list[Finding]:
+    """Every check, in the order they are printed."""
+    findings = await _runtimes(config)
+    findings.append(_cgroups(config))
+    findings.append(await _overlay(config))
+    findings.extend(_cni(config))
+    findings.append(await _socket(config))
+    return findings

@@ -1,0 +1,122 @@
+"""Version, Status and RuntimeConfig: what crishim says about itself."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from crishim import __version__
+from crishim.config import Config
+from crishim.model import HandlerFeatures, RuntimeCondition, RuntimeStatus
+from crishim.model.runtime import NETWORK_READY, RUNTIME_READY
+from crishim.network.cni import find_network_config, find_plugin
+from crishim.runtime.binaries import probe_binary, resolve_binary
+
+RUNTIME_NAME = "crishim"
+RUNTIME_API_VERSION = "v1"
+CONMON = "conmon"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """The runtime's name and versions, as Version reports them."""
+
+    runtime_name: str
+    runtime_version: str
+    runtime_api_version: str
+
+
+class RuntimeInfo:
+    """Answers the runtime's self-description calls from the configuration and the host."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    def version(self) -> VersionInfo:
+        """crishim's name, its version and the CRI version it serves."""
+        return VersionInfo(RUNTIME_NAME, __version__, RUNTIME_API_VERSION)
+
+    def cgroup_driver(self) -> str:
+        """The cgroup driver kubelet must match: "cgroupfs" or "systemd"."""
+        return self._config.cgroup_driver
+
+    def runtime_condition(self) -> RuntimeCondition:
+        """RuntimeReady: the default runtime and conmon are present."""
+        default = self._config.default_runtime
+        missing = [
+            f"runtime {default!r} ({path})"
+            for path in [self._config.runtimes[default].path]
+            if resolve_binary(path) is None
+        ]
+        if resolve_binary(CONMON) is None:
+            missing.append(f"container monitor ({CONMON})")
+        if missing:
+            return RuntimeCondition(
+                type=RUNTIME_READY,
+                status=False,
+                reason="RuntimeBinaryNotFound",
+                message="not found on this host: " + ", ".join(missing),
+            )
+        return RuntimeCondition(type=RUNTIME_READY, status=True)
+
+    def network_condition(self) -> RuntimeCondition:
+        """NetworkReady: a valid CNI config exists and its plugins are installed."""
+        cni = self._config.cni
+        search = find_network_config(cni.conf_dir)
+        if search.config is None:
+            return RuntimeCondition(
+                type=NETWORK_READY,
+                status=False,
+                reason="NetworkPluginNotReady",
+                message=search.reason(cni.conf_dir),
+            )
+        missing = [t for t in search.config.plugin_types if find_plugin(cni.bin_dirs, t) is None]
+        if missing:
+            return RuntimeCondition(
+                type=NETWORK_READY,
+                status=False,
+                reason="NetworkPluginNotReady",
+                message=(
+                    f"CNI plugin(s) {', '.join(missing)} of {search.config.path} not found in "
+                    + ", ".join(cni.bin_dirs)
+                ),
+            )
+        return RuntimeCondition(type=NETWORK_READY, status=True)
+
+    async def status(self, verbose: bool) -> RuntimeStatus:
+        """Both conditions, the runtime handlers and, if verbose, debug info."""
+        handlers = [HandlerFeatures(name="")] + [
+            HandlerFeatures(name=name) for name in self._config.runtimes
+        ]
+        info = await self._verbose_info() if verbose else {}
+        return RuntimeStatus(
+            conditions=[self.runtime_condition(), self.network_condition()],
+            handlers=handlers,
+            info=info,
+        )
+
+    async def _verbose_info(self) -> dict[str, str]:
+        config = self._config
+        search = find_network_config(config.cni.conf_dir)
+        cni: dict[str, object] = {"confDir": config.cni.conf_dir, "binDirs": config.cni.bin_dirs}
+        if search.config is not None:
+            cni |= {
+                "config": str(search.config.path),
+                "network": search.config.name,
+                "plugins": list(search.config.plugin_types),
+            }
+        if search.problems:
+            cni["problems"] = search.problems
+        binaries = {}
+        for name, handler in config.runtimes.items():
+            binaries[name] = await probe_binary(handler.path)
+        binaries[CONMON] = await probe_binary(CONMON)
+        versions = {
+            name: {"path": b.path, "version": b.version, "error": b.error}
+            for name, b in binaries.items()
+        }
+        return {
+            "config": config.model_dump_json(),
+            "cni": json.dumps(cni),
+            "binaries": json.dumps(versions),
+        }
