@@ -43,6 +43,11 @@ def generate(out: Path) -> None:
             ],
             check=True,
             env=env,
+            # The compiler formats its output with ruff, which would pick up the nearest
+            # pyproject.toml; compiling from the scratch directory keeps the output the same
+            # wherever the repository lives.
+            cwd=raw,
+            stdout=subprocess.DEVNULL,
         )
         module = (Path(raw) / "runtime" / "v1" / "__init__.py").read_text()
         if POOL_IMPORT_FROM not in module:
