@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crishim import __version__
 from crishim.api.image_service import ImageServicer
 from crishim.api.instrument import CallTracker
 from crishim.api.runtime_service import RuntimeServicer
@@ -69,10 +70,12 @@ async def serve(config: Config) -> None:
     server = CriServer(build_servicers(config, stores, tracker), Path(config.socket), tracker)
     await server.start()
     log.info(
-        "crishim serving CRI on %s (%d sandboxes, %d containers)",
+        "crishim %s serving CRI on %s (%d sandboxes, %d containers; event loop %s)",
+        __version__,
         config.socket,
         len(stores.sandboxes),
         len(stores.containers),
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

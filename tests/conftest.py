@@ -1,0 +1,3 @@
+"""Shared test configuration: the rig's fixtures are plugins loaded for every test."""
+
+pytest_plugins = ["tests.rig.fixtures", "tests.rig.crishim_fixtures"]

@@ -1,0 +1,94 @@
+"""crishim as a real subprocess on temporary root, state and socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+START_TIMEOUT = 15.0
+
+
+class CrishimProcess:
+    """One ``crishim serve`` with its own directories, config file and log file.
+
+    ``config`` is extra TOML appended to the generated config (which sets root, state,
+    socket, a private CNI conf dir and debug logging).
+    """
+
+    def __init__(self, base: Path, config: str = "", extra_args: list[str] | None = None):
+        self.base = base
+        self.root = base / "root"
+        self.state = base / "state"
+        self.socket = base / "state" / "crishim.sock"
+        self.cni_conf_dir = base / "cni"
+        self.config_file = base / "etc" / "crishim.toml"
+        self.log_file = base / "crishim.log"
+        self._extra_config = config
+        self._extra_args = extra_args or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> None:
+        """Write the instance's config file (called by start)."""
+        self.config_file.parent.mkdir(parents=True, exist_ok=True)
+        self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+        base = (
+            f'root = "{self.root}"\nstate = "{self.state}"\nsocket = "{self.socket}"\n'
+            f'log_level = "debug"\n\n[cni]\nconf_dir = "{self.cni_conf_dir}"\n'
+        )
+        self.config_file.write_text(base + self._extra_config)
+
+    def command(self) -> list[str]:
+        """The argv that starts this instance."""
+        return [
+            sys.executable,
+            "-m",
+            "crishim.cli",
+            "serve",
+            "--config",
+            str(self.config_file),
+            *self._extra_args,
+        ]
+
+    def start(self) -> CrishimProcess:
+        """Start crishim and wait until its socket accepts connections."""
+        self.write_config()
+        log = self.log_file.open("ab")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"crishim exited {self.proc.returncode}:\n{self.log()}")
+            if self.socket.exists() and "serving CRI" in self.log():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"crishim did not start in {START_TIMEOUT}s:\n{self.log()}")
+
+    def log(self) -> str:
+        """Everything the instance has logged so far."""
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, for tests of crashes and for cleanup."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    @property
+    def endpoint(self) -> str:
+        """The CRI endpoint as kubelet and crictl spell it."""
+        return f"unix://{self.socket}"

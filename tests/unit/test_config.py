@@ -1,0 +1,125 @@
+"""Configuration: defaults, files, drop-ins, flags, errors and rendering."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from crishim.config import Config, load_config, render_config
+from crishim.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_match_the_design() -> None:
+    config = Config()
+    assert config.socket == "/run/crishim/crishim.sock"
+    assert config.root == "/var/lib/crishim"
+    assert config.state == "/run/crishim"
+    assert config.default_runtime == "runc"
+    assert set(config.runtimes) == {"runc", "crun"}
+    assert config.cni.conf_dir == "/etc/cni/net.d"
+    assert config.cni.bin_dirs == ["/opt/cni/bin", "/usr/lib/cni"]
+    assert config.streaming.address.startswith("127.0.0.1:")
+
+
+def test_missing_default_file_means_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("crishim.config.DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
+    assert load_config() == Config()
+
+
+def test_named_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"absent\.toml: config file does not exist"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_drop_ins_merge_over_main_file_in_name_order(tmp_path: Path) -> None:
+    main = write(tmp_path / "crishim.toml", 'log_level = "debug"\n[cni]\nconf_dir = "/a"\n')
+    write(tmp_path / "crishim.d" / "20-b.toml", '[cni]\nconf_dir = "/b"\n')
+    write(tmp_path / "crishim.d" / "10-a.toml", '[cni]\nconf_dir = "/x"\nbin_dirs = ["/bin1"]\n')
+    write(tmp_path / "crishim.d" / "ignored.conf", "this is not toml")
+    config = load_config(main)
+    assert config.log_level == "debug"
+    assert config.cni.conf_dir == "/b"  # 20-b wins over 10-a
+    assert config.cni.bin_dirs == ["/bin1"]  # tables merge key by key
+
+
+def test_flags_override_files(tmp_path: Path) -> None:
+    main = write(tmp_path / "crishim.toml", 'root = "/from/file"\nsocket = "/file.sock"\n')
+    config = load_config(main, {"root": "/from/flag", "socket": None})
+    assert config.root == "/from/flag"
+    assert config.socket == "/file.sock"
+
+
+def test_new_runtime_keeps_the_predefined_ones(tmp_path: Path) -> None:
+    main = write(
+        tmp_path / "crishim.toml",
+        'default_runtime = "kata"\n[runtimes.kata]\npath = "/usr/bin/kata-runtime"\n',
+    )
+    config = load_config(main)
+    assert set(config.runtimes) == {"runc", "crun", "kata"}
+    assert config.runtime_root("kata") == "/run/crishim/runtimes/kata"
+
+
+def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
+    main = write(tmp_path / "crishim.toml", "")
+    bad = write(tmp_path / "crishim.d" / "50-bad.toml", "[cni]\nconfdir = '/x'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert str(info.value) == f"{bad}: cni.confdir: unknown key"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('log_level = "loud"', "log_level: Input should be 'debug', 'info', 'warning' or 'error'"),
+        ('root = "relative/dir"', "root: must be an absolute path, got 'relative/dir'"),
+        ('default_runtime = "nope"', "default_runtime 'nope' is not a configured runtime"),
+        ("[cni]\nbin_dirs = []", "cni.bin_dirs: must name at least one directory"),
+        ('[streaming]\naddress = "localhost"', "streaming.address: must be host:port"),
+        ('[runtimes.x]\nroot = "/r"', "runtimes.x.path: Field required"),
+        ("cgroup_driver = 1", "cgroup_driver: Input should be 'cgroupfs' or 'systemd'"),
+    ],
+)
+def test_bad_values_are_refused_with_file_key_and_problem(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    main = write(tmp_path / "crishim.toml", text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(main)
+    assert str(info.value).startswith(f"{main}: ")
+    assert problem in str(info.value)
+
+
+def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    main = write(tmp_path / "crishim.toml", "root = \n")
+    with pytest.raises(ConfigError, match=r"crishim\.toml: not valid TOML"):
+        load_config(main)
+
+
+def test_bad_flag_is_blamed_on_the_command_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="command line: socket: must be an absolute path"):
+        load_config(write(tmp_path / "c.toml", ""), {"socket": "rel.sock"})
+
+
+def test_default_template_is_commented_and_parses_back_to_the_defaults() -> None:
+    text = render_config(Config(), comments=True)
+    assert "# unix socket kubelet connects to" in text
+    assert "[runtimes.crun]" in text
+    assert Config.model_validate(tomllib.loads(text)) == Config()
+
+
+def test_effective_config_round_trips(tmp_path: Path) -> None:
+    main = write(
+        tmp_path / "crishim.toml", '[cni]\nbin_dirs = ["/x", "/y"]\n[runtimes.k]\npath = "k"\n'
+    )
+    config = load_config(main)
+    assert Config.model_validate(tomllib.loads(render_config(config, comments=False))) == config
