@@ -1,4 +1,10 @@
-"""The overlayfs snapshotter (filled in by the image service); here: can it work at all."""
+"""The overlayfs snapshotter, and the checks `crishim doctor` runs to see if it can work.
+
+Each committed layer directory holds only that layer's changes, unpacked with overlayfs
+whiteouts; a container's root filesystem is one overlay mount with the layer chain as
+``lowerdir`` and a fresh upper and work dir. Layers are shared by every image and
+container that uses them.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,49 @@ import asyncio
 import shutil
 import tempfile
 from pathlib import Path
+
+from crishim.errors import ConfigError
+from crishim.images.snapshots.base import Mount, Snapshotter
+from crishim.images.unpack import LayerResult, WhiteoutStyle, apply_layer
+
+__all__ = ["OverlaySnapshotter", "overlay_supported", "probe_overlay_mount"]
+
+
+class OverlaySnapshotter(Snapshotter):
+    """Layers as overlay lower dirs; containers as overlay mounts with their own upper."""
+
+    name = "overlayfs"
+
+    def __init__(self, root: Path) -> None:
+        # Mount options are split at "," and lowerdir at ":": a root holding either
+        # would give mounts the kernel reads differently.
+        if any(sep in str(root) for sep in ",:"):
+            raise ConfigError(f"overlay snapshotter root {root}: path may not contain ',' or ':'")
+        super().__init__(root)
+
+    def _unpack(self, fs: Path, lowers: list[Path], blob: Path, media_type: str) -> LayerResult:
+        return apply_layer(blob, media_type, fs, lowers=lowers, whiteouts=WhiteoutStyle.OVERLAY)
+
+    def _make_active(self, directory: Path, lowers: list[Path]) -> None:
+        (directory / "work").mkdir(mode=0o700)
+
+    def _active_mounts(self, directory: Path, lowers: list[Path]) -> list[Mount]:
+        upper = directory / "fs"
+        if not lowers:
+            # overlayfs needs a lower dir: a rootfs from scratch is a plain writable bind.
+            return [Mount("bind", str(upper), ("rbind", "rw"))]
+        options = (_lowerdir(lowers), f"upperdir={upper}", f"workdir={directory / 'work'}")
+        return [Mount("overlay", "overlay", options)]
+
+    def _view_mounts(self, directory: Path, lowers: list[Path]) -> list[Mount]:
+        if len(lowers) < 2:
+            # Without an upper dir overlayfs wants two lower dirs; one layer is a ro bind.
+            return super()._view_mounts(directory, lowers)
+        return [Mount("overlay", "overlay", (_lowerdir(lowers),))]
+
+
+def _lowerdir(lowers: list[Path]) -> str:
+    return "lowerdir=" + ":".join(str(lower) for lower in lowers)
 
 
 def overlay_supported(proc_filesystems: Path = Path("/proc/filesystems")) -> bool:

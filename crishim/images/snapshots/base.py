@@ -1,0 +1,427 @@
+"""What every snapshotter does: image layers unpacked once and shared, keyed by chain ID,
+and container snapshots (writable, or read-only views) on top of them.
+
+Layout under ``root``::
+
+    snapshots/<id>/fs          the files of a layer, a container snapshot or a view
+    snapshots/<id>/meta.json   what the snapshot is (kind, name, parent chain ID, ...)
+    tmp/                       work in progress; whatever is here after a crash is garbage
+
+Ids are short numbers so that an overlay ``lowerdir=`` option for a deep image stays under
+the page size that bounds mount options. A snapshot is built in ``tmp/``, its metadata
+written and fsynced inside it, and the whole directory renamed into ``snapshots/``: the
+rename is the commit, so a half-made snapshot never appears there. Removal renames the
+directory back into ``tmp/`` before deleting it, for the same reason.
+
+The methods are synchronous (they unpack and copy files): callers run them in a thread.
+Several threads may call one snapshotter at once; a lock guards its index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from crishim.errors import AlreadyExists, FailedPrecondition, NotFound
+from crishim.images.unpack import LayerResult, UnpackError
+
+__all__ = ["Kind", "Mount", "Snapshot", "Snapshotter"]
+
+log = logging.getLogger(__name__)
+
+_META = "meta.json"
+_FS = "fs"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount that makes a snapshot's root filesystem, as ``mount -t type -o options``."""
+
+    type: str
+    source: str
+    options: tuple[str, ...]
+
+
+class Kind(StrEnum):
+    LAYER = "layer"  # a committed image layer, named by its chain ID
+    ACTIVE = "active"  # a writable container root filesystem, named by its key
+    VIEW = "view"  # a read-only view of a layer chain, named by its key
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The metadata of one snapshot directory."""
+
+    id: int
+    kind: Kind
+    name: str
+    parent: str | None  # chain ID of the layer below, None for the bottom one
+    diff_id: str = ""  # layers only: what unpacking found
+    size: int = 0
+    entries: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind.value,
+            "name": self.name,
+            "parent": self.parent,
+            "diff_id": self.diff_id,
+            "size": self.size,
+            "entries": self.entries,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Snapshot:
+        return cls(
+            id=int(doc["id"]),
+            kind=Kind(doc["kind"]),
+            name=str(doc["name"]),
+            parent=None if doc["parent"] is None else str(doc["parent"]),
+            diff_id=str(doc.get("diff_id", "")),
+            size=int(doc.get("size", 0)),
+            entries=int(doc.get("entries", 0)),
+        )
+
+    def result(self) -> LayerResult:
+        return LayerResult(diff_id=self.diff_id, size=self.size, entries=self.entries)
+
+
+class Snapshotter(ABC):
+    """Layers by chain ID and container snapshots on top; subclasses decide how files are
+    stacked (overlay mounts, or full copies)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, root: Path) -> None:
+        """Open the snapshotter at ``root`` (created if missing) and recover it."""
+        self.root = root
+        self._snapshots = root / "snapshots"
+        self._tmp = root / "tmp"
+        self._lock = threading.Lock()
+        self._layers: dict[str, Snapshot] = {}
+        self._active: dict[str, Snapshot] = {}
+        # Keys being prepared, and layers that an unpack or prepare in progress builds
+        # on: neither may be taken or removed meanwhile.
+        self._reserved: set[str] = set()
+        self._pinned: Counter[str] = Counter()
+        self._next_id = 1
+        for directory in (root, self._snapshots, self._tmp):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.recover()
+
+    # --- layers ---
+
+    def has_layer(self, chain_id: str) -> bool:
+        with self._lock:
+            return chain_id in self._layers
+
+    def layers(self) -> set[str]:
+        with self._lock:
+            return set(self._layers)
+
+    def unpack_layer(
+        self,
+        chain_id: str,
+        parent: str | None,
+        blob: Path,
+        media_type: str,
+        expected_diff_id: str,
+    ) -> LayerResult:
+        """Unpack ``blob`` on top of the layer ``parent`` and commit it as ``chain_id``.
+
+        Raises UnpackError when the layer is hostile or damaged or its diff ID is not
+        ``expected_diff_id``; nothing is left behind then. When another call committed
+        ``chain_id`` meanwhile, this one's work is dropped.
+        """
+        with self._lock:
+            done = self._layers.get(chain_id)
+            if done is not None:
+                return done.result()
+            lowers = self._pin(parent)
+        try:
+            with self._workdir(Kind.LAYER) as work:
+                result = self._unpack(work / _FS, lowers, blob, media_type)
+                if result.diff_id != expected_diff_id:
+                    raise UnpackError(
+                        f"diff_id mismatch: layer {chain_id} (blob {blob}) gives "
+                        f"{result.diff_id}, config says {expected_diff_id}"
+                    )
+                with self._lock:
+                    if chain_id not in self._layers:
+                        self._layers[chain_id] = self._commit(
+                            work, Kind.LAYER, chain_id, parent, result
+                        )
+                return result
+        finally:
+            with self._lock:
+                self._unpin(parent)
+
+    def remove_layer(self, chain_id: str) -> None:
+        """Remove a committed layer (no-op when absent); refused while anything uses it."""
+        with self._lock:
+            snapshot = self._layers.get(chain_id)
+            if snapshot is None:
+                return
+            users = self._users_of(chain_id)
+            if users:
+                raise FailedPrecondition(
+                    f"layer {chain_id} is in use: parent of {', '.join(users)}"
+                )
+            del self._layers[chain_id]
+            trash = self._to_trash(snapshot)
+        shutil.rmtree(trash)
+
+    # --- container snapshots ---
+
+    def prepare(self, key: str, parent: str | None) -> list[Mount]:
+        """A new writable snapshot ``key`` on the layer ``parent``; returns its mounts."""
+        return self._create(Kind.ACTIVE, key, parent)
+
+    def view(self, key: str, parent: str | None) -> list[Mount]:
+        """A new read-only snapshot ``key`` of the layer ``parent``; returns its mounts."""
+        return self._create(Kind.VIEW, key, parent)
+
+    def mounts(self, key: str) -> list[Mount]:
+        with self._lock:
+            snapshot = self._active.get(key)
+            if snapshot is None:
+                raise NotFound(f"snapshot {key} not found")
+            lowers = self._chain_dirs(snapshot.parent)
+        return self._mounts_of(snapshot, lowers)
+
+    def remove(self, key: str) -> None:
+        """Remove a writable snapshot or a view (no-op when absent). Unmount it first."""
+        with self._lock:
+            snapshot = self._active.pop(key, None)
+            if snapshot is None:
+                return
+            trash = self._to_trash(snapshot)
+        shutil.rmtree(trash)
+
+    def active(self) -> dict[str, str | None]:
+        """Writable snapshots and views: key -> parent chain ID."""
+        with self._lock:
+            return {key: snapshot.parent for key, snapshot in self._active.items()}
+
+    # --- the whole store ---
+
+    def usage(self) -> tuple[int, int]:
+        """Bytes (allocated blocks) and inodes under ``root``, each hardlinked inode once."""
+        seen: set[tuple[int, int]] = set()
+        used = 0
+        for st in _inodes_below(self.root):
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                used += st.st_blocks * 512
+        return used, len(seen)
+
+    def mountpoint(self) -> str:
+        """The directory whose file system holds the snapshots (for ImageFsInfo)."""
+        return str(self.root)
+
+    def recover(self) -> None:
+        """Drop work a crash left in ``tmp/`` and re-read every snapshot's metadata."""
+        with self._lock:
+            for leftover in self._tmp.iterdir():
+                _remove_path(leftover)
+            self._layers.clear()
+            self._active.clear()
+            self._next_id = 1
+            for directory in self._snapshots.iterdir():
+                self._load(directory)
+
+    def _load(self, directory: Path) -> None:
+        try:
+            snapshot = Snapshot.from_json(json.loads((directory / _META).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Commits are atomic, so this is damage, not a crash mid-way: set it aside.
+            log.warning("snapshot directory %s is unreadable (%s); removing it", directory, exc)
+            _remove_path(directory)
+            return
+        if snapshot.kind is Kind.LAYER:
+            self._layers[snapshot.name] = snapshot
+        else:
+            self._active[snapshot.name] = snapshot
+        self._next_id = max(self._next_id, snapshot.id + 1)
+
+    # --- what subclasses provide ---
+
+    @abstractmethod
+    def _unpack(self, fs: Path, lowers: list[Path], blob: Path, media_type: str) -> LayerResult:
+        """Fill the empty ``fs`` with the layer, given the parent chain's dirs (top first)."""
+
+    @abstractmethod
+    def _make_active(self, directory: Path, lowers: list[Path]) -> None:
+        """Make what a writable snapshot needs in ``directory`` (``fs`` exists, empty)."""
+
+    @abstractmethod
+    def _active_mounts(self, directory: Path, lowers: list[Path]) -> list[Mount]:
+        """The mounts of a writable snapshot kept in ``directory``."""
+
+    def _view_mounts(self, directory: Path, lowers: list[Path]) -> list[Mount]:
+        """A read-only bind of the top layer, or of the empty ``fs`` for no parent."""
+        source = lowers[0] if lowers else directory / _FS
+        return [Mount("bind", str(source), ("rbind", "ro"))]
+
+    # --- steps ---
+
+    def _create(self, kind: Kind, key: str, parent: str | None) -> list[Mount]:
+        with self._lock:
+            if key in self._active or key in self._reserved:
+                raise AlreadyExists(f"snapshot {key} already exists")
+            lowers = self._pin(parent)
+            self._reserved.add(key)
+        try:
+            with self._workdir(kind) as work:
+                if kind is Kind.ACTIVE:
+                    self._make_active(work, lowers)
+                with self._lock:
+                    snapshot = self._commit(work, kind, key, parent)
+                    self._active[key] = snapshot
+        finally:
+            with self._lock:
+                self._reserved.discard(key)
+                self._unpin(parent)
+        return self._mounts_of(snapshot, lowers)
+
+    def _mounts_of(self, snapshot: Snapshot, lowers: list[Path]) -> list[Mount]:
+        directory = self._dir(snapshot.id)
+        if snapshot.kind is Kind.ACTIVE:
+            return self._active_mounts(directory, lowers)
+        return self._view_mounts(directory, lowers)
+
+    def _dir(self, snapshot_id: int) -> Path:
+        return self._snapshots / str(snapshot_id)
+
+    def _chain_dirs(self, top: str | None) -> list[Path]:
+        """The fs dirs of the layer ``top`` and all below it, top first (lock held)."""
+        dirs: list[Path] = []
+        while top is not None:
+            layer = self._layers[top]
+            dirs.append(self._dir(layer.id) / _FS)
+            top = layer.parent
+        return dirs
+
+    def _pin(self, parent: str | None) -> list[Path]:
+        """Keep ``parent`` from removal while work builds on it (lock held)."""
+        if parent is None:
+            return []
+        if parent not in self._layers:
+            raise NotFound(f"parent layer {parent} is not unpacked")
+        self._pinned[parent] += 1
+        return self._chain_dirs(parent)
+
+    def _unpin(self, parent: str | None) -> None:
+        if parent is not None:
+            self._pinned[parent] -= 1
+            if not self._pinned[parent]:
+                del self._pinned[parent]
+
+    def _users_of(self, chain_id: str) -> list[str]:
+        users = [f"layer {s.name}" for s in self._layers.values() if s.parent == chain_id]
+        users += [f"snapshot {s.name}" for s in self._active.values() if s.parent == chain_id]
+        if chain_id in self._pinned:
+            users.append("work in progress")
+        return users
+
+    @contextmanager
+    def _workdir(self, kind: Kind) -> Iterator[Path]:
+        """A fresh directory in ``tmp/`` with an empty ``fs``; gone afterwards unless
+        committed (renamed away)."""
+        work = Path(tempfile.mkdtemp(prefix=f"{kind.value}-", dir=self._tmp))
+        try:
+            # The fs dir becomes a container's "/": the usual mode, not mkdtemp's 0700.
+            (work / _FS).mkdir()
+            os.chmod(work / _FS, 0o755)  # noqa: S103 (a root dir is world-readable)
+            yield work
+        finally:
+            if work.exists():
+                shutil.rmtree(work)
+
+    def _commit(
+        self,
+        work: Path,
+        kind: Kind,
+        name: str,
+        parent: str | None,
+        result: LayerResult | None = None,
+    ) -> Snapshot:
+        """Give ``work`` an id and metadata and rename it into place (lock held)."""
+        while self._dir(self._next_id).exists():
+            self._next_id += 1
+        snapshot = Snapshot(id=self._next_id, kind=kind, name=name, parent=parent)
+        if result is not None:
+            snapshot = replace(
+                snapshot, diff_id=result.diff_id, size=result.size, entries=result.entries
+            )
+        self._next_id += 1
+        _write_synced(work / _META, json.dumps(snapshot.to_json()).encode())
+        _fsync_dir(work)
+        os.rename(work, self._dir(snapshot.id))
+        _fsync_dir(self._snapshots)
+        return snapshot
+
+    def _to_trash(self, snapshot: Snapshot) -> Path:
+        """Move a snapshot's directory into ``tmp/`` (lock held); the caller deletes it."""
+        trash = Path(tempfile.mkdtemp(prefix="removed-", dir=self._tmp))
+        os.rename(self._dir(snapshot.id), trash / str(snapshot.id))
+        return trash
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _inodes_below(root: Path) -> Iterator[os.stat_result]:
+    """lstat of ``root`` and everything below it, not crossing into other mounts.
+
+    Snapshots may be removed meanwhile: what vanishes during the walk is not counted.
+    """
+    top = os.lstat(root)
+    yield top
+    pending = [root]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    yield st
+                    if stat.S_ISDIR(st.st_mode) and st.st_dev == top.st_dev:
+                        pending.append(Path(entry.path))
+        except FileNotFoundError:
+            continue

@@ -1,0 +1,557 @@
+"""apply_layer on real directories: entry kinds and metadata, compression, whiteouts in both
+styles, replacement rules, and hostile layers that must change nothing outside the target.
+
+Hostile layers run in a "host" directory that holds the target next to sentinel files;
+every hostile test checks the tree around the target is exactly as it was before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from crishim.images.unpack import LayerResult, UnpackError, WhiteoutStyle, apply_layer
+from tests.rig.oci_image import (
+    DEFAULT_MTIME,
+    DOCKER_LAYER_GZIP,
+    DOCKER_LAYER_TAR,
+    DOCKER_LAYER_ZSTD,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_TAR,
+    OCI_LAYER_ZSTD,
+    Compression,
+    Layer,
+    LayerBuilder,
+)
+
+DELETE = WhiteoutStyle.DELETE
+OVERLAY = WhiteoutStyle.OVERLAY
+NS = 1_000_000_000
+
+Listing = dict[str, tuple[int, int, int, int, int, bytes]]
+
+
+@dataclass
+class Box:
+    """A target directory inside a "host" directory full of sentinels."""
+
+    outside: Path  # the test's tmp dir: everything here but blobs/ and the target is watched
+    host: Path  # holds the target and the sentinels
+    target: Path
+    blobs: Path
+    before: Listing
+
+    def apply(
+        self,
+        layer: LayerBuilder | Layer,
+        *,
+        style: WhiteoutStyle = DELETE,
+        compression: Compression = "gzip",
+        media_type: str | None = None,
+        target: Path | None = None,
+        lowers: Sequence[Path] = (),
+    ) -> LayerResult:
+        built = layer.build(compression) if isinstance(layer, LayerBuilder) else layer
+        blob = self.blobs / uuid.uuid4().hex
+        blob.write_bytes(built.blob)
+        return apply_layer(
+            blob,
+            media_type or built.media_type_for("oci"),
+            target or self.target,
+            lowers=lowers,
+            whiteouts=style,
+        )
+
+    def listing(self) -> Listing:
+        return _listing(self.outside, skip={self.blobs, self.target})
+
+    def assert_outside_untouched(self) -> None:
+        assert self.listing() == self.before
+
+
+def _listing(top: Path, skip: set[Path]) -> Listing:
+    """Every path below ``top`` with its type, mode, owner, size, link count and content."""
+    out: Listing = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if here / d not in skip]
+        for name in dirnames + filenames:
+            path = here / name
+            st = os.lstat(path)
+            data = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            out[str(path.relative_to(top))] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_size,
+                st.st_nlink,
+                st.st_mtime_ns,
+                data,
+            )
+    return out
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Box:
+    host = tmp_path / "host"
+    target = host / "rootfs"
+    blobs = tmp_path / "blobs"
+    for directory in (host / "etc", target, blobs):
+        directory.mkdir(parents=True)
+    (host / "sentinel.txt").write_text("host data\n")
+    (host / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    result = Box(tmp_path, host, target, blobs, {})
+    result.before = result.listing()
+    return result
+
+
+# --- entry kinds and metadata -------------------------------------------------------------
+
+
+def test_entry_kinds_and_metadata_are_preserved(box: Box) -> None:
+    layer = (
+        LayerBuilder()
+        .dir("srv", mode=0o1777, uid=7, gid=8, mtime=1_000_000)
+        .file("srv/tool", b"#!/bin/sh\n", mode=0o4755, uid=1000, gid=2000, mtime=2_000_000)
+        .file("srv/sgid", b"x", mode=0o2750, uid=5, gid=6)
+        .symlink("srv/link", "/does/not/exist", uid=11, gid=12, mtime=3_000_000)
+        .hardlink("srv/hard", "srv/tool", mode=0o4755, uid=1000, gid=2000)
+        .char_device("dev/null", 1, 3, mode=0o666)
+        .block_device("dev/loop0", 7, 0, mode=0o660, gid=6)
+        .fifo("run/pipe", mode=0o620, uid=3)
+    )
+    result = box.apply(layer)
+    assert result.entries == len(layer.entries)
+
+    srv = os.lstat(box.target / "srv")
+    assert (stat.S_IMODE(srv.st_mode), srv.st_uid, srv.st_gid) == (0o1777, 7, 8)
+    # The directory's contents were written after it: its mtime is restored at the end.
+    assert srv.st_mtime_ns == 1_000_000 * NS
+
+    tool = os.lstat(box.target / "srv" / "tool")
+    assert stat.S_ISREG(tool.st_mode)
+    assert (stat.S_IMODE(tool.st_mode), tool.st_uid, tool.st_gid) == (0o4755, 1000, 2000)
+    assert (tool.st_mtime_ns, tool.st_atime_ns) == (2_000_000 * NS, 2_000_000 * NS)
+    assert (box.target / "srv" / "tool").read_bytes() == b"#!/bin/sh\n"
+    assert stat.S_IMODE(os.lstat(box.target / "srv" / "sgid").st_mode) == 0o2750
+
+    link = os.lstat(box.target / "srv" / "link")
+    assert stat.S_ISLNK(link.st_mode)
+    assert os.readlink(box.target / "srv" / "link") == "/does/not/exist"
+    assert (link.st_uid, link.st_gid, link.st_mtime_ns) == (11, 12, 3_000_000 * NS)
+
+    hard = os.lstat(box.target / "srv" / "hard")
+    assert (hard.st_ino, hard.st_nlink) == (tool.st_ino, 2)
+
+    null = os.lstat(box.target / "dev" / "null")
+    assert stat.S_ISCHR(null.st_mode)
+    assert os.major(null.st_rdev) == 1
+    assert (os.minor(null.st_rdev), stat.S_IMODE(null.st_mode)) == (3, 0o666)
+    loop = os.lstat(box.target / "dev" / "loop0")
+    assert stat.S_ISBLK(loop.st_mode)
+    assert loop.st_rdev == os.makedev(7, 0)
+    assert (stat.S_IMODE(loop.st_mode), loop.st_gid) == (0o660, 6)
+    pipe = os.lstat(box.target / "run" / "pipe")
+    assert stat.S_ISFIFO(pipe.st_mode)
+    assert (stat.S_IMODE(pipe.st_mode), pipe.st_uid, pipe.st_mtime_ns) == (
+        0o620,
+        3,
+        DEFAULT_MTIME * NS,
+    )
+    # Parents the layer did not list are made like mkdir -p: 0755 root.
+    dev = os.lstat(box.target / "dev")
+    assert (stat.S_IMODE(dev.st_mode), dev.st_uid, dev.st_gid) == (0o755, 0, 0)
+
+
+def test_xattrs_are_set_and_overlay_ones_from_the_image_dropped(box: Box) -> None:
+    layer = (
+        LayerBuilder()
+        .dir("d", xattrs={"trusted.note": b"dir", "trusted.overlay.opaque": b"y"})
+        .file("d/f", b"data", xattrs={"user.mime": "text/plain", "trusted.bin": b"\x00\xff"})
+    )
+    box.apply(layer)
+    assert os.getxattr(box.target / "d", "trusted.note") == b"dir"
+    assert "trusted.overlay.opaque" not in os.listxattr(box.target / "d")
+    assert os.getxattr(box.target / "d" / "f", "user.mime") == b"text/plain"
+    assert os.getxattr(box.target / "d" / "f", "trusted.bin") == b"\x00\xff"
+
+
+def test_pax_times_keep_nanoseconds_and_atime(box: Box) -> None:
+    layer = LayerBuilder().raw(
+        "f", data="x", pax={"mtime": "1234567890.123456789", "atime": "1300000000.5"}
+    )
+    box.apply(layer)
+    st = os.lstat(box.target / "f")
+    assert st.st_mtime_ns == 1_234_567_890_123_456_789
+    assert st.st_atime_ns == 1_300_000_000_500_000_000
+
+
+def test_setuid_survives_ownership_change(box: Box) -> None:
+    # chown clears setuid: the mode must be set after the owner.
+    box.apply(LayerBuilder().file("su", b"x", mode=0o6755, uid=1, gid=1))
+    assert stat.S_IMODE(os.lstat(box.target / "su").st_mode) == 0o6755
+
+
+# --- compression and digest ---------------------------------------------------------------
+
+
+SAMPLE = LayerBuilder().dir("etc").file("etc/hostname", "box\n").symlink("etc/mtab", "/proc/mounts")
+
+
+@pytest.mark.parametrize(
+    ("compression", "media_type"),
+    [
+        ("gzip", OCI_LAYER_GZIP),
+        ("zstd", OCI_LAYER_ZSTD),
+        ("none", OCI_LAYER_TAR),
+        ("gzip", DOCKER_LAYER_GZIP),
+        ("zstd", DOCKER_LAYER_ZSTD),
+        ("none", DOCKER_LAYER_TAR),
+        ("gzip", "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"),
+        ("gzip", "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+        # Unknown media types: the magic bytes decide.
+        ("gzip", "application/octet-stream"),
+        ("zstd", "application/octet-stream"),
+        ("none", "application/octet-stream"),
+    ],
+)
+def test_every_compression_gives_the_same_diff_id(
+    box: Box, compression: Compression, media_type: str
+) -> None:
+    layer = SAMPLE.build(compression)
+    result = box.apply(layer, media_type=media_type)
+    assert result.diff_id == SAMPLE.build("none").diff_id == layer.diff_id
+    assert result.size == len(layer.tar)
+    assert result.entries == 3
+    assert (box.target / "etc" / "hostname").read_text() == "box\n"
+
+
+def test_digest_covers_padding_after_the_end_of_archive(box: Box) -> None:
+    tar = SAMPLE.tar_bytes() + bytes(64 * 1024)
+    result = box.apply(Layer.from_tar(tar, "zstd"))
+    assert result.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert result.size == len(tar)
+
+
+def test_zstd_stream_of_several_frames(box: Box) -> None:
+    tar = SAMPLE.tar_bytes()
+    first = Layer.from_tar(tar[:3000], "zstd").blob
+    rest = Layer.from_tar(tar[3000:], "zstd").blob
+    blob = Layer(tar=tar, blob=first + rest, compression="zstd")
+    assert box.apply(blob).diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+# --- whiteouts ----------------------------------------------------------------------------
+
+
+BASE = (
+    LayerBuilder()
+    .dir("etc")
+    .file("etc/keep", "keep")
+    .file("etc/gone", "gone")
+    .dir("var/cache", mode=0o750, uid=4, gid=5)
+    .file("var/cache/old", "old")
+    .dir("var/cache/sub")
+    .file("var/cache/sub/older", "older")
+    .dir("home")
+    .dir("home/user")
+    .file("home/user/file", "x")
+)
+
+WHITEOUTS = (
+    LayerBuilder()
+    .whiteout("etc/gone")
+    .whiteout("home")
+    .opaque("var/cache")
+    .file("var/cache/-early", "sorts before the opaque marker")
+    .dir("var/cache/sub")
+    .file("var/cache/sub/new", "new")
+    .raw("etc/.wh..wh.plnk", data="aufs bookkeeping")
+)
+
+
+def test_delete_style_whiteouts_remove_lower_content(box: Box) -> None:
+    box.apply(BASE)
+    box.apply(WHITEOUTS, style=DELETE)
+    assert sorted(os.listdir(box.target / "etc")) == ["keep"]
+    assert not (box.target / "home").exists()
+    # The opaque dir keeps only what this layer put there, whatever the tar order.
+    assert sorted(os.listdir(box.target / "var" / "cache")) == ["-early", "sub"]
+    assert os.listdir(box.target / "var" / "cache" / "sub") == ["new"]
+    assert not list(box.target.rglob(".wh.*"))
+
+
+def test_overlay_style_whiteouts_become_devices_and_xattrs(box: Box) -> None:
+    lower = box.outside / "lower"
+    lower.mkdir()
+    box.apply(BASE, target=lower)
+    result = box.apply(WHITEOUTS, style=OVERLAY, lowers=[lower])
+    assert result.entries == len(WHITEOUTS.entries)
+    for hidden in ("etc/gone", "home"):
+        st = os.lstat(box.target / hidden)
+        assert stat.S_ISCHR(st.st_mode)
+        assert st.st_rdev == 0
+    assert os.getxattr(box.target / "var" / "cache", "trusted.overlay.opaque") == b"y"
+    # Parents that exist only below are made with the lower's mode and owner.
+    cache = os.lstat(box.target / "var" / "cache")
+    assert (stat.S_IMODE(cache.st_mode), cache.st_uid, cache.st_gid) == (0o750, 4, 5)
+    assert sorted(os.listdir(box.target / "var" / "cache")) == ["-early", "sub"]
+    assert not list(box.target.rglob(".wh.*"))
+
+
+def test_overlay_parents_follow_the_merged_lowers(box: Box) -> None:
+    bottom, top = box.outside / "bottom", box.outside / "top"
+    bottom.mkdir()
+    top.mkdir()
+    box.apply(
+        LayerBuilder()
+        .dir("data", mode=0o700, uid=9, gid=9)
+        .dir("old", mode=0o711)
+        .dir("opq", mode=0o700)
+        .dir("opq/inner", mode=0o701),
+        target=bottom,
+    )
+    # The top lower links "lnk" to /data, deletes "old", and makes "opq" opaque.
+    box.apply(
+        LayerBuilder().symlink("lnk", "/data").whiteout("old").dir("opq").opaque("opq"),
+        target=top,
+        style=OVERLAY,
+        lowers=[bottom],
+    )
+    layer = LayerBuilder(sort=False).raw("lnk/f", data="via link").raw("old/f").raw("opq/inner/f")
+    box.apply(layer, style=OVERLAY, lowers=[top, bottom])
+    assert (box.target / "data" / "f").read_text() == "via link"
+    data = os.lstat(box.target / "data")
+    assert (stat.S_IMODE(data.st_mode), data.st_uid) == (0o700, 9)
+    # Hidden by the whiteout and by the opaque dir above: made fresh, 0755 root.
+    assert stat.S_IMODE(os.lstat(box.target / "old").st_mode) == 0o755
+    assert stat.S_IMODE(os.lstat(box.target / "opq" / "inner").st_mode) == 0o755
+
+
+# --- replacing entries --------------------------------------------------------------------
+
+
+def test_later_entries_replace_earlier_ones(box: Box) -> None:
+    box.apply(
+        LayerBuilder()
+        .dir("a")
+        .file("a/child", "c")
+        .file("b", "file")
+        .dir("c", mode=0o755)
+        .file("c/kept", "kept")
+        .file("d", "file")
+        .symlink("e", "d")
+    )
+    box.apply(
+        LayerBuilder()
+        .file("a", "file over dir")
+        .dir("b", mode=0o700)
+        .dir("c", mode=0o700, uid=3)
+        .symlink("d", "a")
+        .file("e", "file over symlink")
+    )
+    assert (box.target / "a").read_text() == "file over dir"
+    assert stat.S_ISDIR(os.lstat(box.target / "b").st_mode)
+    c = os.lstat(box.target / "c")
+    assert (stat.S_IMODE(c.st_mode), c.st_uid) == (0o700, 3)
+    assert (box.target / "c" / "kept").read_text() == "kept"
+    assert os.readlink(box.target / "d") == "a"
+    assert not stat.S_ISLNK(os.lstat(box.target / "e").st_mode)
+    assert (box.target / "d").read_text() == "file over dir"
+
+
+def test_names_are_normalised_inside_the_root(box: Box) -> None:
+    box.apply(LayerBuilder(sort=False).raw("/abs/path", data="a").raw("./x/../y", data="y"))
+    assert (box.target / "abs" / "path").read_text() == "a"
+    assert (box.target / "y").read_text() == "y"
+    box.assert_outside_untouched()
+
+
+# --- hostile layers -----------------------------------------------------------------------
+
+
+def refused(box: Box, layer: LayerBuilder | Layer, match: str) -> None:
+    with pytest.raises(UnpackError, match=match):
+        box.apply(layer)
+    box.assert_outside_untouched()
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../escape", "../../../../../../etc/x"])
+def test_names_that_climb_out_are_refused(box: Box, name: str) -> None:
+    refused(box, LayerBuilder(sort=False).raw(name, data="x"), f'"{name}": path escapes')
+
+
+def test_absolute_symlink_in_a_parent_is_confined(box: Box) -> None:
+    pwned = f"pwned-{uuid.uuid4().hex}"
+    layer = (
+        LayerBuilder(sort=False)
+        .raw("evil", "symlink", linkname="/")
+        .raw(f"evil/tmp/{pwned}", data="owned")
+        .raw("host", "symlink", linkname=str(box.host))
+        .raw("host/sentinel.txt", data="overwritten")
+        .raw("host/dev0", "char", devmajor=1, devminor=3)
+    )
+    box.apply(layer)
+    assert not Path("/tmp", pwned).exists()
+    assert (box.target / "tmp" / pwned).read_text() == "owned"
+    inside = box.target / str(box.host).lstrip("/")
+    assert (inside / "sentinel.txt").read_text() == "overwritten"
+    assert stat.S_ISCHR(os.lstat(inside / "dev0").st_mode)
+    box.assert_outside_untouched()
+
+
+def test_relative_symlink_climbing_out_is_clamped_at_the_root(box: Box) -> None:
+    x, y = (f"{name}-{uuid.uuid4().hex}" for name in "xy")
+    layer = (
+        LayerBuilder(sort=False)
+        .raw("up", "symlink", linkname="../../..")
+        .raw(f"up/{x}", data="x")
+        .raw("deep", "dir")
+        .raw("deep/up", "symlink", linkname="../" * 40)
+        .raw(f"deep/up/{y}", data="y")
+    )
+    box.apply(layer)
+    assert (box.target / x).read_text() == "x"
+    assert (box.target / y).read_text() == "y"
+    # Where the links would have led on the host.
+    assert not (box.target.parent.parent.parent / x).exists()
+    assert not (Path("/") / y).exists()
+    box.assert_outside_untouched()
+
+
+def test_existing_symlinks_in_the_target_are_not_written_through(box: Box) -> None:
+    (box.target / "f").symlink_to(box.host / "sentinel.txt")
+    (box.target / "d").symlink_to(box.host)
+    box.apply(
+        LayerBuilder(sort=False)
+        .raw("f", data="replaces the link")
+        .raw("d/sentinel.txt", data="confined")
+        .raw("d/.wh.passwd")
+        .raw("d/etc/.wh..wh..opq")
+    )
+    assert (box.target / "f").read_text() == "replaces the link"
+    assert not (box.target / "f").is_symlink()
+    box.assert_outside_untouched()
+
+
+def test_whiteouts_through_symlinks_stay_inside(box: Box) -> None:
+    layer = (
+        LayerBuilder(sort=False)
+        .raw("evil", "symlink", linkname=str(box.host))
+        .raw("evil/.wh.sentinel.txt")
+        .raw("evil/etc/.wh..wh..opq")
+    )
+    box.apply(layer, style=DELETE)
+    box.assert_outside_untouched()
+    box.apply(layer, style=OVERLAY)
+    inside = box.target / str(box.host).lstrip("/")
+    assert stat.S_ISCHR(os.lstat(inside / "sentinel.txt").st_mode)
+    box.assert_outside_untouched()
+
+
+def test_hardlink_out_of_the_root_is_refused(box: Box) -> None:
+    passwd_links = os.lstat("/etc/passwd").st_nlink
+    layer = LayerBuilder(sort=False).raw("pw", "hardlink", linkname="../../etc/passwd")
+    refused(box, layer, '"pw": hardlink target escapes the root')
+    assert os.lstat("/etc/passwd").st_nlink == passwd_links
+
+
+def test_hardlink_through_a_symlink_is_refused(box: Box) -> None:
+    layer = (
+        LayerBuilder(sort=False)
+        .raw("out", "symlink", linkname=str(box.host))
+        .raw("h", "hardlink", linkname="out/sentinel.txt")
+    )
+    refused(box, layer, '"h": path passes through symlink "out"')
+    inner = (
+        LayerBuilder(sort=False)
+        .raw("real", "dir")
+        .raw("real/f", data="f")
+        .raw("alias", "symlink", linkname="real")
+        .raw("h", "hardlink", linkname="alias/f")
+    )
+    refused(box, inner, "passes through symlink")
+
+
+@pytest.mark.parametrize(
+    ("layer", "match"),
+    [
+        (LayerBuilder().dir("d").hardlink("h", "d"), "hardlink target is a directory"),
+        (LayerBuilder(sort=False).raw("h", "hardlink", linkname="/"), "is a directory"),
+        (LayerBuilder(sort=False).raw("h", "hardlink", linkname="nope"), "not found"),
+    ],
+)
+def test_bad_hardlinks_are_refused(box: Box, layer: LayerBuilder, match: str) -> None:
+    refused(box, layer, match)
+
+
+def test_hardlink_to_a_symlink_links_the_symlink_itself(box: Box) -> None:
+    layer = (
+        LayerBuilder(sort=False)
+        .raw("s", "symlink", linkname=str(box.host / "sentinel.txt"))
+        .raw("h", "hardlink", linkname="s")
+    )
+    box.apply(layer)
+    assert os.lstat(box.target / "h").st_ino == os.lstat(box.target / "s").st_ino
+    assert stat.S_ISLNK(os.lstat(box.target / "h").st_mode)
+    box.assert_outside_untouched()
+
+
+def test_symlink_loop_is_refused(box: Box) -> None:
+    layer = (
+        LayerBuilder(sort=False)
+        .raw("a", "symlink", linkname="b")
+        .raw("b", "symlink", linkname="/a")
+        .raw("a/x", data="x")
+    )
+    refused(box, layer, '"a/x": too many levels of symbolic links')
+
+
+def test_file_as_a_parent_is_refused(box: Box) -> None:
+    refused(box, LayerBuilder(sort=False).raw("f").raw("f/g"), '"f" is not a directory')
+
+
+@pytest.mark.parametrize(
+    ("layer", "match"),
+    [
+        (LayerBuilder(sort=False).raw("x/.wh."), "whiteout names no file"),
+        (LayerBuilder(sort=False).raw("dev", kind=b"Z"), "unsupported tar entry type"),
+    ],
+)
+def test_odd_entries_are_refused(box: Box, layer: LayerBuilder, match: str) -> None:
+    refused(box, layer, match)
+
+
+def test_truncated_gzip_is_refused(box: Box) -> None:
+    blob = BASE.build("gzip").blob
+    refused(box, Layer(b"", blob[: len(blob) // 2], "gzip"), "not a valid tar/gzip/zstd stream")
+
+
+def test_truncated_zstd_is_refused(box: Box) -> None:
+    blob = BASE.build("zstd").blob
+    refused(box, Layer(b"", blob[:-4], "zstd"), "zstd stream ends inside a frame")
+
+
+def test_corrupt_zstd_is_refused(box: Box) -> None:
+    blob = bytearray(BASE.build("zstd").blob)
+    blob[4:12] = b"\xff" * 8  # the frame header
+    refused(box, Layer(b"", bytes(blob), "zstd"), "not a valid tar/gzip/zstd stream")
+
+
+def test_damaged_tar_header_is_refused(box: Box) -> None:
+    layer = BASE.build("none")
+    header = layer.members()[3].offset  # a header after the first entries
+    tar = bytearray(layer.tar)
+    tar[header : header + 512] = b"garbage!" * 64
+    refused(box, Layer.from_tar(bytes(tar), "none"), "bad tar header")
+
+
+def test_cut_short_file_data_is_refused(box: Box) -> None:
+    tar = LayerBuilder().file("big", b"x" * 100_000).tar_bytes()
+    refused(box, Layer.from_tar(tar[:50_000], "gzip"), "not a valid tar/gzip/zstd stream")
