@@ -15,8 +15,19 @@ from crishim.api.instrument import CallTracker
 from crishim.api.runtime_service import RuntimeServicer
 from crishim.api.server import CriServer
 from crishim.config import Config
-from crishim.model import Container, Sandbox
+from crishim.images.content import ContentStore
+from crishim.images.manifest import host_platform
+from crishim.images.registry import RegistryClient
+from crishim.images.snapshots.base import Snapshotter
+from crishim.images.snapshots.copy import CopySnapshotter
+from crishim.images.snapshots.overlay import (
+    OverlaySnapshotter,
+    overlay_supported,
+    probe_overlay_mount,
+)
+from crishim.model import Container, Image, Sandbox
 from crishim.services.containers import ContainerService
+from crishim.services.images import ImageService
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
 from crishim.store import ObjectStore
@@ -33,25 +44,65 @@ class Stores:
 
     sandboxes: ObjectStore[Sandbox]
     containers: ObjectStore[Container]
+    images: ObjectStore[Image]
 
 
 def open_stores(root: Path) -> Stores:
-    """The stores of an instance whose durable state lives under ``root``."""
-    return Stores(
+    """The stores of an instance whose durable state lives under ``root``; loaded."""
+    stores = Stores(
         sandboxes=ObjectStore(root / "sandboxes", "sandbox", Sandbox),
         containers=ObjectStore(root / "containers", "container", Container),
+        images=ObjectStore(root / "images" / "records", "image", Image),
+    )
+    stores.sandboxes.load()
+    stores.containers.load()
+    stores.images.load()
+    return stores
+
+
+async def choose_snapshotter(images_root: Path) -> Snapshotter:
+    """overlayfs when the kernel can mount it under the root, else the copying one."""
+    overlay_root = images_root / "snapshots" / "overlayfs"
+    if overlay_supported():
+        problem = await probe_overlay_mount(images_root)
+        if not problem:
+            return OverlaySnapshotter(overlay_root)
+        log.warning("overlayfs cannot mount under %s (%s): using copies", images_root, problem)
+    return CopySnapshotter(images_root / "snapshots" / "native")
+
+
+@dataclass
+class Services:
+    """The use cases, built once per instance."""
+
+    runtime_info: RuntimeInfo
+    sandboxes: SandboxService
+    containers: ContainerService
+    images: ImageService
+    registry: RegistryClient
+
+
+def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> Services:
+    """The services over the stores and infrastructure."""
+    content = ContentStore(Path(config.root) / "images" / "content")
+    content.recover()
+    snapshotter.recover()
+    registry = RegistryClient(config.registry.config_path)
+    return Services(
+        runtime_info=RuntimeInfo(config),
+        sandboxes=SandboxService(stores.sandboxes),
+        containers=ContainerService(stores.containers),
+        images=ImageService(stores.images, content, snapshotter, registry, host_platform()),
+        registry=registry,
     )
 
 
-def build_servicers(config: Config, stores: Stores, tracker: CallTracker) -> list[Any]:
-    """The RuntimeService and ImageService servicers over the stores."""
+def build_servicers(services: Services, tracker: CallTracker) -> list[Any]:
+    """The RuntimeService and ImageService servicers."""
     runtime = RuntimeServicer(
-        RuntimeInfo(config),
-        SandboxService(stores.sandboxes),
-        ContainerService(stores.containers),
-        tracker,
+        services.runtime_info, services.sandboxes, services.containers, tracker
     )
-    return [runtime, ImageServicer(tracker)]
+    return [runtime, ImageServicer(services.images, tracker)]
 
 
 def prepare_directories(config: Config) -> None:
@@ -64,17 +115,20 @@ async def serve(config: Config) -> None:
     """Run crishim until SIGTERM or SIGINT, then shut down cleanly."""
     prepare_directories(config)
     stores = open_stores(Path(config.root))
-    stores.sandboxes.load()
-    stores.containers.load()
+    snapshotter = await choose_snapshotter(Path(config.root) / "images")
+    services = build_services(config, stores, snapshotter)
     tracker = CallTracker()
-    server = CriServer(build_servicers(config, stores, tracker), Path(config.socket), tracker)
+    server = CriServer(build_servicers(services, tracker), Path(config.socket), tracker)
     await server.start()
     log.info(
-        "crishim %s serving CRI on %s (%d sandboxes, %d containers; event loop %s)",
+        "crishim %s serving CRI on %s (%d sandboxes, %d containers, %d images; snapshotter "
+        "%s; event loop %s)",
         __version__,
         config.socket,
         len(stores.sandboxes),
         len(stores.containers),
+        len(stores.images),
+        snapshotter.name,
         type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = asyncio.Event()
@@ -88,4 +142,5 @@ async def serve(config: Config) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await server.stop(SHUTDOWN_GRACE_SECONDS)
+        await services.registry.close()
     log.info("crishim stopped")

@@ -11,6 +11,8 @@ edge. Each error's message names what it is about (an id, a path, a key).
     ├── Unavailable          a dependency is down or crishim is shutting down
     ├── DeadlineExceeded     an operation ran out of time
     ├── Unimplemented        the call or option is not supported
+    ├── Unauthenticated      a registry refused the credentials (or their absence)
+    ├── DataLoss             content did not match its digest or size
     ├── ConfigError          the configuration is invalid (raised at start, not over gRPC)
     └── Internal             a bug or an unexpected failure of the host
 """
@@ -55,6 +57,14 @@ class DeadlineExceeded(CrishimError):
 
 class Unimplemented(CrishimError):
     """The call or one of its options is not supported."""
+
+
+class Unauthenticated(CrishimError):
+    """A registry refused the credentials given, or demands some and none were given."""
+
+
+class DataLoss(CrishimError):
+    """Content does not match its digest or declared size (corrupt or truncated)."""
 
 
 class ConfigError(CrishimError):

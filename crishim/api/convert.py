@@ -128,3 +128,18 @@ def status_response(status: model.RuntimeStatus) -> v1.StatusResponse:
 def cgroup_driver(name: str) -> v1.CgroupDriver:
     """The protobuf enum for a configured cgroup driver name."""
     return _CGROUP_DRIVER[name]
+
+
+def image(item: model.Image) -> v1.Image:
+    """An image as ImageStatus and ListImages report it."""
+    uid, username = item.uid_and_username()
+    return v1.Image(
+        id=item.id,
+        repo_tags=list(item.repo_tags),
+        repo_digests=list(item.repo_digests),
+        size=item.size,
+        uid=v1.Int64Value(value=uid) if uid is not None else None,
+        username=username,
+        spec=v1.ImageSpec(image=item.id),
+        pinned=item.pinned,
+    )

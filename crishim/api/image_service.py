@@ -1,18 +1,87 @@
-"""The CRI ImageService servicer. Every RPC answers UNIMPLEMENTED until the image issue."""
+"""The CRI ImageService servicer."""
 
 from __future__ import annotations
 
+import json
+
 from grpclib.const import Handler
 
-from crishim.api import v1
+from crishim.api import convert, v1
 from crishim.api.instrument import CallTracker, build_mapping
+from crishim.errors import InvalidArgument
+from crishim.images.auth import Credentials
+from crishim.services.images import ImageService
+
+
+def credentials(auth: v1.AuthConfig | None) -> Credentials:
+    """Pull credentials from the request; ``auth`` wins over username/password."""
+    if auth is None:
+        return Credentials()
+    tokens = {"identity_token": auth.identity_token, "registry_token": auth.registry_token}
+    if auth.auth:
+        try:
+            return Credentials.from_auth_field(auth.auth, **tokens)
+        except ValueError as exc:
+            raise InvalidArgument(f"auth: {exc}") from None
+    return Credentials(username=auth.username, password=auth.password, **tokens)
+
+
+def _image_name(spec: v1.ImageSpec | None) -> str:
+    if spec is None or not spec.image:
+        raise InvalidArgument("image: an image reference is required")
+    return spec.image
 
 
 class ImageServicer(v1.ImageServiceBase):
-    """ImageService over crishim's services."""
+    """ImageService over crishim's image service."""
 
-    def __init__(self, tracker: CallTracker) -> None:
+    def __init__(self, images: ImageService, tracker: CallTracker) -> None:
+        self._images = images
         self._tracker = tracker
 
     def __mapping__(self) -> dict[str, Handler]:
         return build_mapping(self, v1.ImageServiceBase, self._tracker)
+
+    async def pull_image(self, message: v1.PullImageRequest) -> v1.PullImageResponse:
+        pulled = await self._images.pull(_image_name(message.image), credentials(message.auth))
+        return v1.PullImageResponse(image_ref=pulled.id)
+
+    async def image_status(self, message: v1.ImageStatusRequest) -> v1.ImageStatusResponse:
+        found = self._images.status(_image_name(message.image))
+        if found is None:
+            return v1.ImageStatusResponse()
+        info: dict[str, str] = {}
+        if message.verbose:
+            info["info"] = json.dumps(
+                {
+                    "imageSpec": self._images.config(found),
+                    "chainID": found.top_chain_id,
+                    "manifestDigest": found.manifest_digest,
+                    "snapshotter": self._images.snapshotter.name,
+                    "layers": [layer.model_dump() for layer in found.layers],
+                }
+            )
+        return v1.ImageStatusResponse(image=convert.image(found), info=info)
+
+    async def list_images(self, message: v1.ListImagesRequest) -> v1.ListImagesResponse:
+        query = ""
+        if message.filter is not None and message.filter.image is not None:
+            query = message.filter.image.image
+        return v1.ListImagesResponse(images=[convert.image(i) for i in self._images.list(query)])
+
+    async def remove_image(self, message: v1.RemoveImageRequest) -> v1.RemoveImageResponse:
+        await self._images.remove(_image_name(message.image))
+        return v1.RemoveImageResponse()
+
+    async def image_fs_info(self, message: v1.ImageFsInfoRequest) -> v1.ImageFsInfoResponse:
+        usage = await self._images.fs_usage()
+        return v1.ImageFsInfoResponse(
+            image_filesystems=[
+                v1.FilesystemUsage(
+                    timestamp=usage.timestamp,
+                    fs_id=v1.FilesystemIdentifier(mountpoint=usage.mountpoint),
+                    used_bytes=v1.UInt64Value(value=usage.used_bytes),
+                    inodes_used=v1.UInt64Value(value=usage.inodes_used),
+                )
+            ]
+        )

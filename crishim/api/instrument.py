@@ -34,6 +34,8 @@ STATUS_FOR_ERROR: dict[type[errors.CrishimError], Status] = {
     errors.Unavailable: Status.UNAVAILABLE,
     errors.DeadlineExceeded: Status.DEADLINE_EXCEEDED,
     errors.Unimplemented: Status.UNIMPLEMENTED,
+    errors.Unauthenticated: Status.UNAUTHENTICATED,
+    errors.DataLoss: Status.DATA_LOSS,
     errors.ConfigError: Status.FAILED_PRECONDITION,
     errors.Internal: Status.INTERNAL,
 }

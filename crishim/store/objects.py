@@ -27,7 +27,8 @@ from crishim.store.records import RecordError, read_record, write_record
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Ids become directory names: no slashes, no leading dot; ":" allowed for digests.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
 
 R = TypeVar("R", bound=Record)

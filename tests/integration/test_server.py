@@ -78,9 +78,16 @@ def test_grpcio_client_gets_version_and_status(
     assert network["status"] is False
     assert network["reason"] == "NetworkPluginNotReady"
     assert "config" in status["info"]
-    missing = grpcio_call(root, crishim.endpoint, "ImageService/PullImage")
+    missing = grpcio_call(root, crishim.endpoint, "RuntimeService/RunPodSandbox")
     assert missing == {
-        "error": {"code": "UNIMPLEMENTED", "details": "PullImage is not implemented by crishim yet"}
+        "error": {
+            "code": "UNIMPLEMENTED",
+            "details": "RunPodSandbox is not implemented by crishim yet",
+        }
+    }
+    bad = grpcio_call(root, crishim.endpoint, "ImageService/PullImage")
+    assert bad == {
+        "error": {"code": "INVALID_ARGUMENT", "details": "image: an image reference is required"}
     }
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crishim.images.snapshots.copy import CopySnapshotter
 from grpclib.client import Channel
 from grpclib.testing import ChannelFor
 
 from crishim.api import v1
 from crishim.api.codec import CriCodec
 from crishim.api.instrument import CallTracker
-from crishim.app import Stores, build_servicers, open_stores
+from crishim.app import Stores, build_servicers, build_services, open_stores
 from crishim.config import Config
 from tests.rig.crishim_proc import CrishimProcess
 
@@ -74,10 +75,15 @@ async def api(tmp_path: Path) -> AsyncIterator[InMemoryApi]:
     config.cni.conf_dir = str(cni)
     stores = open_stores(Path(config.root))
     tracker = CallTracker()
-    servicers = build_servicers(config, stores, tracker)
+    snapshotter = CopySnapshotter(tmp_path / "root" / "images" / "snapshots" / "native")
+    services = build_services(config, stores, snapshotter)
+    servicers = build_servicers(services, tracker)
     async with ChannelFor(servicers, codec=CriCodec()) as channel:
         client = CriClient(channel, v1.RuntimeServiceStub(channel), v1.ImageServiceStub(channel))
-        yield InMemoryApi(config, client, stores, tracker)
+        try:
+            yield InMemoryApi(config, client, stores, tracker)
+        finally:
+            await services.registry.close()
 
 
 def grpcio_call(proto_root: Path, endpoint: str, method: str, request: str = "{}") -> Any:

@@ -26,7 +26,18 @@ from crishim.model import (
 )
 from tests.rig.crishim_fixtures import InMemoryApi
 
-IMPLEMENTED = {"Version", "Status", "RuntimeConfig", "ListPodSandbox", "ListContainers"}
+IMPLEMENTED = {
+    "Version",
+    "Status",
+    "RuntimeConfig",
+    "ListPodSandbox",
+    "ListContainers",
+    "PullImage",
+    "ImageStatus",
+    "ListImages",
+    "RemoveImage",
+    "ImageFsInfo",
+}
 
 
 def conditions(reply: v1.StatusResponse) -> dict[str, v1.RuntimeCondition]:

@@ -1,0 +1,424 @@
+"""Image use cases: pull, status, list, remove with garbage collection, filesystem usage.
+
+A pull resolves the reference (mirrors first), picks this host's platform from an index,
+downloads the config and all layers in parallel (bounded), and unpacks each layer into the
+snapshotter as soon as it and the layers below it are present. Each blob is downloaded once
+even when pulls overlap, each layer is unpacked once even when images share it, and two
+pulls of the same reference share one operation. The image record is written last, so an
+interrupted pull leaves no image behind, only verified blobs and committed layers that the
+next pull reuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio.to_thread
+
+from crishim.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
+from crishim.images.auth import Credentials
+from crishim.images.content import ContentStore
+from crishim.images.manifest import (
+    ACCEPT,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    Descriptor,
+    Platform,
+    chain_ids,
+    choose_from_index,
+    media_type_of,
+    parse_config,
+    parse_manifest,
+)
+from crishim.images.reference import IdQuery, Reference, parse_image_query, parse_reference
+from crishim.images.registry import RegistryClient
+from crishim.images.snapshots.base import Snapshotter
+from crishim.model import Image, ImageLayer
+from crishim.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+# Layers downloaded at once per pull (containerd's default is 3).
+MAX_PARALLEL_DOWNLOADS = 3
+# A blob whose stream breaks or arrives corrupt is fetched again this many times.
+BLOB_ATTEMPTS = 3
+PROGRESS_INTERVAL_SECONDS = 5.0
+DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+@dataclass
+class PullMetrics:
+    """Counters for the metrics endpoint: bytes, pulls, failures and a duration histogram."""
+
+    bytes_total: int = 0
+    pulls_total: int = 0
+    failures_total: int = 0
+    duration_sum: float = 0.0
+    duration_buckets: dict[float, int] = field(
+        default_factory=lambda: dict.fromkeys(DURATION_BUCKETS, 0)
+    )
+
+    def observe(self, seconds: float, ok: bool) -> None:
+        """Count one finished pull."""
+        self.pulls_total += 1
+        if not ok:
+            self.failures_total += 1
+        self.duration_sum += seconds
+        for bound in self.duration_buckets:
+            if seconds <= bound:
+                self.duration_buckets[bound] += 1
+
+
+class _Progress:
+    """Logs a pull's progress at info level, at most every few seconds."""
+
+    def __init__(self, ref: str, layers: list[Descriptor], metrics: PullMetrics) -> None:
+        self._ref = ref
+        self._total = sum(d.size for d in layers)
+        self._count = len(layers)
+        self._metrics = metrics
+        self.done_bytes = 0
+        self.done_layers = 0
+        self._start = time.monotonic()
+        self._last_log = self._start
+
+    def add(self, count: int) -> None:
+        self.done_bytes += count
+        self._metrics.bytes_total += count
+        now = time.monotonic()
+        if now - self._last_log >= PROGRESS_INTERVAL_SECONDS:
+            self._last_log = now
+            self.log()
+
+    def log(self) -> None:
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        log.info(
+            "pulling %s: %d/%d layers, %.1f/%.1f MB, %.1f MB/s",
+            self._ref,
+            self.done_layers,
+            self._count,
+            self.done_bytes / 1e6,
+            self._total / 1e6,
+            self.done_bytes / 1e6 / elapsed,
+        )
+
+
+@dataclass(frozen=True)
+class FsUsage:
+    """Bytes and inodes used by the image store, and where it lives."""
+
+    mountpoint: str
+    used_bytes: int
+    inodes_used: int
+    timestamp: int
+
+
+class ImageService:
+    """Images on this node."""
+
+    def __init__(
+        self,
+        store: ObjectStore[Image],
+        content: ContentStore,
+        snapshotter: Snapshotter,
+        registry: RegistryClient,
+        platform: Platform,
+    ) -> None:
+        self._store = store
+        self._content = content
+        self._snapshotter = snapshotter
+        self._registry = registry
+        self._platform = platform
+        self._pulls: dict[tuple[str, str], asyncio.Task[Image]] = {}
+        self._unpack_locks: dict[str, asyncio.Lock] = {}
+        # Serialises changes to image records with garbage collection.
+        self._meta_lock = asyncio.Lock()
+        self.metrics = PullMetrics()
+
+    @property
+    def snapshotter(self) -> Snapshotter:
+        """Where image layers are unpacked."""
+        return self._snapshotter
+
+    # ---- pull ---------------------------------------------------------------------------
+
+    async def pull(self, reference: str, creds: Credentials) -> Image:
+        """Pull ``reference``; concurrent pulls of the same reference share the work."""
+        ref = parse_reference(reference)
+        key = (str(ref), creds.cache_key())
+        task = self._pulls.get(key)
+        if task is None:
+            task = asyncio.create_task(self._timed_pull(ref, creds))
+            self._pulls[key] = task
+            task.add_done_callback(lambda _: self._pulls.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _timed_pull(self, ref: Reference, creds: Credentials) -> Image:
+        start = time.monotonic()
+        ok = False
+        try:
+            image = await self._pull(ref, creds)
+            ok = True
+            return image
+        finally:
+            self.metrics.observe(time.monotonic() - start, ok)
+
+    async def _fetch_document(
+        self, ref: Reference, target: str, creds: Credentials
+    ) -> tuple[str, str, bytes]:
+        fetched = await self._registry.fetch_manifest(ref, target, ACCEPT, creds)
+        digest = "sha256:" + hashlib.sha256(fetched.content).hexdigest()
+        if target.startswith("sha256:") and digest != target:
+            raise DataLoss(f"{ref}: manifest {target} arrived with digest {digest}")
+        if fetched.digest and fetched.digest != digest:
+            raise DataLoss(
+                f"{ref}: registry says the manifest is {fetched.digest}, its content is {digest}"
+            )
+        media_type = media_type_of(fetched.content, fetched.media_type)
+        await self._content.put(digest, fetched.content)
+        return digest, media_type, fetched.content
+
+    async def _pull(self, ref: Reference, creds: Credentials) -> Image:
+        started = time.monotonic()
+        target = ref.digest or ref.tag or "latest"
+        top_digest, media_type, content = await self._fetch_document(ref, target, creds)
+        metadata = [top_digest]
+        manifest_digest = top_digest
+        if media_type in INDEX_TYPES:
+            chosen = choose_from_index(content, self._platform)
+            manifest_digest, media_type, content = await self._fetch_document(
+                ref, chosen.digest, creds
+            )
+            metadata.append(manifest_digest)
+        if media_type not in MANIFEST_TYPES:
+            raise InvalidArgument(f"{ref}: unsupported manifest media type {media_type!r}")
+        manifest = parse_manifest(content)
+        config_path = await self._fetch_blob(ref, manifest.config, creds, None)
+        config_bytes = await anyio.to_thread.run_sync(config_path.read_bytes)
+        config = parse_config(config_bytes)
+        metadata.append(manifest.config.digest)
+        if len(config.diff_ids) != len(manifest.layers):
+            raise InvalidArgument(
+                f"{ref}: the config lists {len(config.diff_ids)} diff IDs for "
+                f"{len(manifest.layers)} layers"
+            )
+        chains = chain_ids(config.diff_ids)
+        progress = _Progress(str(ref), list(manifest.layers), self.metrics)
+        semaphore = asyncio.Semaphore(MAX_PARALLEL_DOWNLOADS)
+
+        async def download(desc: Descriptor) -> Path:
+            async with semaphore:
+                return await self._fetch_blob(ref, desc, creds, progress)
+
+        downloads = [asyncio.create_task(download(d)) for d in manifest.layers]
+        try:
+            parent: str | None = None
+            for desc, diff_id, chain_id, task in zip(
+                manifest.layers, config.diff_ids, chains, downloads, strict=True
+            ):
+                blob = await task
+                await self._unpack(chain_id, parent, blob, desc, diff_id)
+                progress.done_layers += 1
+                parent = chain_id
+        finally:
+            for task in downloads:
+                task.cancel()
+            await asyncio.gather(*downloads, return_exceptions=True)
+        image = Image(
+            id=manifest.config.digest,
+            repo_tags=[] if ref.tag is None or ref.digest else [str(ref)],
+            repo_digests=[f"{ref.name}@{top_digest}"],
+            size=manifest.config.size + sum(d.size for d in manifest.layers),
+            manifest_digest=manifest_digest,
+            metadata_blobs=metadata,
+            layers=[
+                ImageLayer(
+                    digest=d.digest,
+                    size=d.size,
+                    media_type=d.media_type,
+                    diff_id=diff_id,
+                    chain_id=chain,
+                )
+                for d, diff_id, chain in zip(manifest.layers, config.diff_ids, chains, strict=True)
+            ],
+            user=config.user,
+            pulled_at=time.time_ns(),
+        )
+        if ref.tag and ref.digest:
+            image = image.model_copy(update={"repo_tags": [f"{ref.name}:{ref.tag}"]})
+        stored = await self._record(image)
+        progress.log()
+        log.info("pulled %s as %s in %.2fs", ref, stored.id, time.monotonic() - started)
+        return stored
+
+    async def _fetch_blob(
+        self, ref: Reference, desc: Descriptor, creds: Credentials, progress: _Progress | None
+    ) -> Path:
+        def source() -> AsyncIterator[bytes]:
+            return self._counted(self._registry.stream_blob(ref, desc.digest, creds), progress)
+
+        for attempt in range(1, BLOB_ATTEMPTS + 1):
+            try:
+                return await self._content.ensure(desc.digest, desc.size, source)
+            except (DataLoss, Unavailable) as exc:
+                if attempt == BLOB_ATTEMPTS:
+                    raise
+                log.warning("%s: blob %s failed (%s); fetching it again", ref, desc.digest, exc)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _counted(
+        chunks: AsyncIterator[bytes], progress: _Progress | None
+    ) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            if progress is not None:
+                progress.add(len(chunk))
+            yield chunk
+
+    async def _unpack(
+        self, chain_id: str, parent: str | None, blob: Path, desc: Descriptor, diff_id: str
+    ) -> None:
+        lock = self._unpack_locks.setdefault(chain_id, asyncio.Lock())
+        async with lock:
+            if self._snapshotter.has_layer(chain_id):
+                return
+            await anyio.to_thread.run_sync(
+                self._snapshotter.unpack_layer, chain_id, parent, blob, desc.media_type, diff_id
+            )
+
+    async def _record(self, pulled: Image) -> Image:
+        """Store the image, moving its tags away from any image that held them."""
+        async with self._meta_lock:
+            return await self._record_locked(pulled)
+
+    async def _record_locked(self, pulled: Image) -> Image:
+        for tag in pulled.repo_tags:
+            for other in self._store.list():
+                if other.id != pulled.id and tag in other.repo_tags:
+                    await self._store.update(other.id, _without_tag(tag))
+        existing = self._store.find(pulled.id)
+        if existing is None:
+            return await self._store.add(pulled)
+
+        def merge(current: Image) -> Image:
+            return current.model_copy(
+                update={
+                    "repo_tags": _union(current.repo_tags, pulled.repo_tags),
+                    "repo_digests": _union(current.repo_digests, pulled.repo_digests),
+                    "metadata_blobs": _union(current.metadata_blobs, pulled.metadata_blobs),
+                    "pulled_at": pulled.pulled_at,
+                }
+            )
+
+        return await self._store.update(pulled.id, merge)
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def find(self, query: str) -> tuple[Image | None, Reference | None]:
+        """The image named by an id (full or 'sha256:'-less), a tag or a digest reference."""
+        parsed = parse_image_query(query)
+        if isinstance(parsed, IdQuery):
+            return self._store.find(parsed.image_id), None
+        ref = parsed.ref
+        for image in self._store.list():
+            if ref.digest is None and str(ref) in image.repo_tags:
+                return image, ref
+            if ref.digest is not None and f"{ref.name}@{ref.digest}" in image.repo_digests:
+                return image, ref
+        return None, ref
+
+    def status(self, query: str) -> Image | None:
+        """The image, or None when it is not here (not an error, per the CRI)."""
+        return self.find(query)[0]
+
+    def list(self, query: str = "") -> list[Image]:
+        """Every image, or the one ``query`` names."""
+        if query:
+            found = self.status(query)
+            return [found] if found else []
+        return sorted(self._store.list(), key=lambda i: i.pulled_at)
+
+    def config(self, image: Image) -> dict[str, object]:
+        """The image's config document as stored."""
+        config_digest = image.id
+        data = json.loads(self._content.read(config_digest))
+        assert isinstance(data, dict)
+        return data
+
+    async def remove(self, query: str) -> None:
+        """Remove by id or digest (whole image) or by tag (that tag; the image goes with
+        its last tag). Removing an image that is not here is not an error."""
+        image, ref = self.find(query)
+        if image is None:
+            return
+        if ref is not None and ref.digest is None and len(image.repo_tags) > 1:
+            async with self._meta_lock:
+                await self._store.update(image.id, _without_tag(str(ref)))
+            return
+        async with self._meta_lock:
+            await self._store.delete(image.id)
+        await self.collect_garbage()
+
+    async def collect_garbage(self) -> None:
+        """Delete blobs and layers no image needs (layers in use by containers stay)."""
+        async with self._meta_lock:
+            images = self._store.list()
+            wanted_blobs = set().union(*(i.blobs() for i in images)) if images else set()
+            wanted_layers = {c for i in images for c in i.chain()}
+            inflight = bool(self._pulls)
+            if inflight:
+                # A running pull has blobs and layers no record names yet: keep everything.
+                return
+            for digest in self._content.digests() - wanted_blobs:
+                self._content.delete(digest)
+            await anyio.to_thread.run_sync(
+                self._remove_layers, self._snapshotter.layers() - wanted_layers
+            )
+
+    def _remove_layers(self, unwanted: set[str]) -> None:
+        # Children before parents: keep trying until no more can go.
+        pending = set(unwanted)
+        while pending:
+            removed = set()
+            for chain_id in pending:
+                try:
+                    self._snapshotter.remove_layer(chain_id)
+                    removed.add(chain_id)
+                except FailedPrecondition:
+                    continue
+            if not removed:
+                log.info("keeping %d unreferenced layer(s) still in use", len(pending))
+                return
+            pending -= removed
+
+    async def fs_usage(self) -> FsUsage:
+        """Bytes and inodes used by blobs and layers (walked in a worker thread)."""
+        return await anyio.to_thread.run_sync(self._fs_usage)
+
+    def _fs_usage(self) -> FsUsage:
+        content_bytes, content_inodes = self._content.usage()
+        snap_bytes, snap_inodes = self._snapshotter.usage()
+        return FsUsage(
+            mountpoint=self._snapshotter.mountpoint(),
+            used_bytes=content_bytes + snap_bytes,
+            inodes_used=content_inodes + snap_inodes,
+            timestamp=time.time_ns(),
+        )
+
+
+def _without_tag(tag: str) -> Callable[[Image], Image]:
+    def change(image: Image) -> Image:
+        return image.model_copy(update={"repo_tags": [t for t in image.repo_tags if t != tag]})
+
+    return change
+
+
+def _union(first: list[str], second: list[str]) -> list[str]:
+    return first + [x for x in second if x not in first]
