@@ -29,7 +29,6 @@ Whiteouts become overlayfs whiteouts (:attr:`WhiteoutStyle.OVERLAY`) or deletion
 from __future__ import annotations
 
 import errno
-import gzip
 import hashlib
 import io
 import logging
@@ -45,7 +44,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from pathlib import Path
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 import zstandard
 
@@ -76,6 +75,12 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 #: zstd input fed per call: one call's output is at most ~32x this many KiB even for a
 #: crafted stream of tiny RLE blocks, so the decompressed layer is never held in memory
 _ZSTD_INPUT_CHUNK = 1024
+# zlib's wbits for "gzip header and trailer"; input read per call and output cap per call.
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+_GZIP_INPUT_CHUNK = 256 * 1024
+_GZIP_MAX_OUTPUT = 4 * 1024 * 1024
+# tarfile reads the stream in pieces of this size (its default, 10 KiB, costs many calls).
+_TAR_BUFFER = 1 << 20
 
 
 class UnpackError(InvalidArgument):
@@ -187,10 +192,44 @@ def _compression_of(raw: io.BufferedReader, media_type: str) -> _Compression:
 def _decompressed(raw: io.BufferedReader, media_type: str) -> _Readable:
     compression = _compression_of(raw, media_type)
     if compression is _Compression.GZIP:
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return _GzipReader(raw)
     if compression is _Compression.ZSTD:
         return _ZstdReader(raw)
     return raw
+
+
+class _GzipReader:
+    """A gzip stream decoder on zlib directly: header, CRC and length are checked in C,
+    which is markedly faster than ``gzip.GzipFile`` for large layers. Concatenated members
+    are decoded in turn, zero padding after the last one is allowed, a stream that ends
+    inside a member is an error. Output per step is capped, so a crafted stream cannot
+    make one read balloon in memory."""
+
+    def __init__(self, source: _Readable) -> None:
+        self._source = source
+        self._member: Any = None  # zlib's decompress object of the current member
+        self._input = b""
+
+    def read(self, size: int, /) -> bytes:
+        while True:
+            if not self._input:
+                self._input = self._source.read(_GZIP_INPUT_CHUNK)
+                if not self._input:
+                    if self._member is not None:
+                        raise EOFError("gzip stream ends inside a member")
+                    return b""
+            if self._member is None:
+                if not self._input.strip(b"\0"):
+                    self._input = b""  # padding between or after members
+                    continue
+                self._member = zlib.decompressobj(_GZIP_WBITS)
+            out: bytes = self._member.decompress(self._input, min(size, _GZIP_MAX_OUTPUT))
+            self._input = self._member.unconsumed_tail
+            if self._member.eof:
+                self._input = self._member.unused_data
+                self._member = None
+            if out:
+                return out
 
 
 class _ZstdReader:
@@ -395,7 +434,9 @@ class _Extractor:
 
     def run(self, stream: _DigestReader) -> int:
         count = 0
-        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_StrictTarInfo) as tar:
+        with tarfile.open(
+            fileobj=stream, mode="r|", tarinfo=_StrictTarInfo, bufsize=_TAR_BUFFER
+        ) as tar:
             while (member := tar.next()) is not None:
                 count += 1
                 try:

@@ -247,6 +247,19 @@ def test_zstd_stream_of_several_frames(box: Box) -> None:
     assert box.apply(blob).diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
 
 
+def test_gzip_stream_of_several_members_with_zero_padding(box: Box) -> None:
+    tar = SAMPLE.tar_bytes()
+    first = Layer.from_tar(tar[:3000], "gzip").blob
+    rest = Layer.from_tar(tar[3000:], "gzip").blob
+    blob = Layer(tar=tar, blob=first + rest + b"\0" * 1024, compression="gzip")
+    assert box.apply(blob).diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+def test_garbage_after_the_last_gzip_member_is_refused(box: Box) -> None:
+    blob = SAMPLE.build("gzip").blob
+    refused(box, Layer(b"", blob + b"garbage", "gzip"), "not a valid tar/gzip/zstd stream")
+
+
 # --- whiteouts ----------------------------------------------------------------------------
 
 
