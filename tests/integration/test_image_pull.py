@@ -309,3 +309,23 @@ async def test_invalid_reference_is_refused_with_the_problem(tmp_path: Path) -> 
     async with image_env(tmp_path) as env:
         with pytest.raises(InvalidArgument, match="must be lowercase"):
             await env.service.pull("Busybox", ANON)
+
+
+async def test_pull_metrics_and_progress_log(
+    registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    image = busybox_image(labels={"v": "metrics"})
+    push(registry.url, "test/metrics", "v1", image)
+    caplog.set_level("INFO", logger="crishim.services.images")
+    async with image_env(tmp_path) as env:
+        await env.service.pull(f"{registry.host}/test/metrics:v1", ANON)
+        with pytest.raises(NotFound):
+            await env.service.pull(f"{registry.host}/test/metrics:absent", ANON)
+        metrics = env.service.metrics
+        assert metrics.pulls_total == 2
+        assert metrics.failures_total == 1
+        assert metrics.bytes_total == sum(layer.size for layer in image.layers)
+        assert metrics.duration_buckets[600] == 2
+    progress = [r.getMessage() for r in caplog.records if "layers," in r.getMessage()]
+    assert progress
+    assert progress[-1].startswith(f"pulling {registry.host}/test/metrics:v1: 1/1 layers")

@@ -56,6 +56,8 @@ class CrishimProcess:
     def start(self) -> CrishimProcess:
         """Start crishim and wait until its socket accepts connections."""
         self.write_config()
+        # The log is appended across restarts: only lines after this offset count.
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         log = self.log_file.open("ab")
         self.proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -65,7 +67,7 @@ class CrishimProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"crishim exited {self.proc.returncode}:\n{self.log()}")
-            if self.socket.exists() and "serving CRI" in self.log():
+            if self.socket.exists() and "serving CRI" in self.log()[offset:]:
                 return self
             time.sleep(0.05)
         self.kill()

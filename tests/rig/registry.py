@@ -167,8 +167,11 @@ class Registry:
         binary: str = DOCKER_REGISTRY_BIN,
         startup_timeout: float = 20.0,
         tmp_parent: str | os.PathLike[str] | None = None,
+        port: int | None = None,
     ) -> None:
         self.binary = binary
+        # A fixed port (for configs that name one, like the conformance certs.d); None: free.
+        self._fixed_port = port
         self.startup_timeout = startup_timeout
         self.htpasswd: dict[str, str] | None = dict(htpasswd) if htpasswd is not None else None
         self._tmp_parent = tmp_parent
@@ -252,8 +255,8 @@ class Registry:
                 self._write_auth()
                 # The port is probed then released, so another process can grab it
                 # before the registry binds: retry on "address already in use".
-                for _attempt in range(5):
-                    self._port = _free_port()
+                for _attempt in range(1 if self._fixed_port else 5):
+                    self._port = self._fixed_port or _free_port()
                     config = self._write_config(self._port)
                     if self._spawn_and_wait(config):
                         return self
