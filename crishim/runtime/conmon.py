@@ -1,0 +1,367 @@
+"""Starting containers under conmon 2.1.6 and talking to the conmon that monitors each one.
+
+conmon runs ``<runtime> create``, holds the container's stdio, writes the CRI log file
+(``RFC3339Nano stream P|F message``, its ``k8s-file`` driver), records the exit code and keeps
+running when crishim exits: it double-forks, so the process crishim starts returns at once
+and the monitor is reparented to init.
+
+The protocol with conmon (see conmon's ``src/conmon.c`` and ``src/parent_pipe_fd.c``):
+
+* ``_OCI_SYNCPIPE=<fd>``: the write end of a pipe conmon inherits. After ``create``, conmon
+  writes one JSON line: ``{"data": <pid>}`` (with ``--api-version 1``) or, when the runtime
+  failed, ``{"data": -1, "message": "<runtime stderr>"}``. If the runtime failed silently
+  conmon just exits, which reads as end of file.
+* ``_OCI_STARTPIPE=<fd>``: when set, conmon blocks on reading it before forking anything, so
+  the parent can move it into a cgroup first; any write (or end of file) releases it.
+* Files: ``<exit_dir>/<cid>`` holds the exit code once the container exited; ``oom`` appears
+  in conmon's working directory (the bundle, as crishim starts it) after an OOM kill;
+  ``<bundle>/ctl`` and ``<bundle>/winsz`` are FIFOs conmon reads; ``<socket_dir>/<cuuid>`` is
+  a symlink to the bundle, so the attach socket ``<bundle>/attach`` is reachable by a path
+  short enough for ``sun_path``.
+* ``ctl`` messages are lines ``<type> <rows> <cols>``: type 1 resizes the terminal, type 2
+  reopens the log file (conmon writes ``<log>.tmp`` and renames it over the log path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from crishim.errors import DeadlineExceeded, FailedPrecondition, Internal, Unimplemented
+from crishim.runtime.oci_runtime import OciRuntime, error_message
+
+__all__ = [
+    "CTL_REOPEN_LOG",
+    "CTL_RESIZE",
+    "MonitorSpec",
+    "attach_socket_path",
+    "conmon_alive",
+    "conmon_argv",
+    "conmon_cgroup_dirs",
+    "create_container",
+    "oom_killed",
+    "read_exit_code",
+    "remove_conmon_cgroup",
+    "reopen_log",
+    "resize",
+]
+
+CTL_RESIZE = 1
+CTL_REOPEN_LOG = 2
+_CGROUP_FS_TYPES = frozenset({"cgroup", "cgroup2"})
+_POLL_INTERVAL = 0.01
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    """Everything conmon needs to create and watch one container.
+
+    ``pid_file`` receives the container's init pid (written by the runtime) and
+    ``conmon_pid_file`` the pid of the monitor itself. ``cgroup_parent`` (cgroupfs form,
+    ``/a/b``) puts conmon in ``<cgroup_parent>/crishim-conmon-<id>`` in every hierarchy, so
+    its memory is charged to the pod.
+    """
+
+    container_id: str
+    name: str
+    bundle: Path
+    runtime: OciRuntime
+    log_path: Path
+    exit_dir: Path
+    socket_dir: Path
+    pid_file: Path
+    conmon_pid_file: Path
+    stdin: bool = False
+    stdin_once: bool = False
+    tty: bool = False
+    cgroup_parent: str | None = None
+    log_size_max: int | None = None
+
+
+def conmon_argv(spec: MonitorSpec, conmon: str = "conmon") -> list[str]:
+    """The conmon 2.1.6 command line for ``spec``."""
+    runtime = spec.runtime
+    cid = spec.container_id
+    argv = [
+        conmon,
+        "--api-version",
+        "1",
+        "-c",
+        cid,
+        "-u",
+        cid,
+        "-n",
+        spec.name,
+        "-r",
+        runtime.path,
+        "-b",
+        str(spec.bundle),
+        "-p",
+        str(spec.pid_file),
+        "-P",
+        str(spec.conmon_pid_file),
+        "-l",
+        f"k8s-file:{spec.log_path}",
+        "--exit-dir",
+        str(spec.exit_dir),
+        "--socket-dir-path",
+        str(spec.socket_dir),
+        "--log-level",
+        "info",
+        # conmon's own warnings (runtime errors, OOM events) go to the node's journal.
+        "--syslog",
+    ]
+    # The runtime's global options, minus its path: conmon puts that first itself. JSON logs
+    # let a failed create be reported by message (conmon relays the runtime's stderr).
+    for arg in [*runtime.argv("--log-format", "json")[1:]]:
+        argv += ["--runtime-arg", arg]
+    if spec.stdin:
+        argv.append("-i")
+        if not spec.stdin_once:
+            # Otherwise conmon closes the container's stdin when the first attach ends.
+            argv.append("--leave-stdin-open")
+    if spec.tty:
+        argv.append("-t")
+    if spec.log_size_max is not None:
+        argv += ["--log-size-max", str(spec.log_size_max)]
+    return argv
+
+
+def _cgroup_mounts(proc_mounts: Path = Path("/proc/self/mounts")) -> list[Path]:
+    mounts: list[Path] = []
+    for line in proc_mounts.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] in _CGROUP_FS_TYPES:
+            mounts.append(Path(parts[1]))
+    return mounts
+
+
+def conmon_cgroup_dirs(cgroup_parent: str, cid: str) -> list[Path]:
+    """The cgroup directories (one per hierarchy) that hold the conmon of ``cid``."""
+    rel = Path(cgroup_parent.strip("/")) / f"crishim-conmon-{cid}"
+    return [mount / rel for mount in _cgroup_mounts()]
+
+
+def _make_cgroup(path: Path) -> None:
+    """mkdir -p for a cgroup; new v1 cpuset cgroups inherit cpus/mems from their parent.
+
+    A v1 cpuset cgroup starts with empty ``cpuset.cpus``/``cpuset.mems`` and refuses tasks
+    until they are set.
+    """
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        for name in ("cpuset.cpus", "cpuset.mems"):
+            mine = directory / name
+            if mine.exists() and not mine.read_text().strip():
+                mine.write_text((directory.parent / name).read_text())
+
+
+def _move_to_cgroup(pid: int, cgroup_parent: str, cid: str) -> None:
+    for directory in conmon_cgroup_dirs(cgroup_parent, cid):
+        _make_cgroup(directory)
+        (directory / "cgroup.procs").write_text(str(pid))
+
+
+def remove_conmon_cgroup(cgroup_parent: str, cid: str) -> None:
+    """Remove conmon's cgroups once it exited (a cgroup with live processes stays)."""
+    for directory in conmon_cgroup_dirs(cgroup_parent, cid):
+        with contextlib.suppress(FileNotFoundError):
+            directory.rmdir()
+
+
+async def _read_sync_line(fd: int) -> bytes:
+    """The first line conmon writes on the sync pipe, or b"" when it exits without one."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    try:
+        return await reader.readline()
+    finally:
+        transport.close()
+
+
+def _kill_conmon(pid_file: Path) -> None:
+    # The runtime child of conmon has PDEATHSIG=SIGKILL, so it dies with it.
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+
+
+async def create_container(spec: MonitorSpec, conmon: str = "conmon", timeout: float = 60) -> int:
+    """Create the container under a new conmon and return its init pid.
+
+    The container is left ``created``: :meth:`OciRuntime.start` runs its process. On failure,
+    timeout or cancellation, conmon is killed and the runtime's record removed.
+    """
+    cid = spec.container_id
+    if spec.cgroup_parent is not None and spec.runtime.systemd_cgroup:
+        # A systemd parent needs a transient scope over D-Bus, not directory writes.
+        raise Unimplemented(f"container {cid}: conmon cgroup under a systemd slice")
+    # conmon fails silently (after forking) when these are missing.
+    for directory in (spec.exit_dir, spec.socket_dir, spec.log_path.parent):
+        directory.mkdir(parents=True, exist_ok=True)
+    sync_r, sync_w = os.pipe()
+    start_r, start_w = os.pipe()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "_OCI_SYNCPIPE": str(sync_w),
+        "_OCI_STARTPIPE": str(start_r),
+    }
+    try:
+        try:
+            await _spawn(spec, conmon, env, (sync_w, start_r), start_w)
+        except BaseException:
+            os.close(sync_r)
+            raise
+        finally:
+            # Only conmon holds these now; ours would hide its exit from the read below.
+            for fd in (sync_w, start_r, start_w):
+                os.close(fd)
+        # The pipe transport owns sync_r from here on and closes it.
+        line = await asyncio.wait_for(_read_sync_line(sync_r), timeout)
+        return _parse_sync(cid, line)
+    except BaseException as exc:
+        _kill_conmon(spec.conmon_pid_file)
+        await asyncio.shield(spec.runtime.delete(cid, force=True))
+        if isinstance(exc, TimeoutError):
+            raise DeadlineExceeded(f"conmon for {cid}: no answer in {timeout}s") from exc
+        raise
+
+
+async def _spawn(
+    spec: MonitorSpec, conmon: str, env: dict[str, str], pass_fds: tuple[int, ...], start_w: int
+) -> None:
+    """Run conmon until it detached: its first process exits once the monitor forked."""
+    # conmon's stderr only matters until it detaches (it then points its stdio at
+    # /dev/null): an anonymous file, never a pipe, so nothing can block on it.
+    with tempfile.TemporaryFile() as early_errors:
+        proc = await asyncio.create_subprocess_exec(
+            *conmon_argv(spec, conmon),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=early_errors,
+            pass_fds=pass_fds,
+            env=env,
+            # conmon writes its "oom" marker file into its working directory.
+            cwd=spec.bundle,
+        )
+        try:
+            if spec.cgroup_parent is not None:
+                # conmon waits on the start pipe before forking: its children inherit this.
+                await asyncio.to_thread(
+                    _move_to_cgroup, proc.pid, spec.cgroup_parent, spec.container_id
+                )
+        except BaseException:
+            # Killed before the release: closing the start pipe must not let it go on.
+            proc.kill()
+            await asyncio.shield(proc.wait())
+            raise
+        os.write(start_w, b"0")
+        status = await proc.wait()
+        if status != 0:
+            early_errors.seek(0)
+            detail = early_errors.read().decode(errors="replace").strip()
+            raise Internal(f"conmon for {spec.container_id} exited with status {status}: {detail}")
+
+
+def _parse_sync(cid: str, line: bytes) -> int:
+    if not line:
+        raise Internal(f"conmon for {cid} exited without reporting the container's pid")
+    try:
+        message = json.loads(line)
+        value = int(message["data"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Internal(f"conmon for {cid}: bad sync message {line!r}") from exc
+    if value <= 0:
+        text = error_message(str(message.get("message", ""))) or "runtime failed"
+        raise Internal(f"create container {cid}: {text}")
+    return value
+
+
+def read_exit_code(exit_dir: Path, cid: str) -> int | None:
+    """The exit code conmon recorded for ``cid``, or None while it has not exited."""
+    try:
+        text = (exit_dir / cid).read_text().strip()
+    except FileNotFoundError:
+        return None
+    # conmon writes the file in one go (g_file_set_contents renames a temp file into place).
+    return int(text)
+
+
+def oom_killed(bundle: Path) -> bool:
+    """True when conmon saw the container's cgroup OOM-kill a process."""
+    return (bundle / "oom").exists()
+
+
+def attach_socket_path(socket_dir: Path, cid: str) -> Path:
+    """The attach socket (SOCK_SEQPACKET) through conmon's short symlink to the bundle."""
+    return socket_dir / cid / "attach"
+
+
+def conmon_alive(conmon_pid_file: Path) -> bool:
+    """True while the conmon named by ``conmon_pid_file`` runs (and is still conmon)."""
+    try:
+        pid = int(conmon_pid_file.read_text().strip())
+        proc = Path(f"/proc/{pid}")
+        # The pid may have been reused by now: check the name and that it is not a zombie.
+        comm = (proc / "comm").read_text().strip()
+        stat = (proc / "stat").read_text()
+    except (OSError, ValueError):
+        return False
+    state = stat[stat.rfind(")") + 2 :].split()[0]
+    return comm == "conmon" and state not in ("Z", "X")
+
+
+def _write_ctl(bundle: Path, kind: int, rows: int = 0, cols: int = 0) -> None:
+    try:
+        # Non-blocking: with no conmon reading, open fails (ENXIO) instead of hanging.
+        fd = os.open(bundle / "ctl", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.ENOENT):
+            raise FailedPrecondition(f"no conmon listens on {bundle / 'ctl'}") from exc
+        raise
+    try:
+        # Shorter than PIPE_BUF, so written whole and never interleaved with another writer.
+        os.write(fd, f"{kind} {rows} {cols}\n".encode())
+    finally:
+        os.close(fd)
+
+
+async def resize(bundle: Path, rows: int, cols: int) -> None:
+    """Resize the container's terminal (only meaningful for a tty container)."""
+    _write_ctl(bundle, CTL_RESIZE, rows, cols)
+
+
+async def reopen_log(bundle: Path, log_path: Path, timeout: float = 5.0) -> None:
+    """Make conmon start a new log file at ``log_path`` (after the old one was rotated away).
+
+    conmon handles the message asynchronously; this returns once the new file is in place.
+    """
+
+    def inode() -> int | None:
+        with contextlib.suppress(FileNotFoundError):
+            return log_path.stat().st_ino
+        return None
+
+    before = inode()
+    _write_ctl(bundle, CTL_REOPEN_LOG)
+    deadline = time.monotonic() + timeout
+    # conmon always creates a new file (temp + rename), so a new inode means it is done.
+    while (now := inode()) is None or now == before:
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"conmon did not reopen {log_path} in {timeout}s")
+        await asyncio.sleep(_POLL_INTERVAL)
