@@ -1,16 +1,39 @@
-"""Finding and reading CNI network configuration.
+"""CNI: finding the network configuration and executing its plugins per the CNI spec.
 
 As the CNI convention has it, the configuration is the first file (by name) in the conf
 dir ending in .conflist, .conf or .json that parses; a .conf/.json holding a single plugin
 is treated as a list of one.
+
+:class:`CniManager` runs a list's plugins for ADD (in order, each getting the previous
+one's result as ``prevResult``), CHECK and DEL (in reverse), per CNI 0.3.x-1.0.0. What ADD
+used and returned is cached per sandbox, so DEL works after a restart of crishim, with a
+changed conf dir, and without the pod's network namespace.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ipaddress
 import json
+import logging
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from crishim.errors import (
+    DataLoss,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from crishim.network.netns import namespace_alive
+
+log = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".conflist", ".conf", ".json")
 
@@ -96,3 +119,507 @@ def find_plugin(bin_dirs: list[str], plugin_type: str) -> str | None:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
+
+
+# --- Executing plugins ------------------------------------------------------------------
+
+PLUGIN_TIMEOUT = 60.0
+CACHE_VERSION = 1
+
+# CNI error codes that mean the configuration or the call is wrong, not the host or the
+# network (CNI spec, "Error"): incompatible version, unsupported field, invalid environment
+# variables, undecodable content, invalid network config.
+_CONFIG_ERROR_CODES = frozenset({1, 2, 4, 6, 7})
+_SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+@dataclass(frozen=True)
+class Interface:
+    """An interface a plugin created; ``sandbox`` is set when it lives in the pod's netns."""
+
+    name: str
+    mac: str | None = None
+    sandbox: str | None = None
+
+
+@dataclass(frozen=True)
+class IpConfig:
+    """An address with its prefix ("10.0.0.5/24"), gateway and index into ``interfaces``."""
+
+    address: str
+    gateway: str | None = None
+    interface: int | None = None
+
+    @property
+    def family(self) -> int:
+        """4 or 6."""
+        return ipaddress.ip_interface(self.address).version
+
+    @property
+    def ip(self) -> str:
+        """The address without its prefix length."""
+        return str(ipaddress.ip_interface(self.address).ip)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route the plugin set up in the pod."""
+
+    dst: str
+    gw: str | None = None
+
+
+@dataclass(frozen=True)
+class Dns:
+    """DNS settings a plugin suggests (most plugins leave them empty)."""
+
+    nameservers: list[str] = field(default_factory=list)
+    domain: str | None = None
+    search: list[str] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CniResult:
+    """A plugin chain's result, normalised across CNI versions; ``raw`` is what it printed."""
+
+    cni_version: str
+    interfaces: list[Interface]
+    ips: list[IpConfig]
+    routes: list[Route]
+    dns: Dns
+    raw: dict[str, Any]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        return (0,)
+
+
+def _str_list(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _optional_str(value: object) -> str | None:
+    return str(value) if isinstance(value, str) and value else None
+
+
+def parse_result(raw: object) -> CniResult:
+    """Normalise a result of any CNI version; ValueError says what is malformed.
+
+    0.3.x-1.0.0 results share the ``ips``/``interfaces``/``routes`` shape (0.3.x's per-ip
+    "version" is ignored: the address says it); 0.1/0.2 results with ``ip4``/``ip6`` are
+    converted to it.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError("result is not a JSON object")
+    version = str(raw.get("cniVersion", ""))
+    routes: list[Route] = []
+    ips: list[IpConfig] = []
+    if "ips" in raw or "interfaces" in raw or _version_tuple(version) >= (0, 3):
+        ip_entries = raw.get("ips") or []
+        route_entries = raw.get("routes") or []
+    else:
+        ip_entries = []
+        route_entries = []
+        for key in ("ip4", "ip6"):
+            legacy = raw.get(key)
+            if isinstance(legacy, dict):
+                ip_entries.append({"address": legacy.get("ip"), "gateway": legacy.get("gateway")})
+                route_entries.extend(legacy.get("routes") or [])
+    if not isinstance(ip_entries, list) or not isinstance(route_entries, list):
+        raise ValueError("'ips' and 'routes' must be lists")
+    for entry in ip_entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("address"), str):
+            raise ValueError(f"ip entry {entry!r} has no 'address'")
+        try:
+            ipaddress.ip_interface(entry["address"])
+        except ValueError:
+            raise ValueError(f"ip entry address {entry['address']!r} is not an address") from None
+        index = entry.get("interface")
+        ips.append(
+            IpConfig(
+                address=entry["address"],
+                gateway=_optional_str(entry.get("gateway")),
+                interface=index if isinstance(index, int) else None,
+            )
+        )
+    for entry in route_entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dst"), str):
+            raise ValueError(f"route {entry!r} has no 'dst'")
+        routes.append(Route(dst=entry["dst"], gw=_optional_str(entry.get("gw"))))
+    interfaces = []
+    for entry in raw.get("interfaces") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ValueError(f"interface {entry!r} has no 'name'")
+        interfaces.append(
+            Interface(
+                name=entry["name"],
+                mac=_optional_str(entry.get("mac")),
+                sandbox=_optional_str(entry.get("sandbox")),
+            )
+        )
+    dns_raw = raw.get("dns")
+    dns = Dns()
+    if isinstance(dns_raw, dict):
+        dns = Dns(
+            nameservers=_str_list(dns_raw.get("nameservers")),
+            domain=_optional_str(dns_raw.get("domain")),
+            search=_str_list(dns_raw.get("search")),
+            options=_str_list(dns_raw.get("options")),
+        )
+    return CniResult(version, interfaces, ips, routes, dns, raw)
+
+
+def pod_ips(result: CniResult) -> list[str]:
+    """The pod's addresses (no prefix), primary first.
+
+    Addresses on host-side interfaces (those without a ``sandbox``) are not the pod's. As
+    containerd does, the first IPv4 address is the primary one, so dual-stack pods keep a
+    stable primary whatever order the plugins list their addresses in.
+    """
+
+    def in_pod(ip: IpConfig) -> bool:
+        index = ip.interface
+        if index is None or not 0 <= index < len(result.interfaces):
+            return True
+        return result.interfaces[index].sandbox is not None
+
+    ips = [ip for ip in result.ips if in_pod(ip)]
+    ordered = [ip for ip in ips if ip.family == 4] + [ip for ip in ips if ip.family == 6]
+    return list(dict.fromkeys(ip.ip for ip in ordered))
+
+
+def format_cni_args(args: Mapping[str, str]) -> str:
+    """CNI_ARGS: ``K=V;K=V`` in the given order; InvalidArgument for a separator inside."""
+    pairs = []
+    for key, value in args.items():
+        if not key or any(c in key for c in "=;") or ";" in value:
+            raise InvalidArgument(f"CNI argument {key}={value!r} contains '=' or ';'")
+        pairs.append(f"{key}={value}")
+    return ";".join(pairs)
+
+
+def plugin_exec_config(
+    network: Mapping[str, Any],
+    plugin: Mapping[str, Any],
+    capabilities: Mapping[str, object],
+    prev_result: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The config one plugin of a list gets on stdin (CNI spec, "Deriving execution config").
+
+    It carries the list's ``name`` and ``cniVersion``, a ``runtimeConfig`` holding only the
+    capabilities the plugin declares (a plugin must never see arguments it did not ask
+    for), and the previous plugin's result as ``prevResult``.
+    """
+    config = dict(plugin)
+    config["name"] = network["name"]
+    config["cniVersion"] = network.get("cniVersion", "")
+    declared = plugin.get("capabilities")
+    runtime_config = {
+        name: value
+        for name, value in capabilities.items()
+        if isinstance(declared, dict) and declared.get(name) is True
+    }
+    if runtime_config:
+        config["runtimeConfig"] = runtime_config
+    else:
+        config.pop("runtimeConfig", None)
+    if prev_result is not None:
+        config["prevResult"] = dict(prev_result)
+    else:
+        config.pop("prevResult", None)
+    return config
+
+
+def load_network_list(path: Path) -> dict[str, Any]:
+    """Read a config file as a list (``name``, ``cniVersion``, ``plugins``); ValueError if bad."""
+    text = path.read_text()
+    parse_network_config(path, text)
+    data: dict[str, Any] = json.loads(text)
+    if "plugins" in data:
+        return data
+    # A single-plugin .conf is a list of one; the plugin keeps its own keys.
+    return {"cniVersion": data.get("cniVersion", ""), "name": data["name"], "plugins": [data]}
+
+
+@dataclass
+class _Invocation:
+    """What one call of a plugin chain needs besides the plugin itself."""
+
+    command: str
+    sandbox_id: str
+    netns: str
+    ifname: str
+    args: str
+
+
+class CniManager:
+    """Runs the CNI plugin chain of the node's network for pods (ADD, CHECK, DEL).
+
+    What ADD used is cached per sandbox (config, arguments, result), so CHECK and DEL use
+    exactly that, after a restart of crishim and even when the conf dir changed since.
+    """
+
+    def __init__(
+        self,
+        conf_dir: str,
+        bin_dirs: list[str],
+        cache_dir: Path,
+        *,
+        plugin_timeout: float = PLUGIN_TIMEOUT,
+    ) -> None:
+        self.conf_dir = conf_dir
+        self.bin_dirs = list(bin_dirs)
+        self.cache_dir = cache_dir
+        self.plugin_timeout = plugin_timeout
+
+    def status(self) -> ConfigSearch:
+        """The network config in use, or why there is none (a missing plugin counts)."""
+        search = find_network_config(self.conf_dir)
+        if search.config is None:
+            return search
+        missing = [t for t in search.config.plugin_types if find_plugin(self.bin_dirs, t) is None]
+        if missing:
+            where = ":".join(self.bin_dirs)
+            problems = [
+                f"{search.config.path.name}: plugin {t} not found in {where}" for t in missing
+            ]
+            return ConfigSearch(None, [*search.problems, *problems])
+        return search
+
+    async def add(
+        self,
+        sandbox_id: str,
+        netns: str,
+        *,
+        ifname: str = "eth0",
+        args: Mapping[str, str] | None = None,
+        capabilities: Mapping[str, object] | None = None,
+    ) -> CniResult:
+        """Attach the pod's netns to the network; on failure what was done is undone."""
+        cache_path = self._cache_path(sandbox_id)
+        search = find_network_config(self.conf_dir)
+        if search.config is None:
+            raise Unavailable("network plugin not ready: " + search.reason(self.conf_dir))
+        try:
+            network = await asyncio.to_thread(load_network_list, search.config.path)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"CNI config {search.config.path}: {exc}") from None
+        cni_args = dict(args or {})
+        caps = dict(capabilities or {})
+        call = _Invocation("ADD", sandbox_id, netns, ifname, format_cni_args(cni_args))
+        entry: dict[str, Any] = {
+            "version": CACHE_VERSION,
+            "sandboxId": sandbox_id,
+            "network": network,
+            "ifname": ifname,
+            "netns": netns,
+            "args": cni_args,
+            "capabilities": caps,
+            "result": None,
+        }
+        # Cached before the first plugin runs: if crishim dies halfway, DEL still knows
+        # which network and plugins to clean up.
+        await asyncio.to_thread(_write_json_atomic, cache_path, entry)
+        try:
+            prev: dict[str, Any] | None = None
+            for plugin in network["plugins"]:
+                output = await self._run(network, plugin, call, caps, prev)
+                if output is not None:
+                    prev = output
+            if prev is None:
+                raise Unavailable(f"CNI network {network['name']}: ADD returned no result")
+            try:
+                result = parse_result(prev)
+            except ValueError as exc:
+                raise Unavailable(
+                    f"CNI network {network['name']}: invalid ADD result: {exc}"
+                ) from None
+            entry["result"] = prev
+            await asyncio.to_thread(_write_json_atomic, cache_path, entry)
+        except BaseException:
+            # The spec leaves cleanup of a failed ADD to the runtime: DEL the whole chain.
+            try:
+                await asyncio.shield(self.delete(sandbox_id, netns, ifname))
+            except Exception:
+                log.exception("cleaning up the failed CNI ADD of sandbox %s", sandbox_id)
+            raise
+        return result
+
+    async def check(self, sandbox_id: str, netns: str, ifname: str = "eth0") -> None:
+        """Ask every plugin whether the pod's network is still as ADD left it."""
+        entry = await self._load_cache(sandbox_id)
+        if entry is None or entry.get("result") is None:
+            raise NotFound(f"sandbox {sandbox_id} has no CNI network attached")
+        network = entry["network"]
+        # CHECK exists from CNI 0.4.0 on, and a list may opt out of it.
+        if _version_tuple(str(network.get("cniVersion", ""))) < (0, 4) or network.get(
+            "disableCheck"
+        ):
+            return
+        call = _Invocation(
+            "CHECK", sandbox_id, netns, entry.get("ifname", ifname), format_cni_args(entry["args"])
+        )
+        for plugin in network["plugins"]:
+            await self._run(network, plugin, call, entry["capabilities"], entry["result"])
+
+    async def delete(self, sandbox_id: str, netns: str | None, ifname: str = "eth0") -> None:
+        """Detach the pod from the network with what ADD cached; idempotent.
+
+        ``netns`` may be None or gone (the pod's namespace was already removed): plugins
+        then get an empty CNI_NETNS and release what they hold on the host side.
+        """
+        try:
+            entry = await self._load_cache(sandbox_id)
+        except DataLoss as exc:
+            entry = await self._fallback_entry(sandbox_id, ifname, str(exc))
+        if entry is None:
+            return
+        network = entry["network"]
+        if netns is None or not namespace_alive(netns):
+            netns = ""
+        call = _Invocation(
+            "DEL", sandbox_id, netns, entry.get("ifname", ifname), format_cni_args(entry["args"])
+        )
+        # prevResult on DEL arrived with CNI 0.4.0; older plugins would reject it.
+        prev = entry.get("result")
+        if _version_tuple(str(network.get("cniVersion", ""))) < (0, 4):
+            prev = None
+        for plugin in reversed(network["plugins"]):
+            await self._run(network, plugin, call, entry["capabilities"], prev)
+        with contextlib.suppress(FileNotFoundError):
+            self._cache_path(sandbox_id).unlink()
+
+    async def _fallback_entry(
+        self, sandbox_id: str, ifname: str, problem: str
+    ) -> dict[str, Any] | None:
+        """For DEL without a usable cache: the current config, as libcni does without one.
+
+        Failing DEL forever over a corrupt cache would wedge the pod; plugins' DEL must
+        tolerate missing state, so a best-effort DEL with the current list is safe.
+        """
+        log.warning("%s; deleting with the current network config", problem)
+        search = find_network_config(self.conf_dir)
+        if search.config is not None:
+            with contextlib.suppress(OSError, ValueError):
+                network = await asyncio.to_thread(load_network_list, search.config.path)
+                return {"network": network, "ifname": ifname, "args": {}, "capabilities": {}}
+        log.warning("no usable network config: dropping the CNI cache of %s", sandbox_id)
+        with contextlib.suppress(FileNotFoundError):
+            self._cache_path(sandbox_id).unlink()
+        return None
+
+    def _cache_path(self, sandbox_id: str) -> Path:
+        if not _SANDBOX_ID.fullmatch(sandbox_id):
+            raise InvalidArgument(f"sandbox id {sandbox_id!r} is not a valid file name")
+        return self.cache_dir / f"{sandbox_id}.json"
+
+    async def _load_cache(self, sandbox_id: str) -> dict[str, Any] | None:
+        path = self._cache_path(sandbox_id)
+        try:
+            text = await asyncio.to_thread(path.read_text)
+        except FileNotFoundError:
+            return None
+        try:
+            entry: object = json.loads(text)
+        except ValueError as exc:
+            raise DataLoss(f"CNI cache {path} is corrupt: {exc}") from None
+        if not isinstance(entry, dict):
+            raise DataLoss(f"CNI cache {path} is corrupt: not a JSON object")
+        network = entry.get("network")
+        if (
+            not isinstance(network, dict)
+            or not isinstance(network.get("name"), str)
+            or not isinstance(network.get("plugins"), list)
+        ):
+            raise DataLoss(f"CNI cache {path} is corrupt: no network list in it")
+        return entry
+
+    async def _run(
+        self,
+        network: Mapping[str, Any],
+        plugin: Mapping[str, Any],
+        call: _Invocation,
+        capabilities: Mapping[str, object],
+        prev_result: Mapping[str, Any] | None,
+    ) -> dict[str, Any] | None:
+        """Execute one plugin; its parsed stdout, or None when it printed nothing."""
+        plugin_type = str(plugin.get("type", ""))
+        what = f"CNI plugin {plugin_type} ({call.command}) of network {network['name']}"
+        binary = find_plugin(self.bin_dirs, plugin_type)
+        if binary is None:
+            raise Unavailable(f"{what}: not found in {':'.join(self.bin_dirs)}")
+        stdin = json.dumps(plugin_exec_config(network, plugin, capabilities, prev_result))
+        env = dict(os.environ)
+        env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        env.update(
+            CNI_COMMAND=call.command,
+            CNI_CONTAINERID=call.sandbox_id,
+            CNI_NETNS=call.netns,
+            CNI_IFNAME=call.ifname,
+            CNI_ARGS=call.args,
+            CNI_PATH=":".join(self.bin_dirs),
+        )
+        proc = await asyncio.create_subprocess_exec(
+            binary,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        try:
+            stdout, stderr = await asyncio.wait_for(
+                proc.communicate(stdin.encode()), self.plugin_timeout
+            )
+        except BaseException as exc:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded(
+                    f"{what}: no answer within {self.plugin_timeout:g}s, killed"
+                ) from None
+            raise
+        output: object = None
+        if stdout.strip():
+            try:
+                output = json.loads(stdout)
+            except ValueError:
+                # Garbage on a failed exit is reported with stderr below.
+                if proc.returncode == 0:
+                    raise Unavailable(f"{what}: output is not JSON: {stdout[:200]!r}") from None
+        if isinstance(output, dict) and "code" in output and "msg" in output:
+            code = output.get("code")
+            message = f"{what} failed: {output.get('msg')}"
+            if output.get("details"):
+                message += f" ({output['details']})"
+            if code in _CONFIG_ERROR_CODES:
+                raise InvalidArgument(message)
+            raise Unavailable(message)
+        if proc.returncode != 0:
+            detail = stderr.decode(errors="replace").strip() or stdout.decode(errors="replace")
+            raise Unavailable(f"{what} failed (exit {proc.returncode}): {detail.strip()}")
+        if output is None:
+            return None
+        if not isinstance(output, dict):
+            raise Unavailable(f"{what}: output is not a JSON object")
+        return output
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as file:
+        json.dump(data, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    # The rename is durable only once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
