@@ -26,6 +26,9 @@ from crishim.images.snapshots.overlay import (
     probe_overlay_mount,
 )
 from crishim.model import Container, Image, Sandbox
+from crishim.network.cni import CniManager
+from crishim.runtime.binaries import resolve_binary
+from crishim.runtime.oci_runtime import OciRuntime
 from crishim.services.containers import ContainerService
 from crishim.services.images import ImageService
 from crishim.services.runtime_info import RuntimeInfo
@@ -82,17 +85,47 @@ class Services:
     registry: RegistryClient
 
 
+def oci_runtimes(config: Config) -> dict[str, OciRuntime]:
+    """One OciRuntime per configured runtime handler."""
+    return {
+        name: OciRuntime(
+            name,
+            resolve_binary(handler.path) or handler.path,
+            config.runtime_root(name),
+            systemd_cgroup=config.cgroup_driver == "systemd",
+        )
+        for name, handler in config.runtimes.items()
+    }
+
+
 def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> Services:
     """The services over the stores and infrastructure."""
-    content = ContentStore(Path(config.root) / "images" / "content")
+    root, state = Path(config.root), Path(config.state)
+    content = ContentStore(root / "images" / "content")
     content.recover()
     snapshotter.recover()
     registry = RegistryClient(config.registry.config_path)
+    images = ImageService(stores.images, content, snapshotter, registry, host_platform())
+    cni = CniManager(config.cni.conf_dir, config.cni.bin_dirs, root / "cni-cache")
+    runtimes = oci_runtimes(config)
+    sandboxes = SandboxService(
+        stores.sandboxes, state_dir=state, cni=cni, runtime_handlers=tuple(runtimes)
+    )
+    containers = ContainerService(
+        stores.containers,
+        state_dir=state,
+        sandboxes=sandboxes,
+        images=images,
+        runtimes=runtimes,
+        default_runtime=config.default_runtime,
+        cgroup_driver=config.cgroup_driver,
+    )
+    sandboxes.reap_containers = containers.reap_sandbox
     return Services(
         runtime_info=RuntimeInfo(config),
-        sandboxes=SandboxService(stores.sandboxes),
-        containers=ContainerService(stores.containers),
-        images=ImageService(stores.images, content, snapshotter, registry, host_platform()),
+        sandboxes=sandboxes,
+        containers=containers,
+        images=images,
         registry=registry,
     )
 
@@ -117,6 +150,8 @@ async def serve(config: Config) -> None:
     stores = open_stores(Path(config.root))
     snapshotter = await choose_snapshotter(Path(config.root) / "images")
     services = build_services(config, stores, snapshotter)
+    await services.sandboxes.refresh()
+    await services.containers.refresh()
     tracker = CallTracker()
     server = CriServer(build_servicers(services, tracker), Path(config.socket), tracker)
     await server.start()

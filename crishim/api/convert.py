@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+import dataclasses
+import enum
+from typing import Any, TypeVar, cast
+
+import betterproto2
+import pydantic
 
 from crishim import model
 from crishim.api import v1
 from crishim.errors import InvalidArgument
+from crishim.model import specs
 
 K = TypeVar("K")
 V = TypeVar("V")
+M = TypeVar("M", bound=pydantic.BaseModel)
 
 
 def _lookup(table: dict[K, V], value: K, what: str) -> V:
@@ -143,3 +150,113 @@ def image(item: model.Image) -> v1.Image:
         spec=v1.ImageSpec(image=item.id),
         pinned=item.pinned,
     )
+
+
+def pod_sandbox_status(sandbox: model.Sandbox) -> v1.PodSandboxStatus:
+    """PodSandboxStatus' status message."""
+    meta = sandbox.metadata
+    ips = sandbox.ips if sandbox.state is model.SandboxState.READY else []
+    modes = v1.NamespaceOption(
+        network=v1.NamespaceMode.NODE if sandbox.host_network else v1.NamespaceMode.POD,
+        pid=(
+            v1.NamespaceMode.NODE
+            if sandbox.host_pid
+            else v1.NamespaceMode.POD
+            if sandbox.shared_pid
+            else v1.NamespaceMode.CONTAINER
+        ),
+        ipc=v1.NamespaceMode.NODE if sandbox.host_ipc else v1.NamespaceMode.POD,
+    )
+    return v1.PodSandboxStatus(
+        id=sandbox.id,
+        metadata=v1.PodSandboxMetadata(
+            name=meta.name, uid=meta.uid, namespace=meta.namespace, attempt=meta.attempt
+        ),
+        state=_SANDBOX_STATE[sandbox.state],
+        created_at=sandbox.created_at,
+        network=v1.PodSandboxNetworkStatus(
+            ip=ips[0] if ips else "", additional_ips=[v1.PodIp(ip=ip) for ip in ips[1:]]
+        ),
+        linux=v1.LinuxPodSandboxStatus(namespaces=v1.Namespace(options=modes)),
+        labels=dict(sandbox.labels),
+        annotations=dict(sandbox.annotations),
+        runtime_handler=sandbox.runtime_handler,
+    )
+
+
+def container_status(item: model.Container, mounts: list[v1.Mount]) -> v1.ContainerStatus:
+    """ContainerStatus' status message."""
+    return v1.ContainerStatus(
+        id=item.id,
+        metadata=v1.ContainerMetadata(name=item.metadata.name, attempt=item.metadata.attempt),
+        state=_CONTAINER_STATE[item.state],
+        created_at=item.created_at,
+        started_at=item.started_at,
+        finished_at=item.finished_at,
+        exit_code=item.exit_code,
+        image=v1.ImageSpec(image=item.image, user_specified_image=item.user_specified_image),
+        image_ref=item.image_ref,
+        reason=item.reason,
+        message=item.message,
+        labels=dict(item.labels),
+        annotations=dict(item.annotations),
+        mounts=mounts,
+        log_path=item.log_path,
+        image_id=item.image_id,
+    )
+
+
+# ---- requests -> model specs -------------------------------------------------------------
+
+_WRAPPERS = ("Int64Value", "UInt64Value")
+
+
+def _plain(value: Any) -> Any:
+    """A protobuf value as plain Python data with CRI field names (for the spec models)."""
+    if isinstance(value, betterproto2.Message):
+        if type(value).__name__ in _WRAPPERS:
+            return getattr(value, "value")  # noqa: B009 - wrappers all name it value
+        fields = dataclasses.fields(cast(Any, value))
+        return {f.name: _plain(getattr(value, f.name)) for f in fields}
+    if isinstance(value, enum.Enum):
+        return int(value.value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _validated(model_type: type[M], data: dict[str, Any], what: str) -> M:
+    try:
+        return model_type.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidArgument(f"{what}: {problems}") from None
+
+
+def sandbox_config(msg: v1.PodSandboxConfig | None) -> specs.SandboxConfig:
+    """A RunPodSandbox config as the model type."""
+    if msg is None or msg.metadata is None:
+        raise InvalidArgument("sandbox config: metadata is required")
+    return _validated(specs.SandboxConfig, _plain(msg), "sandbox config")
+
+
+def container_config(msg: v1.ContainerConfig | None) -> specs.ContainerConfig:
+    """A CreateContainer config as the model type."""
+    if msg is None or msg.metadata is None:
+        raise InvalidArgument("container config: metadata is required")
+    data = _plain(msg)
+    data["stop_signal"] = "" if not msg.stop_signal.value else msg.stop_signal.name
+    return _validated(specs.ContainerConfig, data, "container config")
+
+
+def linux_resources(msg: v1.LinuxContainerResources | None) -> specs.LinuxResources:
+    """UpdateContainerResources' linux resources as the model type."""
+    if msg is None:
+        raise InvalidArgument("linux resources are required")
+    return _validated(specs.LinuxResources, _plain(msg), "linux resources")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any, Protocol, TypeVar
 
 from grpclib.const import Handler
@@ -10,6 +12,7 @@ from crishim.api import convert, v1
 from crishim.api.codec import PreEncoded
 from crishim.api.encoded import EncodedItems
 from crishim.api.instrument import CallTracker, StreamHandler, build_mapping
+from crishim.errors import DeadlineExceeded
 from crishim.model import Container, Record, Sandbox
 from crishim.services.containers import ContainerService
 from crishim.services.runtime_info import RuntimeInfo
@@ -78,6 +81,115 @@ class RuntimeServicer(v1.RuntimeServiceBase):
             linux=v1.LinuxRuntimeConfiguration(
                 cgroup_driver=convert.cgroup_driver(self._info.cgroup_driver())
             )
+        )
+
+    # ---- pod sandboxes ------------------------------------------------------------------
+
+    async def run_pod_sandbox(self, message: v1.RunPodSandboxRequest) -> v1.RunPodSandboxResponse:
+        config = convert.sandbox_config(message.config)
+        sandbox = await self._sandboxes.run(config, message.runtime_handler)
+        return v1.RunPodSandboxResponse(pod_sandbox_id=sandbox.id)
+
+    async def stop_pod_sandbox(
+        self, message: v1.StopPodSandboxRequest
+    ) -> v1.StopPodSandboxResponse:
+        await self._sandboxes.stop(message.pod_sandbox_id)
+        return v1.StopPodSandboxResponse()
+
+    async def remove_pod_sandbox(
+        self, message: v1.RemovePodSandboxRequest
+    ) -> v1.RemovePodSandboxResponse:
+        await self._sandboxes.remove(message.pod_sandbox_id)
+        return v1.RemovePodSandboxResponse()
+
+    async def pod_sandbox_status(
+        self, message: v1.PodSandboxStatusRequest
+    ) -> v1.PodSandboxStatusResponse:
+        sandbox = self._sandboxes.get(message.pod_sandbox_id)
+        info: dict[str, str] = {}
+        if message.verbose:
+            info["info"] = sandbox.model_dump_json()
+        return v1.PodSandboxStatusResponse(
+            status=convert.pod_sandbox_status(sandbox), info=info, timestamp=time.time_ns()
+        )
+
+    # ---- containers ---------------------------------------------------------------------
+
+    async def create_container(
+        self, message: v1.CreateContainerRequest
+    ) -> v1.CreateContainerResponse:
+        config = convert.container_config(message.config)
+        container = await self._containers.create(message.pod_sandbox_id, config, None)
+        return v1.CreateContainerResponse(container_id=container.id)
+
+    async def start_container(self, message: v1.StartContainerRequest) -> v1.StartContainerResponse:
+        await self._containers.start(message.container_id)
+        return v1.StartContainerResponse()
+
+    async def stop_container(self, message: v1.StopContainerRequest) -> v1.StopContainerResponse:
+        await self._containers.stop(message.container_id, float(message.timeout))
+        return v1.StopContainerResponse()
+
+    async def remove_container(
+        self, message: v1.RemoveContainerRequest
+    ) -> v1.RemoveContainerResponse:
+        await self._containers.remove(message.container_id)
+        return v1.RemoveContainerResponse()
+
+    async def container_status(
+        self, message: v1.ContainerStatusRequest
+    ) -> v1.ContainerStatusResponse:
+        container = self._containers.get(message.container_id)
+        config = self._containers.config_of(container)
+        mounts = [
+            v1.Mount(
+                container_path=m.container_path,
+                host_path=m.host_path,
+                readonly=m.readonly,
+                selinux_relabel=m.selinux_relabel,
+                propagation=v1.MountPropagation(int(m.propagation)),
+                recursive_read_only=m.recursive_read_only,
+            )
+            for m in config.mounts
+        ]
+        status = convert.container_status(container, mounts)
+        info: dict[str, str] = {}
+        if message.verbose:
+            info["info"] = json.dumps(
+                {
+                    "pid": container.pid,
+                    "sandboxID": container.sandbox_id,
+                    "runtimeHandler": container.runtime_handler,
+                    "config": container.config,
+                }
+            )
+        return v1.ContainerStatusResponse(status=status, info=info)
+
+    async def update_container_resources(
+        self, message: v1.UpdateContainerResourcesRequest
+    ) -> v1.UpdateContainerResourcesResponse:
+        await self._containers.update_resources(
+            message.container_id, convert.linux_resources(message.linux)
+        )
+        return v1.UpdateContainerResourcesResponse()
+
+    async def reopen_container_log(
+        self, message: v1.ReopenContainerLogRequest
+    ) -> v1.ReopenContainerLogResponse:
+        await self._containers.reopen_log(message.container_id)
+        return v1.ReopenContainerLogResponse()
+
+    async def exec_sync(self, message: v1.ExecSyncRequest) -> v1.ExecSyncResponse:
+        result = await self._containers.exec_sync(
+            message.container_id, list(message.cmd), float(message.timeout)
+        )
+        if result.timed_out:
+            raise DeadlineExceeded(
+                f"command {message.cmd!r} in container {message.container_id} timed out "
+                f"after {message.timeout}s"
+            )
+        return v1.ExecSyncResponse(
+            stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
         )
 
     async def _list_pod_sandbox_encoded(self, stream: Any) -> None:

@@ -42,8 +42,17 @@ class Container(Record):
     started_at: int = 0
     finished_at: int = 0
     exit_code: int = 0
+    reason: str = Field(default="", description="Completed, Error, OOMKilled when exited")
+    message: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+    runtime_handler: str = ""
+    log_path: str = Field(default="", description="absolute path of the CRI log file")
+    pid: int = 0
+    stop_signal: str = ""
+    config: dict[str, object] = Field(
+        default_factory=dict, description="the container config, kept for status and exec"
+    )
 
     def can_start(self) -> bool:
         """Only a created container can be started, and only once."""

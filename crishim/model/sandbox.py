@@ -41,6 +41,22 @@ class Sandbox(Record):
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     runtime_handler: str = ""
+    hostname: str = ""
+    log_directory: str = ""
+    cgroup_parent: str = ""
+    host_network: bool = False
+    host_ipc: bool = False
+    host_pid: bool = False
+    shared_pid: bool = Field(default=False, description="containers share the pod's PID ns")
+    netns: str = Field(default="", description="pinned network namespace ('' = host)")
+    ipcns: str = Field(default="", description="pinned IPC namespace ('' = host)")
+    utsns: str = Field(default="", description="pinned UTS namespace ('' = host)")
+    infra_pid: int = Field(default=0, description="pid of the process holding a shared PID ns")
+    ips: list[str] = Field(default_factory=list, description="pod IPs, primary first")
+    network_ready: bool = Field(default=False, description="CNI ADD done and not yet torn down")
+    config: dict[str, object] = Field(
+        default_factory=dict, description="the sandbox config, kept for containers and status"
+    )
 
     def can_remove(self) -> bool:
         """Only a stopped sandbox is removed without stopping it first."""

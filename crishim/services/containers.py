@@ -1,16 +1,130 @@
-"""Container use cases. Listing now; the lifecycle arrives with the pods issue."""
+"""Container use cases: create, start, stop, remove, status, list, update, exec-sync.
+
+Each container runs under conmon, which runs ``runc|crun create``, holds the container's
+stdio, writes the CRI log and records the exit code in the exit directory. conmon outlives
+crishim, so crishim can restart while containers keep running; the exit directory and
+``runc state`` tell crishim afterwards what happened (see recovery).
+
+Layout per container under the state directory: ``containers/<id>/bundle/`` (config.json,
+rootfs mount point, conmon's pid files), ``exits/<id>`` (exit code), ``attach/<id>/``
+(attach socket).
+"""
 
 from __future__ import annotations
 
-from crishim.model import Container, ContainerFilter
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio.to_thread
+
+from crishim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from crishim.images.rootfs import read_confined
+from crishim.model import Container, ContainerFilter, ContainerMetadata, ContainerState, Sandbox
+from crishim.model.specs import (
+    ContainerConfig,
+    ImageConfigView,
+    LinuxResources,
+    MountSpec,
+    NamespaceMode,
+    SandboxConfig,
+)
+from crishim.oci.build import BuildContext, build_container_spec
+from crishim.oci.opts import CgroupDriver, DeviceNode, PasswdDb, linux_resources
+from crishim.oci.spec import dump_spec
+from crishim.runtime.conmon import (
+    MonitorSpec,
+    create_container,
+    oom_killed,
+    read_exit_code,
+    reopen_log,
+)
+from crishim.runtime.host import HostDevice, host_lsms, list_devices, stat_device, swap_accounting
+from crishim.runtime.mounts import MountRequest, mount_all, unmount
+from crishim.runtime.oci_runtime import ExecResult, OciRuntime
+from crishim.services.images import ImageService
+from crishim.services.sandboxes import SandboxService
 from crishim.store import ObjectStore
+from crishim.util.fs import remove_tree
+
+log = logging.getLogger(__name__)
+
+# How often exits are looked for while containers run (conmon writes the exit file).
+EXIT_POLL_SECONDS = 0.25
+OOM_EXIT_CODE = 137
+
+
+@dataclass(frozen=True)
+class ContainerPaths:
+    """Where one container's files live."""
+
+    base: Path
+    exits: Path
+    attach: Path
+
+    @property
+    def bundle(self) -> Path:
+        return self.base / "bundle"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.bundle / "rootfs"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.bundle / "pidfile"
+
+    @property
+    def conmon_pid_file(self) -> Path:
+        return self.bundle / "conmon.pid"
+
+
+def own_oom_score_adj() -> int:
+    """crishim's own oom_score_adj: containers may not go below it (no CAP_SYS_RESOURCE)."""
+    try:
+        return int(Path("/proc/self/oom_score_adj").read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 class ContainerService:
     """Containers as kubelet sees them."""
 
-    def __init__(self, store: ObjectStore[Container]) -> None:
+    def __init__(
+        self,
+        store: ObjectStore[Container],
+        *,
+        state_dir: Path,
+        sandboxes: SandboxService,
+        images: ImageService,
+        runtimes: dict[str, OciRuntime],
+        default_runtime: str,
+        cgroup_driver: str,
+        conmon: str = "conmon",
+    ) -> None:
         self._store = store
+        self._state = state_dir
+        self._sandboxes = sandboxes
+        self._images = images
+        self._runtimes = runtimes
+        self._default_runtime = default_runtime
+        self._cgroup_driver = cgroup_driver
+        self._conmon = conmon
+        self._creating: dict[tuple[str, str, int], asyncio.Task[Container]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._min_oom = own_oom_score_adj()
+        self._swap = swap_accounting()
+        self._lsms = host_lsms()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- queries ------------------------------------------------------------------------
 
     def matching(self, criteria: ContainerFilter) -> list[Container]:
         """Containers matching ``criteria``, oldest first."""
@@ -25,3 +139,421 @@ class ContainerService:
     def ids(self) -> list[str]:
         """The id of every container."""
         return [c.id for c in self._store.list()]
+
+    def get(self, container_id: str) -> Container:
+        """The container with this id or a unique prefix of it; NotFound otherwise."""
+        found = self._store.find(container_id)
+        if found is not None:
+            return found
+        matches = [c for c in self._store.list() if container_id and c.id.startswith(container_id)]
+        if len(matches) == 1:
+            return matches[0]
+        raise NotFound(f"container {container_id!r} not found")
+
+    def config_of(self, container: Container) -> ContainerConfig:
+        """The config the container was created with."""
+        return ContainerConfig.model_validate(container.config)
+
+    def paths(self, container_id: str) -> ContainerPaths:
+        """The container's files."""
+        return ContainerPaths(
+            self._state / "containers" / container_id,
+            self._state / "exits",
+            self._state / "attach",
+        )
+
+    def runtime_for(self, handler: str) -> OciRuntime:
+        """The OCI runtime of a runtime handler ("" = the default)."""
+        name = handler or self._default_runtime
+        try:
+            return self._runtimes[name]
+        except KeyError:
+            raise InvalidArgument(f"runtime handler {name!r} is not configured") from None
+
+    # ---- create -------------------------------------------------------------------------
+
+    async def create(
+        self, sandbox_id: str, config: ContainerConfig, sandbox_config: SandboxConfig | None
+    ) -> Container:
+        """Create a container in a ready sandbox; a retry of a create in progress joins it."""
+        sandbox = self._sandboxes.get(sandbox_id)
+        if config.metadata is None or not config.metadata.name:
+            raise InvalidArgument("container config: metadata.name is required")
+        key = (sandbox.id, config.metadata.name, config.metadata.attempt)
+        for existing in self._store.list():
+            if (existing.sandbox_id, existing.metadata.name, existing.metadata.attempt) == key:
+                raise AlreadyExists(
+                    f"container {config.metadata.name!r} attempt {config.metadata.attempt} "
+                    f"already exists in pod sandbox {sandbox.id} as {existing.id}"
+                )
+        task = self._creating.get(key)
+        if task is None:
+            # Kept running when kubelet's deadline cancels the call, so its retry finds it.
+            task = asyncio.create_task(self._create(sandbox, config))
+            self._creating[key] = task
+            task.add_done_callback(lambda _: self._creating.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _create(self, sandbox: Sandbox, config: ContainerConfig) -> Container:
+        if sandbox.state.value != "ready":
+            raise FailedPrecondition(f"pod sandbox {sandbox.id} is not ready")
+        assert config.metadata is not None
+        if config.image is None or not config.image.image:
+            raise InvalidArgument("container config: image is required")
+        image = self._images.status(config.image.image)
+        if image is None:
+            raise NotFound(f"image {config.image.image!r} not found; pull it first")
+        container_id = secrets.token_hex(32)
+        paths = self.paths(container_id)
+        runtime = self.runtime_for(sandbox.runtime_handler)
+        sandbox_config = SandboxConfig.model_validate(sandbox.config)
+        snapshotter = self._images.snapshotter
+        async with contextlib.AsyncExitStack() as undo:
+            paths.bundle.mkdir(parents=True)
+            undo.push_async_callback(remove_tree, paths.base)
+            mounts = await anyio.to_thread.run_sync(
+                snapshotter.prepare, container_id, image.top_chain_id or None
+            )
+            undo.callback(snapshotter.remove, container_id)
+            await mount_all(
+                [MountRequest(m.type, m.source, m.options) for m in mounts], paths.rootfs
+            )
+            undo.push_async_callback(unmount, paths.rootfs)
+            image_config = self._images.config(image)
+            log_path = self._log_path(sandbox, config)
+            ctx = self._build_context(
+                container_id, sandbox, sandbox_config, config, image_config, paths
+            )
+            spec = build_container_spec(config, ctx)
+            for warning in ctx.warnings:
+                log.warning("container %s: %s", container_id[:12], warning)
+            (paths.bundle / "config.json").write_text(json.dumps(dump_spec(spec)))
+            if log_path:
+                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            pid = await create_container(
+                MonitorSpec(
+                    container_id=container_id,
+                    name=f"{sandbox.metadata.namespace}_{sandbox.metadata.name}_"
+                    f"{config.metadata.name}_{config.metadata.attempt}",
+                    bundle=paths.bundle,
+                    runtime=runtime,
+                    log_path=Path(log_path) if log_path else paths.base / "container.log",
+                    exit_dir=paths.exits,
+                    socket_dir=paths.attach,
+                    pid_file=paths.pid_file,
+                    conmon_pid_file=paths.conmon_pid_file,
+                    stdin=config.stdin,
+                    stdin_once=config.stdin_once,
+                    tty=config.tty,
+                ),
+                conmon=self._conmon,
+            )
+            undo.push_async_callback(runtime.delete, container_id, force=True)
+            stop_signal = (
+                config.stop_signal or ImageConfigView.from_image_config(image_config).stop_signal
+            )
+            container = Container(
+                id=container_id,
+                sandbox_id=sandbox.id,
+                metadata=ContainerMetadata(
+                    name=config.metadata.name, attempt=config.metadata.attempt
+                ),
+                image=image.id,
+                user_specified_image=config.image.image,
+                image_ref=image.repo_digests[0] if image.repo_digests else image.id,
+                image_id=image.id,
+                state=ContainerState.CREATED,
+                created_at=time.time_ns(),
+                labels=dict(config.labels),
+                annotations=dict(config.annotations),
+                runtime_handler=sandbox.runtime_handler,
+                log_path=log_path,
+                pid=pid,
+                stop_signal=stop_signal,
+                config=config.model_dump(mode="json"),
+            )
+            await self._store.add(container)
+            undo.pop_all()
+        return container
+
+    def _build_context(
+        self,
+        container_id: str,
+        sandbox: Sandbox,
+        sandbox_config: SandboxConfig,
+        config: ContainerConfig,
+        image_config: dict[str, object],
+        paths: ContainerPaths,
+    ) -> BuildContext:
+        rootfs = paths.rootfs
+        users = PasswdDb.parse(
+            read_confined(rootfs, "etc/passwd") or "", read_confined(rootfs, "etc/group") or ""
+        )
+        pod = self._sandboxes.paths(sandbox.id)
+        extra = [
+            MountSpec(container_path="/etc/hosts", host_path=str(pod.hosts)),
+            MountSpec(container_path="/etc/resolv.conf", host_path=str(pod.resolv_conf)),
+            MountSpec(container_path="/etc/hostname", host_path=str(pod.hostname)),
+            MountSpec(
+                container_path="/dev/shm",
+                host_path="/dev/shm" if sandbox.host_ipc else str(pod.shm),
+            ),
+        ]
+        security = config.security_context
+        ns = security.namespace_options if security else None
+        target_pid = None
+        if ns is not None and ns.pid is NamespaceMode.TARGET:
+            target = self.get(ns.target_id)
+            if target.state is not ContainerState.RUNNING:
+                raise FailedPrecondition(f"target container {ns.target_id} is not running")
+            target_pid = target.pid
+        return BuildContext(
+            container_id=container_id,
+            sandbox_id=sandbox.id,
+            sandbox=sandbox_config,
+            image=ImageConfigView.from_image_config(image_config),
+            image_name=config.image.image,
+            rootfs=str(rootfs),
+            namespace_paths={
+                "network": sandbox.netns or None,
+                "ipc": sandbox.ipcns or None,
+                "uts": sandbox.utsns or None,
+                "pid": f"/proc/{sandbox.infra_pid}/ns/pid" if sandbox.infra_pid else None,
+            },
+            target_pid=target_pid,
+            cgroup_driver=CgroupDriver(self._cgroup_driver),
+            min_oom_score_adj=self._min_oom,
+            swap_available=self._swap,
+            host_lsms=self._lsms,
+            node_hostname=os.uname().nodename,
+            passwd=users,
+            stat_device=_device_node,
+            host_devices=lambda: [_as_node(d) for d in list_devices()],
+            load_file=lambda path: Path(path).read_bytes(),
+            extra_mounts=extra,
+        )
+
+    @staticmethod
+    def _log_path(sandbox: Sandbox, config: ContainerConfig) -> str:
+        if not config.log_path:
+            return ""
+        if os.path.isabs(config.log_path) or not sandbox.log_directory:
+            return config.log_path
+        return os.path.join(sandbox.log_directory, config.log_path)
+
+    # ---- start / stop -------------------------------------------------------------------
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    async def start(self, container_id: str) -> None:
+        """Start a created container."""
+        container = self.get(container_id)
+        async with self._lock(container.id):
+            container = self._store.get(container.id)
+            if not container.can_start():
+                raise FailedPrecondition(
+                    f"container {container.id} is {container.state.value}, not created"
+                )
+            runtime = self.runtime_for(container.runtime_handler)
+            await runtime.start(container.id)
+            await self._store.update(
+                container.id,
+                lambda c: c.model_copy(
+                    update={"state": ContainerState.RUNNING, "started_at": time.time_ns()}
+                ),
+            )
+        self._ensure_watcher()
+
+    async def stop(self, container_id: str, timeout: float) -> None:
+        """Signal the container, SIGKILL after ``timeout`` s; missing or stopped is fine."""
+        try:
+            container = self.get(container_id)
+        except NotFound:
+            return
+        async with self._lock(container.id):
+            await self._stop_locked(container.id, timeout)
+
+    async def _stop_locked(self, container_id: str, timeout: float) -> None:
+        container = self._store.get(container_id)
+        if container.state in (ContainerState.EXITED, ContainerState.UNKNOWN):
+            return
+        runtime = self.runtime_for(container.runtime_handler)
+        if container.state is ContainerState.RUNNING:
+            sig = _signal_number(container.stop_signal) if timeout > 0 else signal.SIGKILL
+            await runtime.kill(container.id, sig)
+            if not await self._wait_exit(container.id, timeout):
+                await runtime.kill(container.id, signal.SIGKILL, all_processes=True)
+                await self._wait_exit(container.id, 10.0)
+        else:
+            # Created, never started: nothing runs yet; kill the init and reap via the runtime.
+            await runtime.kill(container.id, signal.SIGKILL)
+            await self._wait_exit(container.id, 10.0)
+        await self._record_exit(container.id)
+
+    async def _wait_exit(self, container_id: str, timeout: float) -> bool:
+        deadline = time.monotonic() + max(timeout, 0)
+        exits = self.paths(container_id).exits
+        while True:
+            if read_exit_code(exits, container_id) is not None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def _record_exit(self, container_id: str) -> Container:
+        """Mark the container exited with the code conmon recorded."""
+        code = read_exit_code(self.paths(container_id).exits, container_id)
+        container = self._store.get(container_id)
+        if code is None:
+            state = await self.runtime_for(container.runtime_handler).state(container_id)
+            if state is not None and state.status in ("running", "created", "paused"):
+                return container
+            reason, code, message = "Unknown", 255, "exit code not recorded"
+        else:
+            reason = (
+                "OOMKilled"
+                if self._oom_killed(container_id)
+                else ("Completed" if code == 0 else "Error")
+            )
+            message = ""
+        finished = time.time_ns()
+        return await self._store.update(
+            container_id,
+            lambda c: c.model_copy(
+                update={
+                    "state": ContainerState.EXITED,
+                    "exit_code": code,
+                    "finished_at": finished,
+                    "reason": reason,
+                    "message": message,
+                }
+            ),
+        )
+
+    def _oom_killed(self, container_id: str) -> bool:
+        return oom_killed(self.paths(container_id).bundle)
+
+    # ---- exits while running ------------------------------------------------------------
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch_exits())
+
+    async def _watch_exits(self) -> None:
+        """Record exits of running containers soon after conmon writes them."""
+        while True:
+            running = [c for c in self._store.list() if c.state is ContainerState.RUNNING]
+            if not running:
+                return
+            for container in running:
+                exits = self.paths(container.id).exits
+                if read_exit_code(exits, container.id) is not None:
+                    async with self._lock(container.id):
+                        if self._store.get(container.id).state is ContainerState.RUNNING:
+                            await self._record_exit(container.id)
+            await asyncio.sleep(EXIT_POLL_SECONDS)
+
+    async def refresh(self) -> None:
+        """After a restart: exits that happened meanwhile are recorded, watching resumes."""
+        for container in self._store.list():
+            if container.state not in (ContainerState.RUNNING, ContainerState.CREATED):
+                continue
+            code = read_exit_code(self.paths(container.id).exits, container.id)
+            runtime_state = await self.runtime_for(container.runtime_handler).state(container.id)
+            if code is not None or runtime_state is None or runtime_state.status == "stopped":
+                await self._record_exit(container.id)
+        self._ensure_watcher()
+
+    # ---- remove -------------------------------------------------------------------------
+
+    async def remove(self, container_id: str) -> None:
+        """Remove the container, stopping it first; missing is fine."""
+        try:
+            container = self.get(container_id)
+        except NotFound:
+            return
+        async with self._lock(container.id):
+            await self._stop_locked(container.id, 0)
+            runtime = self.runtime_for(container.runtime_handler)
+            await runtime.delete(container.id, force=True)
+            paths = self.paths(container.id)
+            await unmount(paths.rootfs)
+            await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)
+            (paths.exits / container.id).unlink(missing_ok=True)
+            await remove_tree(paths.base)
+            await remove_tree(paths.attach / container.id)
+            await self._store.delete(container.id)
+        self._locks.pop(container.id, None)
+
+    async def reap_sandbox(self, sandbox_id: str, remove: bool) -> None:
+        """Stop (and with ``remove``, remove) every container of a sandbox."""
+        members = [c for c in self._store.list() if c.sandbox_id == sandbox_id]
+        await asyncio.gather(*(self.stop(c.id, 0) for c in members))
+        if remove:
+            await asyncio.gather(*(self.remove(c.id) for c in members))
+
+    # ---- update, logs, exec -------------------------------------------------------------
+
+    async def update_resources(self, container_id: str, resources: LinuxResources) -> None:
+        """Apply new resource limits to a created or running container."""
+        container = self.get(container_id)
+        if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
+            raise FailedPrecondition(f"container {container.id} is {container.state.value}")
+        oci = linux_resources(resources, swap_available=self._swap)
+        await self.runtime_for(container.runtime_handler).update(
+            container.id, oci.model_dump(by_alias=True, exclude_none=True)
+        )
+
+    async def reopen_log(self, container_id: str) -> None:
+        """Make conmon reopen the log file (after kubelet rotated it)."""
+        container = self.get(container_id)
+        if container.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {container.id} is not running")
+        if not container.log_path:
+            raise FailedPrecondition(f"container {container.id} has no log file")
+        await reopen_log(self.paths(container.id).bundle, Path(container.log_path))
+
+    async def exec_sync(self, container_id: str, cmd: list[str], timeout: float) -> ExecResult:
+        """Run ``cmd`` in the container and collect its output and exit code."""
+        if not cmd:
+            raise InvalidArgument("exec: cmd must not be empty")
+        container = self.get(container_id)
+        if container.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"container {container.id} is not running")
+        spec = json.loads((self.paths(container.id).bundle / "config.json").read_text())
+        process = dict(spec["process"])
+        process["args"] = cmd
+        process["terminal"] = False
+        runtime = self.runtime_for(container.runtime_handler)
+        return await runtime.exec_sync(container.id, process, timeout if timeout > 0 else None)
+
+
+def _as_node(device: HostDevice) -> DeviceNode:
+    return DeviceNode(
+        type=device.type,
+        major=device.major,
+        minor=device.minor,
+        file_mode=device.file_mode,
+        uid=device.uid,
+        gid=device.gid,
+        path=device.path,
+    )
+
+
+def _device_node(path: str) -> DeviceNode:
+    return _as_node(stat_device(path))
+
+
+def _signal_number(name: str) -> int:
+    if not name:
+        return int(signal.SIGTERM)
+    text = name.upper()
+    if text.isdigit():
+        return int(text)
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    try:
+        return int(signal.Signals[text])
+    except KeyError:
+        return int(signal.SIGTERM)

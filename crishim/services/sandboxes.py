@@ -1,16 +1,94 @@
-"""Pod sandbox use cases. Listing now; the lifecycle arrives with the pods issue."""
+"""Pod sandbox use cases: run, stop, remove, status and list.
+
+A sandbox is a set of pinned namespaces (network, IPC, UTS) under the state directory,
+its network (CNI), a /dev/shm, and the files containers mount: hostname, hosts and
+resolv.conf. No infra container exists unless the pod shares one PID namespace; then a
+catatonit process holds it. Every step of RunPodSandbox registers its undo, so a failure
+leaves nothing behind.
+
+Contracts kept for recovery: the record is written only once the sandbox is ready; a
+record whose namespaces are gone (after a reboot) is reported not ready.
+"""
 
 from __future__ import annotations
 
-from crishim.model import Sandbox, SandboxFilter
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from crishim.errors import FailedPrecondition, InvalidArgument, NotFound
+from crishim.model import PodMetadata, Sandbox, SandboxFilter, SandboxState
+from crishim.model.specs import NamespaceMode, SandboxConfig
+from crishim.network.cni import CniManager
+from crishim.network.netns import (
+    PodNamespaces,
+    create_pod_namespaces,
+    namespace_alive,
+    remove_pod_namespaces,
+)
+from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.store import ObjectStore
+from crishim.util.fs import remove_tree
+
+log = logging.getLogger(__name__)
+
+SHM_SIZE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class SandboxPaths:
+    """Where a sandbox's files live under the state directory."""
+
+    base: Path
+
+    @property
+    def hostname(self) -> Path:
+        return self.base / "hostname"
+
+    @property
+    def hosts(self) -> Path:
+        return self.base / "hosts"
+
+    @property
+    def resolv_conf(self) -> Path:
+        return self.base / "resolv.conf"
+
+    @property
+    def shm(self) -> Path:
+        return self.base / "shm"
+
+
+# Called to stop (and optionally remove) every container of a sandbox; set by the app.
+ContainerReaper = Callable[[str, bool], Awaitable[None]]
 
 
 class SandboxService:
     """Pod sandboxes as kubelet sees them."""
 
-    def __init__(self, store: ObjectStore[Sandbox]) -> None:
+    def __init__(
+        self,
+        store: ObjectStore[Sandbox],
+        *,
+        state_dir: Path,
+        cni: CniManager | None = None,
+        runtime_handlers: tuple[str, ...] = ("runc", "crun"),
+    ) -> None:
         self._store = store
+        self._state = state_dir
+        self._cni = cni
+        self._handlers = runtime_handlers
+        self._creating: dict[tuple[str, str, str, int], asyncio.Task[Sandbox]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.reap_containers: ContainerReaper | None = None
+
+    # ---- queries ------------------------------------------------------------------------
 
     def matching(self, criteria: SandboxFilter) -> list[Sandbox]:
         """Sandboxes matching ``criteria``, oldest first."""
@@ -19,9 +97,258 @@ class SandboxService:
         return found
 
     def count(self) -> int:
-        """How many sandboxs exist."""
+        """How many sandboxes exist."""
         return len(self._store)
 
     def ids(self) -> list[str]:
         """The id of every sandbox."""
         return [s.id for s in self._store.list()]
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        """The sandbox with this id (or a unique prefix of it); NotFound otherwise."""
+        found = self._store.find(sandbox_id)
+        if found is not None:
+            return found
+        matches = [s for s in self._store.list() if sandbox_id and s.id.startswith(sandbox_id)]
+        if len(matches) == 1:
+            return matches[0]
+        raise NotFound(f"pod sandbox {sandbox_id!r} not found")
+
+    def paths(self, sandbox_id: str) -> SandboxPaths:
+        """The sandbox's files."""
+        return SandboxPaths(self._state / "sandboxes" / sandbox_id)
+
+    async def refresh(self) -> None:
+        """After a restart: sandboxes whose namespaces are gone (a reboot) are not ready."""
+        for sandbox in self._store.list():
+            if sandbox.state is not SandboxState.READY:
+                continue
+            pins = [p for p in (sandbox.netns, sandbox.ipcns, sandbox.utsns) if p]
+            if all(namespace_alive(p) for p in pins):
+                continue
+            log.warning("sandbox %s lost its namespaces: marking it not ready", sandbox.id[:12])
+            await self._store.update(
+                sandbox.id, lambda s: s.model_copy(update={"state": SandboxState.NOTREADY})
+            )
+
+    # ---- run ----------------------------------------------------------------------------
+
+    async def run(self, config: SandboxConfig, runtime_handler: str) -> Sandbox:
+        """Create a ready sandbox. A retry of a run still in progress joins it."""
+        meta = config.metadata
+        if meta is None or not meta.name or not meta.namespace or not meta.uid:
+            raise InvalidArgument("sandbox config: metadata name, namespace and uid are required")
+        handler = runtime_handler or ""
+        if handler and handler not in self._handlers:
+            known = ", ".join(self._handlers)
+            raise InvalidArgument(f"runtime handler {handler!r} is not configured (known: {known})")
+        key = (meta.name, meta.namespace, meta.uid, meta.attempt)
+        for existing in self._store.list():
+            m = existing.metadata
+            if (m.name, m.namespace, m.uid, m.attempt) == key:
+                if existing.state is SandboxState.READY:
+                    return existing
+                raise FailedPrecondition(
+                    f"pod sandbox {meta.name}/{meta.namespace} attempt {meta.attempt} exists as "
+                    f"{existing.id} and is not ready; remove it first"
+                )
+        task = self._creating.get(key)
+        if task is None:
+            task = asyncio.create_task(self._run(config, handler))
+            self._creating[key] = task
+            task.add_done_callback(lambda _: self._creating.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _run(self, config: SandboxConfig, handler: str) -> Sandbox:
+        assert config.metadata is not None
+        sandbox_id = secrets.token_hex(32)
+        paths = self.paths(sandbox_id)
+        linux = config.linux
+        security = linux.security_context if linux else None
+        ns_opts = security.namespace_options if security else None
+        host_network = bool(ns_opts and ns_opts.network is NamespaceMode.NODE)
+        host_ipc = bool(ns_opts and ns_opts.ipc is NamespaceMode.NODE)
+        host_pid = bool(ns_opts and ns_opts.pid is NamespaceMode.NODE)
+        shared_pid = bool(ns_opts and ns_opts.pid is NamespaceMode.POD)
+        hostname = config.hostname or (
+            os.uname().nodename if host_network else config.metadata.name
+        )
+        sysctls = dict(linux.sysctls) if linux else {}
+        async with contextlib.AsyncExitStack() as undo:
+            paths.base.mkdir(parents=True, exist_ok=True)
+            undo.push_async_callback(remove_tree, paths.base)
+            namespaces = await create_pod_namespaces(
+                self._state / "ns",
+                sandbox_id,
+                network=not host_network,
+                ipc=not host_ipc,
+                uts=not host_network,
+                hostname=hostname,
+                sysctls=sysctls,
+            )
+            undo.push_async_callback(remove_pod_namespaces, namespaces)
+            await self._make_shm(paths, host_ipc)
+            undo.push_async_callback(unmount, paths.shm)
+            ips: list[str] = []
+            network_ready = False
+            if not host_network and namespaces.network:
+                ips = await self._network_up(sandbox_id, namespaces.network, config)
+                network_ready = True
+                undo.push_async_callback(self._network_down, sandbox_id, namespaces.network)
+            self._write_files(paths, config, hostname, ips, host_network)
+            sandbox = Sandbox(
+                id=sandbox_id,
+                metadata=PodMetadata(
+                    name=config.metadata.name,
+                    uid=config.metadata.uid,
+                    namespace=config.metadata.namespace,
+                    attempt=config.metadata.attempt,
+                ),
+                state=SandboxState.READY,
+                created_at=time.time_ns(),
+                labels=dict(config.labels),
+                annotations=dict(config.annotations),
+                runtime_handler=handler,
+                hostname=hostname,
+                log_directory=config.log_directory,
+                cgroup_parent=linux.cgroup_parent if linux else "",
+                host_network=host_network,
+                host_ipc=host_ipc,
+                host_pid=host_pid,
+                shared_pid=shared_pid,
+                netns=namespaces.network or "",
+                ipcns=namespaces.ipc or "",
+                utsns=namespaces.uts or "",
+                ips=ips,
+                network_ready=network_ready,
+                config=config.model_dump(mode="json"),
+            )
+            await self._store.add(sandbox)
+            undo.pop_all()
+        log.info(
+            "sandbox %s ready (%s/%s, ips %s)",
+            sandbox_id[:12],
+            config.metadata.namespace,
+            config.metadata.name,
+            ", ".join(ips) or "host network",
+        )
+        return sandbox
+
+    async def _make_shm(self, paths: SandboxPaths, host_ipc: bool) -> None:
+        paths.shm.mkdir(parents=True, exist_ok=True)
+        if host_ipc:
+            return  # containers bind the host's /dev/shm
+        options = ("nosuid", "nodev", "noexec", "mode=1777", f"size={SHM_SIZE_BYTES}")
+        await mount_all([MountRequest("tmpfs", "shm", options)], paths.shm)
+
+    async def _network_up(self, sandbox_id: str, netns: str, config: SandboxConfig) -> list[str]:
+        if self._cni is None:
+            raise FailedPrecondition("no CNI network is configured; only host-network pods can run")
+        assert config.metadata is not None
+        ports = [
+            {
+                "hostPort": p.host_port,
+                "containerPort": p.container_port,
+                "protocol": p.protocol.name.lower(),
+                "hostIP": p.host_ip,
+            }
+            for p in config.port_mappings
+            if p.host_port
+        ]
+        result = await self._cni.add(
+            sandbox_id,
+            netns,
+            args={
+                "IgnoreUnknown": "1",
+                "K8S_POD_NAMESPACE": config.metadata.namespace,
+                "K8S_POD_NAME": config.metadata.name,
+                "K8S_POD_INFRA_CONTAINER_ID": sandbox_id,
+                "K8S_POD_UID": config.metadata.uid,
+            },
+            capabilities={"portMappings": ports} if ports else {},
+        )
+        return [ip.address.split("/")[0] for ip in result.ips]
+
+    async def _network_down(self, sandbox_id: str, netns: str | None) -> None:
+        if self._cni is not None:
+            await self._cni.delete(sandbox_id, netns)
+
+    @staticmethod
+    def _write_files(
+        paths: SandboxPaths,
+        config: SandboxConfig,
+        hostname: str,
+        ips: list[str],
+        host_network: bool,
+    ) -> None:
+        paths.hostname.write_text(hostname + "\n")
+        if host_network:
+            shutil.copyfile("/etc/hosts", paths.hosts)
+        else:
+            lines = [
+                "127.0.0.1\tlocalhost",
+                "::1\tlocalhost ip6-localhost ip6-loopback",
+                "fe00::0\tip6-localnet",
+                "fe00::0\tip6-mcastprefix",
+                "fe00::1\tip6-allnodes",
+                "fe00::2\tip6-allrouters",
+            ]
+            lines += [f"{ip}\t{hostname}" for ip in ips]
+            paths.hosts.write_text("\n".join(lines) + "\n")
+        dns = config.dns_config
+        if dns is not None and (dns.servers or dns.searches or dns.options):
+            text = "".join(f"nameserver {s}\n" for s in dns.servers)
+            if dns.searches:
+                text += "search " + " ".join(dns.searches) + "\n"
+            if dns.options:
+                text += "options " + " ".join(dns.options) + "\n"
+            paths.resolv_conf.write_text(text)
+        else:
+            shutil.copyfile("/etc/resolv.conf", paths.resolv_conf)
+
+    # ---- stop and remove ----------------------------------------------------------------
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    async def stop(self, sandbox_id: str) -> None:
+        """Stop every container, tear down the network; idempotent; missing is fine."""
+        try:
+            sandbox = self.get(sandbox_id)
+        except NotFound:
+            return
+        async with self._lock(sandbox.id):
+            if self.reap_containers is not None:
+                await self.reap_containers(sandbox.id, False)
+            sandbox = self._store.get(sandbox.id)
+            if sandbox.network_ready:
+                await self._network_down(sandbox.id, sandbox.netns or None)
+            await unmount(self.paths(sandbox.id).shm)
+            await self._store.update(
+                sandbox.id,
+                lambda s: s.model_copy(
+                    update={"state": SandboxState.NOTREADY, "network_ready": False}
+                ),
+            )
+
+    async def remove(self, sandbox_id: str) -> None:
+        """Remove the sandbox and everything in it, stopping first; missing is fine."""
+        try:
+            sandbox = self.get(sandbox_id)
+        except NotFound:
+            return
+        await self.stop(sandbox.id)
+        async with self._lock(sandbox.id):
+            if self.reap_containers is not None:
+                await self.reap_containers(sandbox.id, True)
+            sandbox = self._store.get(sandbox.id)
+            await remove_pod_namespaces(
+                PodNamespaces(
+                    network=sandbox.netns or None,
+                    ipc=sandbox.ipcns or None,
+                    uts=sandbox.utsns or None,
+                )
+            )
+            await remove_tree(self.paths(sandbox.id).base)
+            await self._store.delete(sandbox.id)
+        self._locks.pop(sandbox.id, None)

@@ -74,7 +74,7 @@ def kubelet_like_records(containers: int) -> tuple[list[Sandbox], list[Container
                 user_specified_image="registry.k8s.io/nginx:1.14-2",
                 image_ref="sha256:" + "ab" * 32,
                 image_id="sha256:" + "ab" * 32,
-                state=ContainerState.RUNNING,
+                state=ContainerState.EXITED,  # synthetic: no process behind them
                 created_at=now + c,
                 labels={
                     "io.kubernetes.container.name": name,

@@ -78,11 +78,11 @@ def test_grpcio_client_gets_version_and_status(
     assert network["status"] is False
     assert network["reason"] == "NetworkPluginNotReady"
     assert "config" in status["info"]
-    missing = grpcio_call(root, crishim.endpoint, "RuntimeService/RunPodSandbox")
+    missing = grpcio_call(root, crishim.endpoint, "RuntimeService/ContainerStats")
     assert missing == {
         "error": {
             "code": "UNIMPLEMENTED",
-            "details": "RunPodSandbox is not implemented by crishim yet",
+            "details": "ContainerStats is not implemented by crishim yet",
         }
     }
     bad = grpcio_call(root, crishim.endpoint, "ImageService/PullImage")
@@ -110,7 +110,7 @@ def seed_records(root: Path, count: int) -> None:
             sandbox_id=sandbox.id,
             metadata=ContainerMetadata(name="app"),
             image="sha256:" + "e" * 64,
-            state=ContainerState.RUNNING,
+            state=ContainerState.EXITED,
             created_at=1_700_000_000_000_000_000 + i,
             labels={"i": str(i)},
             annotations={"io.kubernetes.container.hash": "abc"},
@@ -131,7 +131,7 @@ def test_pre_encoded_lists_decode_with_googles_protobuf(tmp_path: Path) -> None:
         assert [c["id"] for c in listed["containers"]] == [f"ct{i:03d}" for i in range(30)]
         first = listed["containers"][0]
         assert first["metadata"] == {"name": "app", "attempt": 0}
-        assert first["state"] == "CONTAINER_RUNNING"
+        assert first["state"] == "CONTAINER_EXITED"
         assert first["annotations"] == {"io.kubernetes.container.hash": "abc"}
         assert first["created_at"] == str(1_700_000_000_000_000_000)
         one = grpcio_call(
@@ -224,12 +224,12 @@ async def test_shutdown_finishes_in_flight_calls_and_removes_the_socket(
 
 
 def test_failed_and_debug_rpc_lines_in_the_log(crishim: CrishimProcess) -> None:
-    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/RunPodSandbox")
+    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/ContainerStats")
     grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/Version")
     deadline = time.monotonic() + 5
     while "Version OK" not in crishim.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     log = crishim.log()
-    assert log.count("RunPodSandbox failed: UNIMPLEMENTED RunPodSandbox is not implemented") == 1
+    assert log.count("ContainerStats failed: UNIMPLEMENTED ContainerStats is not implemented") == 1
     assert "crishim.rpc: Version OK " in log
     assert "hpack" not in log  # library chatter stays out even at debug level
