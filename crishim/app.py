@@ -121,6 +121,8 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         cgroup_driver=config.cgroup_driver,
     )
     sandboxes.reap_containers = containers.reap_sandbox
+    sandboxes.start_infra = containers.start_infra
+    sandboxes.stop_infra = containers.stop_infra
     return Services(
         runtime_info=RuntimeInfo(config),
         sandboxes=sandboxes,

@@ -301,7 +301,15 @@ class BuildContext:
     default_seccomp: LinuxSeccomp | None = None
     extra_mounts: list[MountSpec] = field(default_factory=list)
     container_type: str = CONTAINER_TYPE_CONTAINER
+    # The capability bounding set crishim itself holds (bit n = capability n); "ALL" and
+    # privileged mean these, since a process cannot grant what it lacks. None: all of them.
+    host_capability_mask: int | None = None
     warnings: list[str] = field(default_factory=list)
+
+    def all_capabilities(self) -> list[str]:
+        """Every capability a container here can hold."""
+        mask = self.host_capability_mask
+        return [c for n, c in enumerate(ALL_CAPABILITIES) if mask is None or mask >> n & 1]
 
 
 SpecOpt = Callable[[Spec, ContainerConfig, BuildContext], None]
@@ -428,6 +436,12 @@ def with_user(spec: Spec, config: ContainerConfig, ctx: BuildContext) -> None:
     user's memberships in the image's /etc/group, then the requested supplemental groups.
     """
     sc = config.security_context
+    if sc.run_as_group is not None and sc.run_as_user is None and not sc.run_as_username:
+        # As containerd: a group alone would silently run as the image's user.
+        raise InvalidArgument(
+            f"container {config.metadata.name}: run_as_group is set without run_as_user "
+            "or run_as_username"
+        )
     if sc.run_as_user is not None:
         user_spec, group_spec = str(sc.run_as_user), ""
     elif sc.run_as_username:
@@ -590,11 +604,11 @@ def with_capabilities(spec: Spec, config: ContainerConfig, ctx: BuildContext) ->
     add = change.add_capabilities if change else []
     drop = change.drop_capabilities if change else []
     if sc.privileged:
-        caps = list(ALL_CAPABILITIES)
+        caps = ctx.all_capabilities()
     else:
         caps = list(DEFAULT_CAPABILITIES)
         if any(_is_all(c) for c in add):
-            caps = list(ALL_CAPABILITIES)
+            caps = ctx.all_capabilities()
         if any(_is_all(c) for c in drop):
             caps = []
         caps += [normalize_capability(c) for c in add if not _is_all(c)]

@@ -78,3 +78,14 @@ def swap_accounting() -> bool:
     v1 = Path("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes")
     v2 = [Path("/sys/fs/cgroup/memory.swap.max"), Path("/sys/fs/cgroup/unified/memory.swap.max")]
     return v1.exists() or any(p.exists() for p in v2)
+
+
+def capability_bounding_mask(status: Path = Path("/proc/self/status")) -> int | None:
+    """crishim's capability bounding set as a bit mask (None when it cannot be read)."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("CapBnd:"):
+                return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

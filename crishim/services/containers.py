@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from crishim.model.specs import (
     NamespaceMode,
     SandboxConfig,
 )
-from crishim.oci.build import BuildContext, build_container_spec
+from crishim.oci.build import BuildContext, build_container_spec, build_sandbox_infra_spec
 from crishim.oci.opts import CgroupDriver, DeviceNode, PasswdDb, linux_resources
 from crishim.oci.spec import dump_spec
 from crishim.runtime.conmon import (
@@ -46,7 +47,14 @@ from crishim.runtime.conmon import (
     read_exit_code,
     reopen_log,
 )
-from crishim.runtime.host import HostDevice, host_lsms, list_devices, stat_device, swap_accounting
+from crishim.runtime.host import (
+    HostDevice,
+    capability_bounding_mask,
+    host_lsms,
+    list_devices,
+    stat_device,
+    swap_accounting,
+)
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.runtime.oci_runtime import ExecResult, OciRuntime
 from crishim.services.images import ImageService
@@ -108,6 +116,7 @@ class ContainerService:
         default_runtime: str,
         cgroup_driver: str,
         conmon: str = "conmon",
+        catatonit: str = "catatonit",
     ) -> None:
         self._store = store
         self._state = state_dir
@@ -117,11 +126,13 @@ class ContainerService:
         self._default_runtime = default_runtime
         self._cgroup_driver = cgroup_driver
         self._conmon = conmon
+        self._catatonit = catatonit
         self._creating: dict[tuple[str, str, int], asyncio.Task[Container]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._min_oom = own_oom_score_adj()
         self._swap = swap_accounting()
         self._lsms = host_lsms()
+        self._cap_mask = capability_bounding_mask()
         self._watcher: asyncio.Task[None] | None = None
 
     # ---- queries ------------------------------------------------------------------------
@@ -331,6 +342,7 @@ class ContainerService:
             host_devices=lambda: [_as_node(d) for d in list_devices()],
             load_file=lambda path: Path(path).read_bytes(),
             extra_mounts=extra,
+            host_capability_mask=self._cap_mask,
         )
 
     @staticmethod
@@ -340,6 +352,73 @@ class ContainerService:
         if os.path.isabs(config.log_path) or not sandbox.log_directory:
             return config.log_path
         return os.path.join(sandbox.log_directory, config.log_path)
+
+    # ---- the infra process of a shared PID namespace ------------------------------------
+
+    async def start_infra(self, sandbox: Sandbox, sandbox_config: SandboxConfig) -> int:
+        """Run catatonit as the init of the pod's shared PID namespace; returns its pid.
+
+        It runs under conmon like any container (so it outlives crishim), with the
+        sandbox's id, a read-only root holding only the static catatonit binary, no
+        capabilities and no_new_privs.
+        """
+        binary = shutil.which(self._catatonit)
+        if binary is None:
+            raise FailedPrecondition(
+                f"{self._catatonit} not found: pods sharing a PID namespace need catatonit"
+            )
+        infra = self._sandboxes.paths(sandbox.id).base / "infra"
+        rootfs = infra / "rootfs"
+        rootfs.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(binary, rootfs / "catatonit")
+        ctx = BuildContext(
+            container_id=sandbox.id,
+            sandbox_id=sandbox.id,
+            sandbox=sandbox_config,
+            rootfs=str(rootfs),
+            namespace_paths={
+                "network": sandbox.netns or None,
+                "ipc": sandbox.ipcns or None,
+                "uts": sandbox.utsns or None,
+            },
+            cgroup_driver=CgroupDriver(self._cgroup_driver),
+            min_oom_score_adj=self._min_oom,
+            swap_available=self._swap,
+            host_lsms=self._lsms,
+            node_hostname=os.uname().nodename,
+            load_file=lambda path: Path(path).read_bytes(),
+            host_capability_mask=self._cap_mask,
+        )
+        spec = build_sandbox_infra_spec(["/catatonit", "-P"], ctx)
+        (infra / "config.json").write_text(json.dumps(dump_spec(spec)))
+        runtime = self.runtime_for(sandbox.runtime_handler)
+        pid = await create_container(
+            MonitorSpec(
+                container_id=sandbox.id,
+                name=f"{sandbox.metadata.namespace}_{sandbox.metadata.name}_infra",
+                bundle=infra,
+                runtime=runtime,
+                log_path=infra / "infra.log",
+                exit_dir=self._state / "exits",
+                socket_dir=self._state / "attach",
+                pid_file=infra / "pidfile",
+                conmon_pid_file=infra / "conmon.pid",
+            ),
+            conmon=self._conmon,
+        )
+        try:
+            await runtime.start(sandbox.id)
+        except BaseException:
+            await runtime.delete(sandbox.id, force=True)
+            raise
+        return pid
+
+    async def stop_infra(self, sandbox: Sandbox) -> None:
+        """Kill and delete the infra process; gone already is fine."""
+        runtime = self.runtime_for(sandbox.runtime_handler)
+        await runtime.kill(sandbox.id, signal.SIGKILL)
+        await runtime.delete(sandbox.id, force=True)
+        (self._state / "exits" / sandbox.id).unlink(missing_ok=True)
 
     # ---- start / stop -------------------------------------------------------------------
 

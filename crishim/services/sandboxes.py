@@ -67,6 +67,9 @@ class SandboxPaths:
 
 # Called to stop (and optionally remove) every container of a sandbox; set by the app.
 ContainerReaper = Callable[[str, bool], Awaitable[None]]
+# Start and stop the process holding a shared PID namespace; set by the app.
+InfraStarter = Callable[[Sandbox, SandboxConfig], Awaitable[int]]
+InfraStopper = Callable[[Sandbox], Awaitable[None]]
 
 
 class SandboxService:
@@ -87,6 +90,8 @@ class SandboxService:
         self._creating: dict[tuple[str, str, str, int], asyncio.Task[Sandbox]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.reap_containers: ContainerReaper | None = None
+        self.start_infra: InfraStarter | None = None
+        self.stop_infra: InfraStopper | None = None
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -164,15 +169,13 @@ class SandboxService:
         sandbox_id = secrets.token_hex(32)
         paths = self.paths(sandbox_id)
         linux = config.linux
-        security = linux.security_context if linux else None
-        ns_opts = security.namespace_options if security else None
-        host_network = bool(ns_opts and ns_opts.network is NamespaceMode.NODE)
-        host_ipc = bool(ns_opts and ns_opts.ipc is NamespaceMode.NODE)
-        host_pid = bool(ns_opts and ns_opts.pid is NamespaceMode.NODE)
-        shared_pid = bool(ns_opts and ns_opts.pid is NamespaceMode.POD)
-        hostname = config.hostname or (
-            os.uname().nodename if host_network else config.metadata.name
-        )
+        ns_opts = config.namespace_options  # all POD when unset, as the CRI defines it
+        host_network = ns_opts.network is NamespaceMode.NODE
+        host_ipc = ns_opts.ipc is NamespaceMode.NODE
+        host_pid = ns_opts.pid is NamespaceMode.NODE
+        shared_pid = ns_opts.pid is NamespaceMode.POD
+        # Like containerd: no hostname asked for means the node's name.
+        hostname = config.hostname or os.uname().nodename
         sysctls = dict(linux.sysctls) if linux else {}
         async with contextlib.AsyncExitStack() as undo:
             paths.base.mkdir(parents=True, exist_ok=True)
@@ -223,6 +226,13 @@ class SandboxService:
                 network_ready=network_ready,
                 config=config.model_dump(mode="json"),
             )
+            if shared_pid:
+                if self.start_infra is None:
+                    raise FailedPrecondition("pods sharing a PID namespace are not supported here")
+                infra_pid = await self.start_infra(sandbox, config)
+                if self.stop_infra is not None:
+                    undo.push_async_callback(self.stop_infra, sandbox)
+                sandbox = sandbox.model_copy(update={"infra_pid": infra_pid})
             await self._store.add(sandbox)
             undo.pop_all()
         log.info(
@@ -321,6 +331,8 @@ class SandboxService:
             if self.reap_containers is not None:
                 await self.reap_containers(sandbox.id, False)
             sandbox = self._store.get(sandbox.id)
+            if sandbox.infra_pid and self.stop_infra is not None:
+                await self.stop_infra(sandbox)
             if sandbox.network_ready:
                 await self._network_down(sandbox.id, sandbox.netns or None)
             await unmount(self.paths(sandbox.id).shm)

@@ -280,7 +280,6 @@ def test_root_path_from_context() -> None:
         (SecurityContext(run_as_user=33), "app", (33, 33, [33, 44])),
         (SecurityContext(run_as_user=33, run_as_group=7), "app", (33, 7, [7, 44])),
         (SecurityContext(run_as_username="www"), "app:staff", (33, 33, [33, 44])),
-        (SecurityContext(run_as_group=5), "app", (1000, 5, [5, 44, 29])),
         (
             SecurityContext(run_as_user=1000, supplemental_groups=[9, 44]),
             "",
@@ -769,3 +768,31 @@ def test_annotations_name_container_pod_and_image() -> None:
         "io.kubernetes.cri.sandbox-uid": "u1",
         "io.kubernetes.cri.image-name": "docker.io/library/busybox:1",
     }
+
+
+def test_run_as_group_alone_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="run_as_group is set without run_as_user"):
+        apply(opts.with_user, config(SecurityContext(run_as_group=5)), ctx())
+
+
+_NO_SYS_RESOURCE = ~(1 << 24) & ((1 << 41) - 1)
+
+
+@pytest.mark.parametrize(
+    ("mask", "sc", "missing"),
+    [
+        (None, SecurityContext(privileged=True), set()),
+        (_NO_SYS_RESOURCE, SecurityContext(privileged=True), {"CAP_SYS_RESOURCE"}),
+        (
+            _NO_SYS_RESOURCE,
+            SecurityContext(capabilities=Capability(add_capabilities=["ALL"])),
+            {"CAP_SYS_RESOURCE"},
+        ),
+    ],
+)
+def test_all_capabilities_are_those_crishim_holds(
+    mask: int | None, sc: SecurityContext, missing: set[str]
+) -> None:
+    spec = apply(opts.with_capabilities, config(sc), ctx(host_capability_mask=mask))
+    held = set(process(spec).capabilities.bounding)
+    assert set(opts.ALL_CAPABILITIES) - held == missing
