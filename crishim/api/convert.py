@@ -203,6 +203,11 @@ def container_status(item: model.Container, mounts: list[v1.Mount]) -> v1.Contai
         mounts=mounts,
         log_path=item.log_path,
         image_id=item.image_id,
+        user=v1.ContainerUser(
+            linux=v1.LinuxContainerUser(
+                uid=item.uid, gid=item.gid, supplemental_groups=list(item.supplemental_groups)
+            )
+        ),
     )
 
 

@@ -49,6 +49,9 @@ class Container(Record):
     runtime_handler: str = ""
     log_path: str = Field(default="", description="absolute path of the CRI log file")
     pid: int = 0
+    uid: int = Field(default=0, description="the process's uid, as the spec set it")
+    gid: int = 0
+    supplemental_groups: list[int] = Field(default_factory=list)
     stop_signal: str = ""
     config: dict[str, object] = Field(
         default_factory=dict, description="the container config, kept for status and exec"

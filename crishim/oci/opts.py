@@ -483,6 +483,11 @@ def _bind_mount(mount: MountSpec) -> Mount:
         )
     if mount.recursive_read_only and not mount.readonly:
         raise InvalidArgument(f"mount {mount.container_path}: recursive read-only needs readonly")
+    if mount.recursive_read_only and mount.propagation is not MountPropagation.PROPAGATION_PRIVATE:
+        # A read-only copy of a tree that keeps receiving mounts could not stay read-only.
+        raise InvalidArgument(
+            f"mount {mount.container_path}: recursive read-only needs private propagation"
+        )
     options = ["rbind", _PROPAGATION[mount.propagation], "ro" if mount.readonly else "rw"]
     if mount.recursive_read_only:
         options.append("rro")

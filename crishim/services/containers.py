@@ -128,6 +128,8 @@ class ContainerService:
         self._conmon = conmon
         self._catatonit = catatonit
         self._creating: dict[tuple[str, str, int], asyncio.Task[Container]] = {}
+        # Containers whose create finished after its caller gave up, by (sandbox, name, attempt).
+        self._unclaimed: dict[tuple[str, str, int], str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._min_oom = own_oom_score_adj()
         self._swap = swap_accounting()
@@ -191,6 +193,11 @@ class ContainerService:
         if config.metadata is None or not config.metadata.name:
             raise InvalidArgument("container config: metadata.name is required")
         key = (sandbox.id, config.metadata.name, config.metadata.attempt)
+        unclaimed = self._unclaimed.pop(key, None)
+        if unclaimed is not None and self._store.find(unclaimed) is not None:
+            # The caller of the create that made it gave up (kubelet's deadline); this is
+            # kubelet's retry: hand it the container instead of "name already in use".
+            return self._store.get(unclaimed)
         for existing in self._store.list():
             if (existing.sandbox_id, existing.metadata.name, existing.metadata.attempt) == key:
                 raise AlreadyExists(
@@ -199,11 +206,19 @@ class ContainerService:
                 )
         task = self._creating.get(key)
         if task is None:
-            # Kept running when kubelet's deadline cancels the call, so its retry finds it.
+            # Kept running when the call is cancelled, so the retry finds it.
             task = asyncio.create_task(self._create(sandbox, config))
             self._creating[key] = task
             task.add_done_callback(lambda _: self._creating.pop(key, None))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: self._keep_unclaimed(key, t))
+            raise
+
+    def _keep_unclaimed(self, key: tuple[str, str, int], task: asyncio.Task[Container]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._unclaimed[key] = task.result().id
 
     async def _create(self, sandbox: Sandbox, config: ContainerConfig) -> Container:
         if sandbox.state.value != "ready":
@@ -280,6 +295,11 @@ class ContainerService:
                 runtime_handler=sandbox.runtime_handler,
                 log_path=log_path,
                 pid=pid,
+                uid=spec.process.user.uid if spec.process else 0,
+                gid=spec.process.user.gid if spec.process else 0,
+                supplemental_groups=list(
+                    (spec.process.user.additional_gids or []) if spec.process else []
+                ),
                 stop_signal=stop_signal,
                 config=config.model_dump(mode="json"),
             )

@@ -85,13 +85,16 @@ class RuntimeInfo:
 
     async def status(self, verbose: bool) -> RuntimeStatus:
         """Both conditions, the runtime handlers and, if verbose, debug info."""
-        handlers = [HandlerFeatures(name="")] + [
-            HandlerFeatures(name=name) for name in self._config.runtimes
+        # runc >= 1.1 and crun >= 1.8 apply "rro" with mount_setattr (Linux >= 5.12).
+        handlers = [HandlerFeatures(name="", recursive_read_only_mounts=True)] + [
+            HandlerFeatures(name=name, recursive_read_only_mounts=True)
+            for name in self._config.runtimes
         ]
         info = await self._verbose_info() if verbose else {}
         return RuntimeStatus(
             conditions=[self.runtime_condition(), self.network_condition()],
             handlers=handlers,
+            supplemental_groups_policy=True,
             info=info,
         )
 

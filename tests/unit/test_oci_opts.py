@@ -796,3 +796,34 @@ def test_all_capabilities_are_those_crishim_holds(
     spec = apply(opts.with_capabilities, config(sc), ctx(host_capability_mask=mask))
     held = set(process(spec).capabilities.bounding)
     assert set(opts.ALL_CAPABILITIES) - held == missing
+
+
+@pytest.mark.parametrize(
+    ("mount", "problem"),
+    [
+        (
+            MountSpec(container_path="/m", host_path="/h", recursive_read_only=True),
+            "recursive read-only needs readonly",
+        ),
+        (
+            MountSpec(
+                container_path="/m",
+                host_path="/h",
+                readonly=True,
+                recursive_read_only=True,
+                propagation=MountPropagation.PROPAGATION_HOST_TO_CONTAINER,
+            ),
+            "recursive read-only needs private propagation",
+        ),
+    ],
+)
+def test_recursive_read_only_mounts_are_checked(mount: MountSpec, problem: str) -> None:
+    with pytest.raises(InvalidArgument, match=problem):
+        apply(opts.with_mounts, config(mounts=[mount]), ctx())
+
+
+def test_recursive_read_only_mount_gets_rro() -> None:
+    mount = MountSpec(container_path="/m", host_path="/h", readonly=True, recursive_read_only=True)
+    spec = apply(opts.with_mounts, config(mounts=[mount]), ctx())
+    (made,) = [m for m in spec.mounts or [] if m.destination == "/m"]
+    assert made.options == ["rbind", "rprivate", "ro", "rro"]
