@@ -248,7 +248,7 @@ def main() -> None:
         (base / "ipam").mkdir()
         proc = CrishimProcess(
             base / "crishim",
-            config=(f'default_runtime = "{args.runtime}"\n[cni]\nbin_dirs = ["/usr/lib/cni"]\n'),
+            config=f'default_runtime = "{args.runtime}"\n',
         )
         proc.cni_conf_dir.mkdir(parents=True)
         (proc.cni_conf_dir / "10-bench.conflist").write_text(conflist(base / "ipam"))
@@ -268,6 +268,7 @@ def main() -> None:
             mem50 = asyncio.run(memory(proc, ref, 50, base / "logs"))
         finally:
             proc.terminate()
+            proc.unmount_all()
             subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
         raw = raw_runc(base, args.rounds)
     print(f"runtime {args.runtime}, {args.rounds} rounds each")

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crishim.images.snapshots.copy import CopySnapshotter
 from grpclib.client import Channel
 from grpclib.testing import ChannelFor
 
@@ -19,6 +18,7 @@ from crishim.api.codec import CriCodec
 from crishim.api.instrument import CallTracker
 from crishim.app import Stores, build_servicers, build_services, open_stores
 from crishim.config import Config
+from crishim.images.snapshots.copy import CopySnapshotter
 from tests.rig.crishim_proc import CrishimProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -44,6 +44,7 @@ def crishim(tmp_path: Path) -> Iterator[CrishimProcess]:
         yield proc
     finally:
         proc.kill()
+        proc.unmount_all()
 
 
 @pytest.fixture

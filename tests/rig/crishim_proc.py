@@ -15,8 +15,9 @@ START_TIMEOUT = 15.0
 class CrishimProcess:
     """One ``crishim serve`` with its own directories, config file and log file.
 
-    ``config`` is extra TOML appended to the generated config (which sets root, state,
-    socket, a private CNI conf dir and debug logging).
+    ``config`` is extra TOML, written as a drop-in over the generated config (which sets
+    root, state, socket, a private CNI conf dir and debug logging), so it may set top-level
+    keys and tables alike.
     """
 
     def __init__(self, base: Path, config: str = "", extra_args: list[str] | None = None):
@@ -39,7 +40,10 @@ class CrishimProcess:
             f'root = "{self.root}"\nstate = "{self.state}"\nsocket = "{self.socket}"\n'
             f'log_level = "debug"\n\n[cni]\nconf_dir = "{self.cni_conf_dir}"\n'
         )
-        self.config_file.write_text(base + self._extra_config)
+        self.config_file.write_text(base)
+        drop_in = self.config_file.parent / "crishim.d" / "50-test.toml"
+        drop_in.parent.mkdir(exist_ok=True)
+        drop_in.write_text(self._extra_config)
 
     def command(self) -> list[str]:
         """The argv that starts this instance."""
@@ -89,6 +93,17 @@ class CrishimProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+    def unmount_all(self) -> None:
+        """Lazily unmount everything crishim left mounted under the base directory
+        (the private namespace dir, pod /dev/shm, container root filesystems)."""
+        base = str(self.base.resolve())
+        mounts = [
+            line.split()[1].replace("\\040", " ")
+            for line in Path("/proc/self/mounts").read_text().splitlines()
+        ]
+        for mountpoint in sorted((m for m in mounts if m.startswith(base + "/")), reverse=True):
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
 
     @property
     def endpoint(self) -> str:
