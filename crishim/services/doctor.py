@@ -55,6 +55,17 @@ async def _runtimes(config: Config) -> list[Finding]:
             level = Level.FAIL if name == config.default_runtime else Level.WARN
             note = " (the default runtime)" if level is Level.FAIL else ""
             findings.append(Finding(level, subject, info.error + note))
+    catatonit = await probe_binary("catatonit")
+    if catatonit.found:
+        findings.append(Finding(Level.OK, "catatonit", f"{catatonit.path}"))
+    else:
+        findings.append(
+            Finding(
+                Level.WARN,
+                "catatonit",
+                "not found; pods sharing one PID namespace cannot run (apt: catatonit)",
+            )
+        )
     conmon = await probe_binary(CONMON)
     if conmon.found and not conmon.error:
         findings.append(Finding(Level.OK, "conmon", f"{conmon.path}, {conmon.version}"))

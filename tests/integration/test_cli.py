@@ -81,6 +81,7 @@ def test_doctor_reports_each_check(tmp_path: Path) -> None:
     assert subjects == [
         "runtime runc",
         "runtime crun",
+        "catatonit",
         "conmon",
         "cgroups",
         "overlayfs",
