@@ -19,9 +19,11 @@ under the tmp dir.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import time
 import uuid
@@ -64,7 +66,8 @@ PORTMAP_CHAINS = ("CNI-HOSTPORT-DNAT", "CNI-HOSTPORT-SETMARK", "CNI-HOSTPORT-MAS
 CONFIGURED_REPO = "library/busybox-configured"
 CONFIGURED_ENV = [DEFAULT_PATH_ENV, "FROM_IMAGE=image", "OVERRIDDEN=image"]
 CONFIGURED_ENTRYPOINT = ["/bin/sh", "-c"]
-CONFIGURED_CMD = ["echo from-image-cmd; sleep 1000"]
+# (exit 0 last: busybox sh would otherwise exec the last command in place of itself)
+CONFIGURED_CMD = ["echo from-image-cmd; sleep 1000; exit 0"]
 CONFIGURED_WORKDIR = "/var/www"
 
 
@@ -138,7 +141,11 @@ def conmons_of(proc: CrishimProcess) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"conmon") and any(str(proc.state).encode() in a for a in argv):
+        if (
+            argv
+            and argv[0].endswith(b"conmon")
+            and any(str(proc.state).encode() in a for a in argv)
+        ):
             found.append(int(entry.name))
     return sorted(found)
 
@@ -271,9 +278,34 @@ class PodRig:
         return v1.PodSandboxConfig(**values)
 
     def container_config(
-        self, name: str, command: list[str] | None = None, **overrides: Any
+        self,
+        name: str,
+        command: list[str] | None = None,
+        namespaces: v1.NamespaceOption | None = None,
+        **overrides: Any,
     ) -> v1.ContainerConfig:
+        """A container config as kubelet builds it; ``namespaces`` are the pod's (kubelet
+        gives containers the namespace options of their pod), filled into an overriding
+        ``linux`` whose security context names none."""
+        if namespaces is None:  # not ``or``: a message with only default values is falsy
+            namespaces = v1.NamespaceOption(
+                network=v1.NamespaceMode.POD,
+                pid=v1.NamespaceMode.CONTAINER,
+                ipc=v1.NamespaceMode.POD,
+            )
         attempt = overrides.pop("attempt", 0)
+        linux = overrides.pop(
+            "linux",
+            v1.LinuxContainerConfig(
+                resources=v1.LinuxContainerResources(cpu_shares=2, oom_score_adj=1000),
+                security_context=v1.LinuxContainerSecurityContext(),
+            ),
+        )
+        if linux is not None:
+            if linux.security_context is None:
+                linux.security_context = v1.LinuxContainerSecurityContext()
+            if linux.security_context.namespace_options is None:
+                linux.security_context.namespace_options = namespaces
         values: dict[str, Any] = {
             "metadata": v1.ContainerMetadata(name=name, attempt=attempt),
             "image": v1.ImageSpec(image=self.image, user_specified_image=self.image),
@@ -281,16 +313,7 @@ class PodRig:
             "log_path": f"{name}/{attempt}.log",
             "labels": {"io.kubernetes.container.name": name},
             "annotations": {"io.kubernetes.container.restartCount": str(attempt)},
-            "linux": v1.LinuxContainerConfig(
-                resources=v1.LinuxContainerResources(cpu_shares=2, oom_score_adj=1000),
-                security_context=v1.LinuxContainerSecurityContext(
-                    namespace_options=v1.NamespaceOption(
-                        network=v1.NamespaceMode.POD,
-                        pid=v1.NamespaceMode.CONTAINER,
-                        ipc=v1.NamespaceMode.POD,
-                    )
-                ),
-            ),
+            "linux": linux,
         }
         values.update(overrides)
         return v1.ContainerConfig(**values)
@@ -317,18 +340,35 @@ class PodRig:
         """CreateContainer (not started); the container id."""
         pod = await self.pod_status(pod_id)
         assert pod.metadata is not None
+        assert pod.linux is not None
+        assert pod.linux.namespaces is not None
+        options = pod.linux.namespaces.options
+        assert options is not None
         sandbox_config = self.sandbox_config(
-            pod.metadata.name, uid=pod.metadata.uid, namespace=pod.metadata.namespace
+            pod.metadata.name,
+            uid=pod.metadata.uid,
+            namespace=pod.metadata.namespace,
+            network=options.network,
+            pid=options.pid,
+            ipc=options.ipc,
         )
         reply = await self.runtime.create_container(
             v1.CreateContainerRequest(
                 pod_sandbox_id=pod_id,
-                config=self.container_config(name, command, **overrides),
+                config=self.container_config(name, command, options, **overrides),
                 sandbox_config=sandbox_config,
             )
         )
         assert reply.container_id, f"no container id{self.log_tail()}"
         return reply.container_id
+
+    async def create_container_raw(
+        self, pod_id: str, config: v1.ContainerConfig
+    ) -> v1.CreateContainerResponse:
+        """CreateContainer with exactly this config (for error cases)."""
+        return await self.runtime.create_container(
+            v1.CreateContainerRequest(pod_sandbox_id=pod_id, config=config)
+        )
 
     async def start_container(
         self, pod_id: str, name: str, command: list[str] | None = None, **overrides: Any
@@ -345,9 +385,7 @@ class PodRig:
         assert reply.status is not None
         return reply.status
 
-    async def exec(
-        self, container_id: str, *cmd: str, timeout: int = 10
-    ) -> v1.ExecSyncResponse:
+    async def exec(self, container_id: str, *cmd: str, timeout: int = 10) -> v1.ExecSyncResponse:
         return await self.runtime.exec_sync(
             v1.ExecSyncRequest(container_id=container_id, cmd=list(cmd), timeout=timeout)
         )
@@ -389,7 +427,9 @@ class PodRig:
         """RemovePodSandbox for every pod crishim knows."""
         listed = await self.runtime.list_pod_sandbox(v1.ListPodSandboxRequest())
         for item in listed.items:
-            await self.runtime.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id=item.id))
+            await self.runtime.remove_pod_sandbox(
+                v1.RemovePodSandboxRequest(pod_sandbox_id=item.id)
+            )
 
     async def leftovers(self) -> list[str]:
         """What a test left behind that removing its pods should have cleaned."""
@@ -433,10 +473,8 @@ def _write_conflist(proc: CrishimProcess, ipam_dir: Path) -> None:
 def _kill_conmons(proc: CrishimProcess) -> None:
     """Last resort after a failed teardown: the conmons this instance started, by pid."""
     for pid in conmons_of(proc):
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest_asyncio.fixture(
@@ -470,12 +508,10 @@ async def pod_rig_fixture(
     push(registry.url, CONFIGURED_REPO, "pods", configured)
     configured_ref = f"{registry.host}/{CONFIGURED_REPO}:pods"
     chains_before = {table: iptables_chains(table) for table in ("nat", "filter")}
-    proc = CrishimProcess(base / "crishim", config=f'bin_dirs = ["{CNI_BIN}"]\n')
-    # default_runtime is a top-level key and the generated config ends inside [cni]: a
-    # drop-in (merged over the main file) sets it.
-    drop_in = proc.config_file.parent / "crishim.d" / "50-pods.toml"
-    drop_in.parent.mkdir(parents=True, exist_ok=True)
-    drop_in.write_text(f'default_runtime = "{runtime_name}"\n')
+    proc = CrishimProcess(
+        base / "crishim",
+        config=f'default_runtime = "{runtime_name}"\n\n[cni]\nbin_dirs = ["{CNI_BIN}"]\n',
+    )
     rig: PodRig | None = None
     try:
         # A fixed MAC (the bridge plugin reuses an existing bridge): otherwise the kernel
@@ -496,9 +532,7 @@ async def pod_rig_fixture(
             configured_image_id="",
         )
         for ref in (busybox_pushed.ref, configured_ref):
-            pulled = await rig.images.pull_image(
-                v1.PullImageRequest(image=v1.ImageSpec(image=ref))
-            )
+            pulled = await rig.images.pull_image(v1.PullImageRequest(image=v1.ImageSpec(image=ref)))
             assert pulled.image_ref.startswith("sha256:"), rig.log_tail()
             if ref == busybox_pushed.ref:
                 rig.image_id = pulled.image_ref
@@ -534,6 +568,8 @@ async def rig_fixture(pod_rig: PodRig) -> AsyncIterator[PodRig]:
             pod_rig.connect()
         await asyncio.wait_for(pod_rig.remove_all_pods(), 60)
     deadline = time.monotonic() + 5
-    while (left := await pod_rig.leftovers()) and time.monotonic() < deadline:
+    left = await pod_rig.leftovers()
+    while left and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
+        left = await pod_rig.leftovers()
     assert left == [], f"left behind: {left}{pod_rig.log_tail()}"
