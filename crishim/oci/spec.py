@@ -22,7 +22,8 @@ from pydantic.alias_generators import to_camel
 
 from crishim.errors import ConfigError
 
-OCI_VERSION = "1.2.0"
+# 1.1.0, not newer: Debian 12's crun (1.8.1) refuses specs that claim 1.2.0.
+OCI_VERSION = "1.1.0"
 
 BASE_SPEC_FILE = "base-spec.json"
 SECCOMP_DEFAULT_FILE = "seccomp-default.json"

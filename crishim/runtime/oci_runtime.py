@@ -211,10 +211,15 @@ class OciRuntime:
             await self._run(cid, "delete", *(["--force"] if force else []), cid)
 
     async def update(self, cid: str, resources: dict[str, object]) -> None:
-        """Apply OCI ``LinuxResources`` (``update --resources -``, JSON on stdin)."""
-        await self._run(
-            cid, "update", "--resources", "-", cid, stdin=json.dumps(resources).encode()
-        )
+        """Apply OCI ``LinuxResources`` (``update --resources <file>``).
+
+        A file, not stdin: crun opens /dev/stdin by path, which fails on the socket asyncio
+        gives a subprocess as its stdin pipe.
+        """
+        with tempfile.NamedTemporaryFile("w", prefix="crishim-resources-", suffix=".json") as f:
+            json.dump(resources, f)
+            f.flush()
+            await self._run(cid, "update", "--resources", f.name, cid)
 
     async def list(self) -> list[RuntimeState]:
         """Every container under this runtime's root."""

@@ -105,7 +105,7 @@ def linux(spec: Spec) -> Any:
 # -- models ---------------------------------------------------------------------------------
 
 SAMPLE = {
-    "ociVersion": "1.2.0",
+    "ociVersion": "1.1.0",
     "process": {
         "terminal": True,
         "user": {"uid": 1, "gid": 1, "umask": 18, "additionalGids": [5, 6]},
@@ -165,7 +165,7 @@ def test_spec_round_trips_sample_json() -> None:
 
 def test_spec_rejects_unknown_fields() -> None:
     with pytest.raises(ValueError, match="extra"):
-        Spec.model_validate({"ociVersion": "1.2.0", "procces": {}})
+        Spec.model_validate({"ociVersion": "1.1.0", "procces": {}})
 
 
 def test_bundled_files_round_trip_and_match_the_defaults() -> None:
