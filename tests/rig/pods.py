@@ -161,6 +161,20 @@ def mounts_under(path: Path) -> list[str]:
     return sorted(set(points), key=len, reverse=True)
 
 
+def cgroups_of(ids: set[str]) -> list[str]:
+    """Cgroup directories (any v1 hierarchy) of these pods' or containers' processes or
+    their conmons (``/crishim-<id>``, ``/crishim-conmon-<id>``: the pods' cgroup parent is
+    "")."""
+    root = Path("/sys/fs/cgroup")
+    found = []
+    for hierarchy in root.iterdir():
+        for cid in ids:
+            for name in (f"crishim-{cid}", f"crishim-conmon-{cid}"):
+                if (hierarchy / name).is_dir():
+                    found.append(f"{hierarchy.name}/{name[:28]}")
+    return sorted(found)
+
+
 def leases(ipam_dir: Path) -> list[str]:
     """The addresses host-local has handed out on the rig's network."""
     directory = ipam_dir / NETWORK
@@ -185,6 +199,8 @@ class PodRig:
     configured_image: str
     configured_image_id: str
     cri: CriClient = field(init=False)
+    #: every pod and container id handed out, to look for their cgroups afterwards
+    created: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.connect()
@@ -325,6 +341,7 @@ class PodRig:
         config = self.sandbox_config(name, **config_overrides)
         reply = await self.runtime.run_pod_sandbox(v1.RunPodSandboxRequest(config=config))
         assert reply.pod_sandbox_id, f"no sandbox id{self.log_tail()}"
+        self.created.add(reply.pod_sandbox_id)
         return reply.pod_sandbox_id
 
     async def pod_status(self, pod_id: str) -> v1.PodSandboxStatus:
@@ -360,6 +377,7 @@ class PodRig:
             )
         )
         assert reply.container_id, f"no container id{self.log_tail()}"
+        self.created.add(reply.container_id)
         return reply.container_id
 
     async def create_container_raw(
@@ -443,6 +461,10 @@ class PodRig:
         found += [f"mount {m}" for m in mounts_under(self.proc.state / "containers")]
         found += [f"mount {m}" for m in mounts_under(self.proc.state / "sandboxes")]
         found += subnet_rules()
+        runtime_root = self.proc.state / "runtimes" / self.runtime_name
+        if runtime_root.is_dir():
+            found += [f"{self.runtime_name} state {p.name[:12]}" for p in runtime_root.iterdir()]
+        found += [f"cgroup {c}" for c in cgroups_of(self.created)]
         return found
 
 
@@ -470,11 +492,24 @@ def _write_conflist(proc: CrishimProcess, ipam_dir: Path) -> None:
     (proc.cni_conf_dir / "10-crishim-pods.conflist").write_text(json.dumps(conflist))
 
 
-def _kill_conmons(proc: CrishimProcess) -> None:
-    """Last resort after a failed teardown: the conmons this instance started, by pid."""
+def _force_cleanup(proc: CrishimProcess, runtime_name: str) -> None:
+    """Last resort after a failed teardown: the conmons this instance started (by pid),
+    then every container left in its runtime's state directory."""
     for pid in conmons_of(proc):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    runtime_root = proc.state / "runtimes" / runtime_name
+    if runtime_root.is_dir():
+        for entry in runtime_root.iterdir():
+            run(
+                runtime_name,
+                "--root",
+                str(runtime_root),
+                "delete",
+                "--force",
+                entry.name,
+                check=False,
+            )
 
 
 @pytest_asyncio.fixture(
@@ -547,7 +582,7 @@ async def pod_rig_fixture(
             if rig is not None:
                 rig.close()
             proc.kill()
-            _kill_conmons(proc)
+            _force_cleanup(proc, runtime_name)
             run("ip", "link", "del", BRIDGE, check=False)
             cleanup_iptables(chains_before)
             for point in mounts_under(base):
