@@ -33,6 +33,7 @@ from tests.rig.pods import (
     leases,
     pod_rig_fixture,  # noqa: F401 - the module-scoped fixture ``pod_rig``
     rig_fixture,  # noqa: F401 - the per-test fixture ``rig``
+    run,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
@@ -592,3 +593,43 @@ async def test_exit_while_crishim_is_down(rig: PodRig) -> None:
     # Exits after the restart are noticed too.
     status = await rig.wait_state(late, v1.ContainerState.CONTAINER_EXITED, timeout=5)
     assert (status.exit_code, status.reason) == (5, "Error")
+
+
+async def test_runtime_handler_chooses_the_runtime(rig: PodRig) -> None:
+    other = "crun" if rig.runtime_name == "runc" else "runc"
+    config = rig.sandbox_config("handler")
+    reply = await rig.runtime.run_pod_sandbox(
+        v1.RunPodSandboxRequest(config=config, runtime_handler=other)
+    )
+    rig.created.add(reply.pod_sandbox_id)
+    assert (await rig.pod_status(reply.pod_sandbox_id)).runtime_handler == other
+    cid = await rig.start_container(reply.pod_sandbox_id, "on-other", ["sleep", "100"])
+    listed = run(other, "--root", str(rig.proc.state / "runtimes" / other), "list")
+    assert cid in listed, f"{cid} not in {other}'s list:\n{listed}{rig.log_tail()}"
+    error = await grpc_error(
+        rig,
+        rig.runtime.run_pod_sandbox(
+            v1.RunPodSandboxRequest(config=rig.sandbox_config("nohandler"), runtime_handler="kata")
+        ),
+    )
+    assert error.status is Status.INVALID_ARGUMENT
+    assert "runtime handler 'kata' is not configured" in (error.message or "")
+
+
+async def test_a_create_that_outlives_the_deadline_is_handed_to_the_retry(rig: PodRig) -> None:
+    pod_id = await rig.run_pod("retry")
+    pod = await rig.pod_status(pod_id)
+    assert pod.linux is not None and pod.linux.namespaces is not None
+    config = rig.container_config("slowpoke", ["sleep", "100"], pod.linux.namespaces.options)
+    request = v1.CreateContainerRequest(pod_sandbox_id=pod_id, config=config)
+    with pytest.raises((GRPCError, asyncio.TimeoutError)):
+        await rig.runtime.create_container(request, timeout=0.01)
+    await asyncio.sleep(3)  # the create goes on after its caller gave up
+    retried = await rig.runtime.create_container(request)
+    rig.created.add(retried.container_id)
+    listed = await rig.runtime.list_containers(
+        v1.ListContainersRequest(filter=v1.ContainerFilter(pod_sandbox_id=pod_id))
+    )
+    assert [c.id for c in listed.containers] == [retried.container_id], rig.log_tail()
+    again = await grpc_error(rig, rig.runtime.create_container(request))
+    assert again.status is Status.ALREADY_EXISTS
