@@ -33,6 +33,7 @@ from crishim.services.containers import ContainerService
 from crishim.services.images import ImageService
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
+from crishim.services.stats import StatsService
 from crishim.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Services:
     sandboxes: SandboxService
     containers: ContainerService
     images: ImageService
+    stats: StatsService
     registry: RegistryClient
 
 
@@ -128,6 +130,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         sandboxes=sandboxes,
         containers=containers,
         images=images,
+        stats=StatsService(containers, sandboxes, images.snapshotter),
         registry=registry,
     )
 
@@ -135,7 +138,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
 def build_servicers(services: Services, tracker: CallTracker) -> list[Any]:
     """The RuntimeService and ImageService servicers."""
     runtime = RuntimeServicer(
-        services.runtime_info, services.sandboxes, services.containers, tracker
+        services.runtime_info, services.sandboxes, services.containers, services.stats, tracker
     )
     return [runtime, ImageServicer(services.images, tracker)]
 

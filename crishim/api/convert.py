@@ -12,7 +12,7 @@ import pydantic
 from crishim import model
 from crishim.api import v1
 from crishim.errors import InvalidArgument
-from crishim.model import specs
+from crishim.model import specs, stats
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -265,3 +265,132 @@ def linux_resources(msg: v1.LinuxContainerResources | None) -> specs.LinuxResour
     if msg is None:
         raise InvalidArgument("linux resources are required")
     return _validated(specs.LinuxResources, _plain(msg), "linux resources")
+
+
+# ---- stats -------------------------------------------------------------------------------
+
+
+def _u64(value: int | None) -> v1.UInt64Value | None:
+    return None if value is None else v1.UInt64Value(value=max(value, 0))
+
+
+def _cpu(cpu: stats.CpuUsage | None) -> v1.CpuUsage | None:
+    if cpu is None:
+        return None
+    return v1.CpuUsage(
+        timestamp=cpu.timestamp,
+        usage_core_nano_seconds=_u64(cpu.usage_core_nano_seconds),
+        usage_nano_cores=_u64(cpu.usage_nano_cores),
+    )
+
+
+def _memory(mem: stats.MemoryUsage | None) -> v1.MemoryUsage | None:
+    if mem is None:
+        return None
+    return v1.MemoryUsage(
+        timestamp=mem.timestamp,
+        working_set_bytes=_u64(mem.working_set_bytes),
+        available_bytes=_u64(mem.available_bytes),
+        usage_bytes=_u64(mem.usage_bytes),
+        rss_bytes=_u64(mem.rss_bytes),
+        page_faults=_u64(mem.page_faults),
+        major_page_faults=_u64(mem.major_page_faults),
+    )
+
+
+def filesystem_usage(fs: stats.FilesystemUsage | None) -> v1.FilesystemUsage | None:
+    """A filesystem usage record (writable layers, image and container filesystems)."""
+    if fs is None:
+        return None
+    return v1.FilesystemUsage(
+        timestamp=fs.timestamp,
+        fs_id=v1.FilesystemIdentifier(mountpoint=fs.mountpoint),
+        used_bytes=_u64(fs.used_bytes),
+        inodes_used=_u64(fs.inodes_used),
+    )
+
+
+def _interface(item: stats.NetworkInterfaceUsage) -> v1.NetworkInterfaceUsage:
+    return v1.NetworkInterfaceUsage(
+        name=item.name,
+        rx_bytes=_u64(item.rx_bytes),
+        rx_errors=_u64(item.rx_errors),
+        tx_bytes=_u64(item.tx_bytes),
+        tx_errors=_u64(item.tx_errors),
+    )
+
+
+def container_stats(item: stats.ContainerStats) -> v1.ContainerStats:
+    """ContainerStats from the model."""
+    attrs = item.attributes
+    swap = item.swap
+    return v1.ContainerStats(
+        attributes=v1.ContainerAttributes(
+            id=attrs.id,
+            metadata=v1.ContainerMetadata(name=attrs.metadata.name, attempt=attrs.metadata.attempt),
+            labels=dict(attrs.labels),
+            annotations=dict(attrs.annotations),
+        ),
+        cpu=_cpu(item.cpu),
+        memory=_memory(item.memory),
+        writable_layer=filesystem_usage(item.writable_layer),
+        swap=None
+        if swap is None
+        else v1.SwapUsage(
+            timestamp=swap.timestamp,
+            swap_available_bytes=_u64(swap.swap_available_bytes),
+            swap_usage_bytes=_u64(swap.swap_usage_bytes),
+        ),
+    )
+
+
+def pod_sandbox_stats(item: stats.PodStats) -> v1.PodSandboxStats:
+    """PodSandboxStats from the model."""
+    attrs = item.attributes
+    meta = attrs.metadata
+    network = item.network
+    return v1.PodSandboxStats(
+        attributes=v1.PodSandboxAttributes(
+            id=attrs.id,
+            metadata=v1.PodSandboxMetadata(
+                name=meta.name, uid=meta.uid, namespace=meta.namespace, attempt=meta.attempt
+            ),
+            labels=dict(attrs.labels),
+            annotations=dict(attrs.annotations),
+        ),
+        linux=v1.LinuxPodSandboxStats(
+            cpu=_cpu(item.cpu),
+            memory=_memory(item.memory),
+            network=None
+            if network is None
+            else v1.NetworkUsage(
+                timestamp=network.timestamp,
+                default_interface=_interface(network.default_interface)
+                if network.default_interface
+                else None,
+                interfaces=[_interface(i) for i in network.interfaces],
+            ),
+            process=None
+            if item.process is None
+            else v1.ProcessUsage(
+                timestamp=item.process.timestamp, process_count=_u64(item.process.process_count)
+            ),
+            containers=[container_stats(c) for c in item.containers],
+        ),
+    )
+
+
+def container_stats_filter(msg: v1.ContainerStatsFilter | None) -> model.ContainerFilter:
+    """ListContainerStats' filter."""
+    if msg is None:
+        return model.ContainerFilter()
+    return model.ContainerFilter(
+        id=msg.id, sandbox_id=msg.pod_sandbox_id, label_selector=dict(msg.label_selector)
+    )
+
+
+def pod_stats_filter(msg: v1.PodSandboxStatsFilter | None) -> model.SandboxFilter:
+    """ListPodSandboxStats' filter."""
+    if msg is None:
+        return model.SandboxFilter()
+    return model.SandboxFilter(id=msg.id, label_selector=dict(msg.label_selector))

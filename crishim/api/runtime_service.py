@@ -17,6 +17,7 @@ from crishim.model import Container, Record, Sandbox
 from crishim.services.containers import ContainerService
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
+from crishim.services.stats import StatsService
 
 LIST_POD_SANDBOX = "/runtime.v1.RuntimeService/ListPodSandbox"
 LIST_CONTAINERS = "/runtime.v1.RuntimeService/ListContainers"
@@ -44,11 +45,13 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         info: RuntimeInfo,
         sandboxes: SandboxService,
         containers: ContainerService,
+        stats: StatsService,
         tracker: CallTracker,
     ) -> None:
         self._info = info
         self._sandboxes = sandboxes
         self._containers = containers
+        self._stats = stats
         self._tracker = tracker
         self._encoded_sandboxes: EncodedItems[Sandbox] = EncodedItems(
             _LIST_FIELD, lambda s: bytes(convert.pod_sandbox(s))
@@ -191,6 +194,32 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         return v1.ExecSyncResponse(
             stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code
         )
+
+    # ---- stats --------------------------------------------------------------------------
+
+    async def container_stats(self, message: v1.ContainerStatsRequest) -> v1.ContainerStatsResponse:
+        found = await self._stats.container_stats(message.container_id)
+        return v1.ContainerStatsResponse(stats=convert.container_stats(found))
+
+    async def list_container_stats(
+        self, message: v1.ListContainerStatsRequest
+    ) -> v1.ListContainerStatsResponse:
+        found = await self._stats.list_container_stats(
+            convert.container_stats_filter(message.filter)
+        )
+        return v1.ListContainerStatsResponse(stats=[convert.container_stats(s) for s in found])
+
+    async def pod_sandbox_stats(
+        self, message: v1.PodSandboxStatsRequest
+    ) -> v1.PodSandboxStatsResponse:
+        found = await self._stats.pod_stats(message.pod_sandbox_id)
+        return v1.PodSandboxStatsResponse(stats=convert.pod_sandbox_stats(found))
+
+    async def list_pod_sandbox_stats(
+        self, message: v1.ListPodSandboxStatsRequest
+    ) -> v1.ListPodSandboxStatsResponse:
+        found = await self._stats.list_pod_stats(convert.pod_stats_filter(message.filter))
+        return v1.ListPodSandboxStatsResponse(stats=[convert.pod_sandbox_stats(s) for s in found])
 
     async def _list_pod_sandbox_encoded(self, stream: Any) -> None:
         request: v1.ListPodSandboxRequest = await stream.recv_message()

@@ -78,11 +78,11 @@ def test_grpcio_client_gets_version_and_status(
     assert network["status"] is False
     assert network["reason"] == "NetworkPluginNotReady"
     assert "config" in status["info"]
-    missing = grpcio_call(root, crishim.endpoint, "RuntimeService/ContainerStats")
+    missing = grpcio_call(root, crishim.endpoint, "RuntimeService/Attach")
     assert missing == {
         "error": {
             "code": "UNIMPLEMENTED",
-            "details": "ContainerStats is not implemented by crishim yet",
+            "details": "Attach is not implemented by crishim yet",
         }
     }
     bad = grpcio_call(root, crishim.endpoint, "ImageService/PullImage")
@@ -224,12 +224,12 @@ async def test_shutdown_finishes_in_flight_calls_and_removes_the_socket(
 
 
 def test_failed_and_debug_rpc_lines_in_the_log(crishim: CrishimProcess) -> None:
-    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/ContainerStats")
+    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/Attach")
     grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/Version")
     deadline = time.monotonic() + 5
     while "Version OK" not in crishim.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     log = crishim.log()
-    assert log.count("ContainerStats failed: UNIMPLEMENTED ContainerStats is not implemented") == 1
+    assert log.count("Attach failed: UNIMPLEMENTED Attach is not implemented") == 1
     assert "crishim.rpc: Version OK " in log
     assert "hpack" not in log  # library chatter stays out even at debug level

@@ -44,6 +44,10 @@ IMPLEMENTED = {
     "UpdateContainerResources",
     "ReopenContainerLog",
     "ExecSync",
+    "ContainerStats",
+    "ListContainerStats",
+    "PodSandboxStats",
+    "ListPodSandboxStats",
     "PullImage",
     "ImageStatus",
     "ListImages",
@@ -254,13 +258,13 @@ async def test_a_failed_rpc_is_logged_once_with_status_and_message(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="crishim.rpc")
     with pytest.raises(GRPCError):
-        await api.client.runtime.container_stats(v1.ContainerStatsRequest())
+        await api.client.runtime.attach(v1.AttachRequest())
     await api.client.runtime.version(v1.VersionRequest())
     lines = [r.getMessage() for r in caplog.records if r.name == "crishim.rpc"]
     failed = [line for line in lines if "failed" in line]
     assert len(failed) == 1
     assert failed[0].startswith(
-        "ContainerStats failed: UNIMPLEMENTED ContainerStats is not implemented by crishim yet"
+        "Attach failed: UNIMPLEMENTED Attach is not implemented by crishim yet"
     )
     assert any(line.startswith("Version OK ") and line.endswith(" ms") for line in lines)
 
