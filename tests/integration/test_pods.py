@@ -619,7 +619,8 @@ async def test_runtime_handler_chooses_the_runtime(rig: PodRig) -> None:
 async def test_a_create_that_outlives_the_deadline_is_handed_to_the_retry(rig: PodRig) -> None:
     pod_id = await rig.run_pod("retry")
     pod = await rig.pod_status(pod_id)
-    assert pod.linux is not None and pod.linux.namespaces is not None
+    assert pod.linux is not None
+    assert pod.linux.namespaces is not None
     config = rig.container_config("slowpoke", ["sleep", "100"], pod.linux.namespaces.options)
     request = v1.CreateContainerRequest(pod_sandbox_id=pod_id, config=config)
     with pytest.raises((GRPCError, asyncio.TimeoutError)):
