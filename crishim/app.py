@@ -30,6 +30,7 @@ from crishim.network.cni import CniManager
 from crishim.runtime.binaries import resolve_binary
 from crishim.runtime.oci_runtime import OciRuntime
 from crishim.services.containers import ContainerService
+from crishim.services.events import EventBus
 from crishim.services.images import ImageService
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
@@ -110,8 +111,9 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
     images = ImageService(stores.images, content, snapshotter, registry, host_platform())
     cni = CniManager(config.cni.conf_dir, config.cni.bin_dirs, root / "cni-cache")
     runtimes = oci_runtimes(config)
+    events = EventBus()
     sandboxes = SandboxService(
-        stores.sandboxes, state_dir=state, cni=cni, runtime_handlers=tuple(runtimes)
+        stores.sandboxes, state_dir=state, cni=cni, runtime_handlers=tuple(runtimes), events=events
     )
     containers = ContainerService(
         stores.containers,
@@ -121,6 +123,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         runtimes=runtimes,
         default_runtime=config.default_runtime,
         cgroup_driver=config.cgroup_driver,
+        events=events,
     )
     sandboxes.reap_containers = containers.reap_sandbox
     sandboxes.start_infra = containers.start_infra

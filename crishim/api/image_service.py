@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 from grpclib.const import Handler
 
 from crishim.api import convert, v1
 from crishim.api.instrument import CallTracker, build_mapping
+from crishim.api.runtime_service import STREAM_CHUNK
 from crishim.errors import InvalidArgument
 from crishim.images.auth import Credentials
 from crishim.services.images import ImageService
@@ -68,6 +70,17 @@ class ImageServicer(v1.ImageServiceBase):
         if message.filter is not None and message.filter.image is not None:
             query = message.filter.image.image
         return v1.ListImagesResponse(images=[convert.image(i) for i in self._images.list(query)])
+
+    async def stream_images(
+        self, message: v1.StreamImagesRequest
+    ) -> AsyncIterator[v1.StreamImagesResponse]:
+        query = ""
+        if message.filter is not None and message.filter.image is not None:
+            query = message.filter.image.image
+        found = self._images.list(query)
+        for start in range(0, len(found), STREAM_CHUNK):
+            chunk = found[start : start + STREAM_CHUNK]
+            yield v1.StreamImagesResponse(images=[convert.image(i) for i in chunk])
 
     async def remove_image(self, message: v1.RemoveImageRequest) -> v1.RemoveImageResponse:
         await self._images.remove(_image_name(message.image))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Protocol, TypeVar
 
 from grpclib.const import Handler
@@ -13,7 +14,8 @@ from crishim.api.codec import PreEncoded
 from crishim.api.encoded import EncodedItems
 from crishim.api.instrument import CallTracker, StreamHandler, build_mapping
 from crishim.errors import DeadlineExceeded
-from crishim.model import Container, Record, Sandbox
+from crishim.model import Container, ContainerFilter, Record, Sandbox
+from crishim.model.events import LifecycleEvent
 from crishim.services.containers import ContainerService
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
@@ -29,6 +31,7 @@ _PRUNE_SLACK = 64
 KUBE_RUNTIME_API_VERSION = "0.1.0"
 
 R = TypeVar("R", bound=Record)
+T = TypeVar("T")
 
 
 class _Listing(Protocol):
@@ -221,6 +224,77 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         found = await self._stats.list_pod_stats(convert.pod_stats_filter(message.filter))
         return v1.ListPodSandboxStatsResponse(stats=[convert.pod_sandbox_stats(s) for s in found])
 
+    # ---- events, streamed lists, runtime config ------------------------------------------
+
+    async def get_container_events(
+        self, message: v1.GetEventsRequest
+    ) -> AsyncIterator[v1.ContainerEventResponse]:
+        async for event in self._containers.events.subscribe():
+            yield self._event_response(event)
+
+    def _event_response(self, event: LifecycleEvent) -> v1.ContainerEventResponse:
+        sandbox = self._sandboxes.find(event.sandbox_id)
+        members = self._containers.matching(ContainerFilter(sandbox_id=event.sandbox_id))
+        return v1.ContainerEventResponse(
+            container_id=event.container_id,
+            container_event_type=v1.ContainerEventType(int(event.type)),
+            created_at=event.created_at,
+            pod_sandbox_status=convert.pod_sandbox_status(sandbox) if sandbox else None,
+            containers_statuses=[
+                convert.container_status(c, []) for c in members if c.sandbox_id == event.sandbox_id
+            ],
+        )
+
+    async def stream_pod_sandboxes(
+        self, message: v1.StreamPodSandboxesRequest
+    ) -> AsyncIterator[v1.StreamPodSandboxesResponse]:
+        items = self._sandboxes.matching(convert.sandbox_filter(message.filter))
+        for chunk in _chunks(items):
+            yield v1.StreamPodSandboxesResponse(
+                pod_sandboxes=[convert.pod_sandbox(s) for s in chunk]
+            )
+
+    async def stream_containers(
+        self, message: v1.StreamContainersRequest
+    ) -> AsyncIterator[v1.StreamContainersResponse]:
+        items = self._containers.matching(convert.container_filter(message.filter))
+        for chunk in _chunks(items):
+            yield v1.StreamContainersResponse(containers=[convert.container(c) for c in chunk])
+
+    async def stream_container_stats(
+        self, message: v1.StreamContainerStatsRequest
+    ) -> AsyncIterator[v1.StreamContainerStatsResponse]:
+        found = await self._stats.list_container_stats(
+            convert.container_stats_filter(message.filter)
+        )
+        for chunk in _chunks(found):
+            yield v1.StreamContainerStatsResponse(
+                container_stats=[convert.container_stats(s) for s in chunk]
+            )
+
+    async def stream_pod_sandbox_stats(
+        self, message: v1.StreamPodSandboxStatsRequest
+    ) -> AsyncIterator[v1.StreamPodSandboxStatsResponse]:
+        found = await self._stats.list_pod_stats(convert.pod_stats_filter(message.filter))
+        for chunk in _chunks(found):
+            yield v1.StreamPodSandboxStatsResponse(
+                pod_sandbox_stats=[convert.pod_sandbox_stats(s) for s in chunk]
+            )
+
+    async def update_runtime_config(
+        self, message: v1.UpdateRuntimeConfigRequest
+    ) -> v1.UpdateRuntimeConfigResponse:
+        network = message.runtime_config.network_config if message.runtime_config else None
+        self._sandboxes.set_pod_cidr(network.pod_cidr if network else "")
+        return v1.UpdateRuntimeConfigResponse()
+
+    async def update_pod_sandbox_resources(
+        self, message: v1.UpdatePodSandboxResourcesRequest
+    ) -> v1.UpdatePodSandboxResourcesResponse:
+        resources = convert.linux_resources(message.resources) if message.resources else None
+        await self._sandboxes.update_resources(message.pod_sandbox_id, resources)
+        return v1.UpdatePodSandboxResourcesResponse()
+
     async def _list_pod_sandbox_encoded(self, stream: Any) -> None:
         request: v1.ListPodSandboxRequest = await stream.recv_message()
         items = self._sandboxes.matching(convert.sandbox_filter(request.filter))
@@ -234,6 +308,14 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         await stream.send_message(
             PreEncoded(_join(self._encoded_containers, items, self._containers))
         )
+
+
+# Items per message of a streamed list (each must stay well under gRPC's 16 MiB limit).
+STREAM_CHUNK = 100
+
+
+def _chunks(items: list[T]) -> list[list[T]]:
+    return [items[i : i + STREAM_CHUNK] for i in range(0, len(items), STREAM_CHUNK)]
 
 
 def _join(cache: EncodedItems[R], items: list[R], source: _Listing) -> bytes:

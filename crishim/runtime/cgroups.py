@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+import anyio.to_thread
+
+from crishim.errors import Internal, NotFound
+
 CGROUP_V2_MAGIC_TYPE = "cgroup2"
 # Options of a v1 cgroup mount that are not controller names ("name=..." are skipped too).
 _V1_MOUNT_OPTIONS = frozenset(
@@ -83,3 +87,57 @@ def detect_layout(proc_mounts: Path = Path("/proc/self/mounts")) -> CgroupLayout
         v2_controllers=frozenset(text.split()),
         v2_mount=layout.v2_mount,
     )
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        path.write_text(value)
+    except OSError as exc:
+        raise Internal(f"writing {value!r} to {path}: {exc.strerror}") from exc
+
+
+def _apply(
+    parent: str, cpu_shares: int, cpu_quota: int, cpu_period: int, memory_limit: int
+) -> None:
+    layout = detect_layout()
+    relative = parent.strip("/")
+    v1 = Path("/sys/fs/cgroup")
+    if layout.mode is CgroupMode.V2 or "memory" not in layout.v1_controllers:
+        group = Path(layout.v2_mount) / relative
+        if not group.is_dir():
+            raise NotFound(f"pod cgroup {group} does not exist")
+        if cpu_shares:
+            # The v2 weight that v1 shares map to (the mapping runc and crun use).
+            _write(group / "cpu.weight", str(1 + ((cpu_shares - 2) * 9999) // 262142))
+        if cpu_quota or cpu_period:
+            quota = str(cpu_quota) if cpu_quota > 0 else "max"
+            _write(group / "cpu.max", f"{quota} {cpu_period or 100000}")
+        if memory_limit:
+            _write(group / "memory.max", str(memory_limit))
+        return
+    for controller, files in (
+        (
+            "cpu",
+            {
+                "cpu.shares": cpu_shares,
+                "cpu.cfs_period_us": cpu_period,
+                "cpu.cfs_quota_us": cpu_quota,
+            },
+        ),
+        ("memory", {"memory.limit_in_bytes": memory_limit}),
+    ):
+        group = v1 / controller / relative
+        wanted = {name: value for name, value in files.items() if value}
+        if not wanted:
+            continue
+        if not group.is_dir():
+            raise NotFound(f"pod cgroup {group} does not exist")
+        for name, value in wanted.items():
+            _write(group / name, str(value))
+
+
+async def apply_cgroup_resources(
+    parent: str, *, cpu_shares: int, cpu_quota: int, cpu_period: int, memory_limit: int
+) -> None:
+    """Set CPU and memory limits on an existing cgroup (v1 or v2); 0 leaves a value alone."""
+    await anyio.to_thread.run_sync(_apply, parent, cpu_shares, cpu_quota, cpu_period, memory_limit)

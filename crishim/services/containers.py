@@ -29,6 +29,7 @@ import anyio.to_thread
 from crishim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from crishim.images.rootfs import read_confined
 from crishim.model import Container, ContainerFilter, ContainerMetadata, ContainerState, Sandbox
+from crishim.model.events import EventType
 from crishim.model.specs import (
     ContainerConfig,
     ImageConfigView,
@@ -57,6 +58,7 @@ from crishim.runtime.host import (
 )
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.runtime.oci_runtime import ExecResult, OciRuntime
+from crishim.services.events import EventBus
 from crishim.services.images import ImageService
 from crishim.services.sandboxes import SandboxService
 from crishim.store import ObjectStore
@@ -117,6 +119,7 @@ class ContainerService:
         cgroup_driver: str,
         conmon: str = "conmon",
         catatonit: str = "catatonit",
+        events: EventBus | None = None,
     ) -> None:
         self._store = store
         self._state = state_dir
@@ -127,6 +130,7 @@ class ContainerService:
         self._cgroup_driver = cgroup_driver
         self._conmon = conmon
         self._catatonit = catatonit
+        self._events = events or EventBus()
         self._creating: dict[tuple[str, str, int], asyncio.Task[Container]] = {}
         # Containers whose create finished after its caller gave up, by (sandbox, name, attempt).
         self._unclaimed: dict[tuple[str, str, int], str] = {}
@@ -162,6 +166,11 @@ class ContainerService:
         if len(matches) == 1:
             return matches[0]
         raise NotFound(f"container {container_id!r} not found")
+
+    @property
+    def events(self) -> EventBus:
+        """Where lifecycle events go."""
+        return self._events
 
     def config_of(self, container: Container) -> ContainerConfig:
         """The config the container was created with."""
@@ -305,6 +314,7 @@ class ContainerService:
             )
             await self._store.add(container)
             undo.pop_all()
+        self._events.publish(container.id, sandbox.id, EventType.CREATED)
         return container
 
     def _build_context(
@@ -462,6 +472,7 @@ class ContainerService:
                     update={"state": ContainerState.RUNNING, "started_at": time.time_ns()}
                 ),
             )
+        self._events.publish(container.id, container.sandbox_id, EventType.STARTED)
         self._ensure_watcher()
 
     async def stop(self, container_id: str, timeout: float) -> None:
@@ -517,7 +528,7 @@ class ContainerService:
             )
             message = ""
         finished = time.time_ns()
-        return await self._store.update(
+        exited = await self._store.update(
             container_id,
             lambda c: c.model_copy(
                 update={
@@ -529,6 +540,8 @@ class ContainerService:
                 }
             ),
         )
+        self._events.publish(container_id, exited.sandbox_id, EventType.STOPPED)
+        return exited
 
     def _oom_killed(self, container_id: str) -> bool:
         return oom_killed(self.paths(container_id).bundle)
@@ -583,6 +596,7 @@ class ContainerService:
             await remove_tree(paths.base)
             await remove_tree(paths.attach / container.id)
             await self._store.delete(container.id)
+        self._events.publish(container.id, container.sandbox_id, EventType.DELETED)
         self._locks.pop(container.id, None)
 
     async def reap_sandbox(self, sandbox_id: str, remove: bool) -> None:

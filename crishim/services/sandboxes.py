@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import secrets
@@ -25,7 +26,8 @@ from pathlib import Path
 
 from crishim.errors import FailedPrecondition, InvalidArgument, NotFound
 from crishim.model import PodMetadata, Sandbox, SandboxFilter, SandboxState
-from crishim.model.specs import NamespaceMode, SandboxConfig
+from crishim.model.events import EventType
+from crishim.model.specs import LinuxResources, NamespaceMode, SandboxConfig
 from crishim.network.cni import CniManager
 from crishim.network.netns import (
     PodNamespaces,
@@ -33,7 +35,9 @@ from crishim.network.netns import (
     namespace_alive,
     remove_pod_namespaces,
 )
+from crishim.runtime.cgroups import apply_cgroup_resources
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
+from crishim.services.events import EventBus
 from crishim.store import ObjectStore
 from crishim.util.fs import remove_tree
 
@@ -82,11 +86,14 @@ class SandboxService:
         state_dir: Path,
         cni: CniManager | None = None,
         runtime_handlers: tuple[str, ...] = ("runc", "crun"),
+        events: EventBus | None = None,
     ) -> None:
         self._store = store
         self._state = state_dir
         self._cni = cni
         self._handlers = runtime_handlers
+        self._events = events or EventBus()
+        self._pod_cidr = ""
         self._creating: dict[tuple[str, str, str, int], asyncio.Task[Sandbox]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.reap_containers: ContainerReaper | None = None
@@ -118,6 +125,37 @@ class SandboxService:
         if len(matches) == 1:
             return matches[0]
         raise NotFound(f"pod sandbox {sandbox_id!r} not found")
+
+    def find(self, sandbox_id: str) -> Sandbox | None:
+        """The sandbox with exactly this id, or None."""
+        return self._store.find(sandbox_id)
+
+    def set_pod_cidr(self, cidr: str) -> None:
+        """The node's pod CIDR from kubelet, offered to CNI IPAM as the ipRanges capability."""
+        if cidr:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise InvalidArgument(f"pod CIDR {cidr!r} is not a network") from None
+        self._pod_cidr = cidr
+        log.info("pod CIDR set to %s", cidr or "(none)")
+
+    async def update_resources(self, sandbox_id: str, resources: LinuxResources | None) -> None:
+        """Apply pod-level resources to the pod's cgroup (its cgroup parent)."""
+        sandbox = self.get(sandbox_id)
+        if resources is None:
+            return
+        if not sandbox.cgroup_parent:
+            raise FailedPrecondition(
+                f"pod sandbox {sandbox.id} has no cgroup parent to apply pod resources to"
+            )
+        await apply_cgroup_resources(
+            sandbox.cgroup_parent,
+            cpu_shares=resources.cpu_shares,
+            cpu_quota=resources.cpu_quota,
+            cpu_period=resources.cpu_period,
+            memory_limit=resources.memory_limit_in_bytes,
+        )
 
     def paths(self, sandbox_id: str) -> SandboxPaths:
         """The sandbox's files."""
@@ -235,6 +273,8 @@ class SandboxService:
                 sandbox = sandbox.model_copy(update={"infra_pid": infra_pid})
             await self._store.add(sandbox)
             undo.pop_all()
+        self._events.publish(sandbox.id, sandbox.id, EventType.CREATED)
+        self._events.publish(sandbox.id, sandbox.id, EventType.STARTED)
         log.info(
             "sandbox %s ready (%s/%s, ips %s)",
             sandbox_id[:12],
@@ -265,6 +305,11 @@ class SandboxService:
             for p in config.port_mappings
             if p.host_port
         ]
+        capabilities: dict[str, object] = {}
+        if ports:
+            capabilities["portMappings"] = ports
+        if self._pod_cidr:
+            capabilities["ipRanges"] = [[{"subnet": self._pod_cidr}]]
         result = await self._cni.add(
             sandbox_id,
             netns,
@@ -275,7 +320,7 @@ class SandboxService:
                 "K8S_POD_INFRA_CONTAINER_ID": sandbox_id,
                 "K8S_POD_UID": config.metadata.uid,
             },
-            capabilities={"portMappings": ports} if ports else {},
+            capabilities=capabilities,
         )
         return [ip.address.split("/")[0] for ip in result.ips]
 
@@ -336,12 +381,15 @@ class SandboxService:
             if sandbox.network_ready:
                 await self._network_down(sandbox.id, sandbox.netns or None)
             await unmount(self.paths(sandbox.id).shm)
+            was_ready = sandbox.state is SandboxState.READY
             await self._store.update(
                 sandbox.id,
                 lambda s: s.model_copy(
                     update={"state": SandboxState.NOTREADY, "network_ready": False}
                 ),
             )
+        if was_ready:
+            self._events.publish(sandbox.id, sandbox.id, EventType.STOPPED)
 
     async def remove(self, sandbox_id: str) -> None:
         """Remove the sandbox and everything in it, stopping first; missing is fine."""
@@ -364,3 +412,4 @@ class SandboxService:
             await remove_tree(self.paths(sandbox.id).base)
             await self._store.delete(sandbox.id)
         self._locks.pop(sandbox.id, None)
+        self._events.publish(sandbox.id, sandbox.id, EventType.DELETED)

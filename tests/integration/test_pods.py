@@ -634,3 +634,50 @@ async def test_a_create_that_outlives_the_deadline_is_handed_to_the_retry(rig: P
     assert [c.id for c in listed.containers] == [retried.container_id], rig.log_tail()
     again = await grpc_error(rig, rig.runtime.create_container(request))
     assert again.status is Status.ALREADY_EXISTS
+
+
+async def test_container_events_follow_the_lifecycle_in_order(rig: PodRig) -> None:
+    events: list[v1.ContainerEventResponse] = []
+
+    async def listen() -> None:
+        async for event in rig.runtime.get_container_events(v1.GetEventsRequest()):
+            events.append(event)
+
+    listener = asyncio.create_task(listen())
+    await asyncio.sleep(0.2)
+    try:
+        pod_id = await rig.run_pod("events")
+        cid = await rig.start_container(pod_id, "short", ["sh", "-c", "exit 0"])
+        await rig.wait_state(cid, v1.ContainerState.CONTAINER_EXITED)
+        await rig.runtime.remove_container(v1.RemoveContainerRequest(container_id=cid))
+        await rig.runtime.stop_pod_sandbox(v1.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+        await rig.runtime.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+
+        async def eight() -> bool:
+            return len(events) >= 8
+
+        await rig.until(eight, "eight events")
+    finally:
+        listener.cancel()
+    kinds = v1.ContainerEventType
+    seen = [(e.container_id, e.container_event_type) for e in events]
+    assert [k for c, k in seen if c == cid] == [
+        kinds.CONTAINER_CREATED_EVENT,
+        kinds.CONTAINER_STARTED_EVENT,
+        kinds.CONTAINER_STOPPED_EVENT,
+        kinds.CONTAINER_DELETED_EVENT,
+    ], rig.log_tail()
+    assert [k for c, k in seen if c == pod_id] == [
+        kinds.CONTAINER_CREATED_EVENT,
+        kinds.CONTAINER_STARTED_EVENT,
+        kinds.CONTAINER_STOPPED_EVENT,
+        kinds.CONTAINER_DELETED_EVENT,
+    ], rig.log_tail()
+    started = next(
+        e
+        for e in events
+        if e.container_id == cid and e.container_event_type is kinds.CONTAINER_STARTED_EVENT
+    )
+    assert started.pod_sandbox_status is not None
+    assert started.pod_sandbox_status.id == pod_id
+    assert [s.id for s in started.containers_statuses] == [cid]

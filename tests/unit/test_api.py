@@ -48,6 +48,14 @@ IMPLEMENTED = {
     "ListContainerStats",
     "PodSandboxStats",
     "ListPodSandboxStats",
+    "GetContainerEvents",
+    "StreamPodSandboxes",
+    "StreamContainers",
+    "StreamContainerStats",
+    "StreamPodSandboxStats",
+    "StreamImages",
+    "UpdateRuntimeConfig",
+    "UpdatePodSandboxResources",
     "PullImage",
     "ImageStatus",
     "ListImages",
@@ -275,3 +283,51 @@ async def test_draining_refuses_new_calls(api: InMemoryApi) -> None:
         await api.client.runtime.version(v1.VersionRequest())
     assert info.value.status is Status.UNAVAILABLE
     assert info.value.message == "crishim is shutting down"
+
+
+async def test_streamed_lists_match_their_unary_twins(api: InMemoryApi) -> None:
+    await seed(api)
+    runtime = api.client.runtime
+    unary = await runtime.list_containers(v1.ListContainersRequest())
+    streamed = [
+        c.id
+        async for reply in runtime.stream_containers(v1.StreamContainersRequest())
+        for c in reply.containers
+    ]
+    assert streamed == [c.id for c in unary.containers]
+    pods = [
+        s.id
+        async for reply in runtime.stream_pod_sandboxes(
+            v1.StreamPodSandboxesRequest(filter=v1.PodSandboxFilter(label_selector={"app": "a1"}))
+        )
+        for s in reply.pod_sandboxes
+    ]
+    assert pods == ["sb1"]
+    images = [r async for r in api.client.images.stream_images(v1.StreamImagesRequest())]
+    assert images == []
+
+
+async def test_update_runtime_config_checks_the_pod_cidr(api: InMemoryApi) -> None:
+    runtime = api.client.runtime
+    good = v1.RuntimeConfig(network_config=v1.NetworkConfig(pod_cidr="10.244.1.0/24"))
+    await runtime.update_runtime_config(v1.UpdateRuntimeConfigRequest(runtime_config=good))
+    bad = v1.RuntimeConfig(network_config=v1.NetworkConfig(pod_cidr="not-a-cidr"))
+    with pytest.raises(GRPCError) as info:
+        await runtime.update_runtime_config(v1.UpdateRuntimeConfigRequest(runtime_config=bad))
+    assert info.value.status is Status.INVALID_ARGUMENT
+    assert "pod CIDR 'not-a-cidr' is not a network" in (info.value.message or "")
+
+
+async def test_update_pod_sandbox_resources_needs_a_cgroup_parent(api: InMemoryApi) -> None:
+    await seed(api)
+    request = v1.UpdatePodSandboxResourcesRequest(
+        pod_sandbox_id="sb0", resources=v1.LinuxContainerResources(cpu_shares=512)
+    )
+    with pytest.raises(GRPCError) as info:
+        await api.client.runtime.update_pod_sandbox_resources(request)
+    assert info.value.status is Status.FAILED_PRECONDITION
+    assert "no cgroup parent" in (info.value.message or "")
+    missing = v1.UpdatePodSandboxResourcesRequest(pod_sandbox_id="nope")
+    with pytest.raises(GRPCError) as info:
+        await api.client.runtime.update_pod_sandbox_resources(missing)
+    assert info.value.status is Status.NOT_FOUND
