@@ -33,6 +33,7 @@ async def test_every_subscriber_gets_every_event_in_order() -> None:
 async def test_a_slow_subscriber_is_dropped_and_publishing_never_waits() -> None:
     bus = EventBus(backlog=3)
     stream = bus.subscribe()
+
     async def next_event() -> LifecycleEvent:
         return await anext(stream)
 
