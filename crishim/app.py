@@ -12,6 +12,7 @@ from typing import Any
 from crishim import __version__
 from crishim.api.image_service import ImageServicer
 from crishim.api.instrument import CallTracker
+from crishim.api.metrics_http import MetricsServer
 from crishim.api.runtime_service import RuntimeServicer
 from crishim.api.server import CriServer
 from crishim.config import Config
@@ -32,6 +33,7 @@ from crishim.runtime.oci_runtime import OciRuntime
 from crishim.services.containers import ContainerService
 from crishim.services.events import EventBus
 from crishim.services.images import ImageService
+from crishim.services.metrics import CrishimMetrics
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
 from crishim.services.stats import StatsService
@@ -85,6 +87,7 @@ class Services:
     containers: ContainerService
     images: ImageService
     stats: StatsService
+    metrics: CrishimMetrics
     registry: RegistryClient
 
 
@@ -134,6 +137,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         containers=containers,
         images=images,
         stats=StatsService(containers, sandboxes, images.snapshotter),
+        metrics=CrishimMetrics(pulls=images.metrics, sandboxes=sandboxes, containers=containers),
         registry=registry,
     )
 
@@ -143,7 +147,7 @@ def build_servicers(services: Services, tracker: CallTracker) -> list[Any]:
     runtime = RuntimeServicer(
         services.runtime_info, services.sandboxes, services.containers, services.stats, tracker
     )
-    return [runtime, ImageServicer(services.images, tracker)]
+    return [runtime, ImageServicer(services.images, services.stats, tracker)]
 
 
 def prepare_directories(config: Config) -> None:
@@ -161,8 +165,17 @@ async def serve(config: Config) -> None:
     await services.sandboxes.refresh()
     await services.containers.refresh()
     tracker = CallTracker()
+    tracker.observe = services.metrics.observe_rpc
     server = CriServer(build_servicers(services, tracker), Path(config.socket), tracker)
     await server.start()
+    metrics_server = None
+    if config.metrics.address:
+        host, _, port = config.metrics.address.rpartition(":")
+        metrics_server = MetricsServer(
+            services.metrics.render, host, int(port), allow_remote=config.metrics.allow_remote
+        )
+        await metrics_server.start()
+        log.info("metrics on http://%s:%d/metrics", *metrics_server.address)
     log.info(
         "crishim %s serving CRI on %s (%d sandboxes, %d containers, %d images; snapshotter "
         "%s; event loop %s)",
@@ -185,5 +198,7 @@ async def serve(config: Config) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await server.stop(SHUTDOWN_GRACE_SECONDS)
+        if metrics_server is not None:
+            await metrics_server.stop()
         await services.registry.close()
     log.info("crishim stopped")

@@ -32,6 +32,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be host:port with a port from 0 to 65535, got {value!r}")
+    return value
+
+
 def _absolute(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"must be an absolute path, got {value!r}")
@@ -110,10 +117,22 @@ class StreamingConfig(_Section):
     @field_validator("address")
     @classmethod
     def _address_is_host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError(f"must be host:port with a port from 0 to 65535, got {value!r}")
-        return value
+        return _host_port(value)
+
+
+class MetricsConfig(_Section):
+    """The Prometheus endpoint."""
+
+    address: str = Field(
+        default="127.0.0.1:9464",
+        description="host:port serving /metrics (loopback unless allow_remote); '' disables it",
+    )
+    allow_remote: bool = Field(default=False, description="allow a non-loopback address")
+
+    @field_validator("address")
+    @classmethod
+    def _address_is_host_port(cls, value: str) -> str:
+        return _host_port(value) if value else value
 
 
 def _default_runtimes() -> dict[str, RuntimeHandlerConfig]:
@@ -145,6 +164,7 @@ class Config(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     cni: CniConfig = Field(default_factory=CniConfig)
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @field_validator("root", "state", "socket")
     @classmethod

@@ -34,6 +34,13 @@ fi
   | grep -v '^WARNING: Location' || true
 .venv/bin/python -c 'import crishim, grpclib, betterproto2' # fail early if the install failed
 
+# The SPDY client the streaming tests drive (Node's spdy-transport), pinned by its lock file.
+if command -v npm >/dev/null 2>&1; then
+  (cd tests/streaming_client && npm ci --no-audit --no-fund --loglevel=error)
+else
+  echo "== WARNING: npm not found; the SPDY interoperability tests will skip" >&2
+fi
+
 # Hybrid cgroup hosts: crun refuses to run while hugetlb is bound to the v2 hierarchy only.
 # Binding hugetlb to a v1 hierarchy first makes it work (see DESIGN.md).
 if mountpoint -q /sys/fs/cgroup/unified 2>/dev/null \

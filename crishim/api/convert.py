@@ -12,7 +12,7 @@ import pydantic
 from crishim import model
 from crishim.api import v1
 from crishim.errors import InvalidArgument
-from crishim.model import specs, stats
+from crishim.model import metrics, specs, stats
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -394,3 +394,37 @@ def pod_stats_filter(msg: v1.PodSandboxStatsFilter | None) -> model.SandboxFilte
     if msg is None:
         return model.SandboxFilter()
     return model.SandboxFilter(id=msg.id, label_selector=dict(msg.label_selector))
+
+
+# ---- CRI metrics -------------------------------------------------------------------------
+
+_METRIC_TYPE = {"counter": v1.MetricType.COUNTER, "gauge": v1.MetricType.GAUGE}
+
+
+def _metric(item: metrics.Metric) -> v1.Metric:
+    return v1.Metric(
+        name=item.name,
+        timestamp=item.timestamp,
+        metric_type=_METRIC_TYPE[str(item.metric_type)],
+        label_values=list(item.label_values),
+        value=v1.UInt64Value(value=item.value),
+    )
+
+
+def metric_descriptor(item: metrics.MetricDescriptor) -> v1.MetricDescriptor:
+    """A metric descriptor for ListMetricDescriptors."""
+    return v1.MetricDescriptor(name=item.name, help=item.help, label_keys=list(item.label_keys))
+
+
+def pod_sandbox_metrics(item: metrics.PodMetricsModel) -> v1.PodSandboxMetrics:
+    """One pod's metrics for ListPodSandboxMetrics."""
+    return v1.PodSandboxMetrics(
+        pod_sandbox_id=item.pod_sandbox_id,
+        metrics=[_metric(m) for m in item.metrics],
+        container_metrics=[
+            v1.ContainerMetrics(
+                container_id=c.container_id, metrics=[_metric(m) for m in c.metrics]
+            )
+            for c in item.container_metrics
+        ],
+    )

@@ -13,6 +13,7 @@ from crishim.api.runtime_service import STREAM_CHUNK
 from crishim.errors import InvalidArgument
 from crishim.images.auth import Credentials
 from crishim.services.images import ImageService
+from crishim.services.stats import StatsService
 
 
 def credentials(auth: v1.AuthConfig | None) -> Credentials:
@@ -37,8 +38,9 @@ def _image_name(spec: v1.ImageSpec | None) -> str:
 class ImageServicer(v1.ImageServiceBase):
     """ImageService over crishim's image service."""
 
-    def __init__(self, images: ImageService, tracker: CallTracker) -> None:
+    def __init__(self, images: ImageService, stats: StatsService, tracker: CallTracker) -> None:
         self._images = images
+        self._stats = stats
         self._tracker = tracker
 
     def __mapping__(self) -> dict[str, Handler]:
@@ -88,6 +90,7 @@ class ImageServicer(v1.ImageServiceBase):
 
     async def image_fs_info(self, message: v1.ImageFsInfoRequest) -> v1.ImageFsInfoResponse:
         usage = await self._images.fs_usage()
+        writable = await self._stats.container_filesystem()
         return v1.ImageFsInfoResponse(
             image_filesystems=[
                 v1.FilesystemUsage(
@@ -96,5 +99,6 @@ class ImageServicer(v1.ImageServiceBase):
                     used_bytes=v1.UInt64Value(value=usage.used_bytes),
                     inodes_used=v1.UInt64Value(value=usage.inodes_used),
                 )
-            ]
+            ],
+            container_filesystems=[f for f in [convert.filesystem_usage(writable)] if f],
         )

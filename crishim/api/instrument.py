@@ -53,6 +53,8 @@ class CallTracker:
     """Counts calls in flight and refuses new ones once draining has begun."""
 
     def __init__(self) -> None:
+        # Told about every finished call: (method, status name, seconds); set by the app.
+        self.observe: Callable[[str, str, float], None] | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -126,7 +128,10 @@ def instrument(path: str, func: StreamHandler, tracker: CallTracker) -> StreamHa
             raise GRPCError(status, message) from exc
         finally:
             tracker.leave()
-            elapsed_ms = (time.perf_counter() - start) * 1000
+            elapsed = time.perf_counter() - start
+            if tracker.observe is not None:
+                tracker.observe(name, status.name, elapsed)
+            elapsed_ms = elapsed * 1000
             if status is not Status.OK:
                 log.warning("%s failed: %s %s (%.3f ms)", name, status.name, message, elapsed_ms)
             elif log.isEnabledFor(logging.DEBUG):

@@ -14,9 +14,10 @@ from crishim.api.codec import PreEncoded
 from crishim.api.encoded import EncodedItems
 from crishim.api.instrument import CallTracker, StreamHandler, build_mapping
 from crishim.errors import DeadlineExceeded
-from crishim.model import Container, ContainerFilter, Record, Sandbox
+from crishim.model import Container, ContainerFilter, Record, Sandbox, SandboxFilter
 from crishim.model.events import LifecycleEvent
 from crishim.services.containers import ContainerService
+from crishim.services.metrics import metric_descriptors, pod_metrics
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
 from crishim.services.stats import StatsService
@@ -294,6 +295,32 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         resources = convert.linux_resources(message.resources) if message.resources else None
         await self._sandboxes.update_resources(message.pod_sandbox_id, resources)
         return v1.UpdatePodSandboxResourcesResponse()
+
+    async def list_metric_descriptors(
+        self, message: v1.ListMetricDescriptorsRequest
+    ) -> v1.ListMetricDescriptorsResponse:
+        return v1.ListMetricDescriptorsResponse(
+            descriptors=[convert.metric_descriptor(d) for d in metric_descriptors()]
+        )
+
+    async def _pod_metrics(self) -> list[v1.PodSandboxMetrics]:
+        found = []
+        for pod in await self._stats.list_pod_stats(SandboxFilter()):
+            members = self._containers.matching(ContainerFilter(sandbox_id=pod.attributes.id))
+            images = {c.id: c.image_ref or c.image for c in members}
+            found.append(convert.pod_sandbox_metrics(pod_metrics(pod, images=images)))
+        return found
+
+    async def list_pod_sandbox_metrics(
+        self, message: v1.ListPodSandboxMetricsRequest
+    ) -> v1.ListPodSandboxMetricsResponse:
+        return v1.ListPodSandboxMetricsResponse(pod_metrics=await self._pod_metrics())
+
+    async def stream_pod_sandbox_metrics(
+        self, message: v1.StreamPodSandboxMetricsRequest
+    ) -> AsyncIterator[v1.StreamPodSandboxMetricsResponse]:
+        for chunk in _chunks(await self._pod_metrics()):
+            yield v1.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=chunk)
 
     async def _list_pod_sandbox_encoded(self, stream: Any) -> None:
         request: v1.ListPodSandboxRequest = await stream.recv_message()

@@ -183,6 +183,26 @@ class StatsService:
 
     # ---- pods ---------------------------------------------------------------------------
 
+    async def container_filesystem(self) -> FilesystemUsage:
+        """ContainerFsInfo: the writable layers of every container, added up."""
+        containers = self._containers.matching(ContainerFilter())
+
+        def total() -> FilesystemUsage:
+            used = inodes = 0
+            for container in containers:
+                layer = self._writable_layer(container.id)
+                if layer is not None:
+                    used += layer.used_bytes or 0
+                    inodes += layer.inodes_used or 0
+            return FilesystemUsage(
+                timestamp=time.time_ns(),
+                mountpoint=self._snapshots.mountpoint(),
+                used_bytes=used,
+                inodes_used=inodes,
+            )
+
+        return await anyio.to_thread.run_sync(total)
+
     async def pod_stats(self, pod_id: str) -> PodStats:
         """The stats of one pod sandbox and its created or running containers."""
         (stats,) = await self._pod_stats([self._sandboxes.get(pod_id)])

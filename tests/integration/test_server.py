@@ -233,3 +233,27 @@ def test_failed_and_debug_rpc_lines_in_the_log(crishim: CrishimProcess) -> None:
     assert log.count("Attach failed: UNIMPLEMENTED Attach is not implemented") == 1
     assert "crishim.rpc: Version OK " in log
     assert "hpack" not in log  # library chatter stays out even at debug level
+
+
+def test_metrics_endpoint_counts_cri_calls(crishim: CrishimProcess) -> None:
+    import re
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/Version")
+    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/Attach")
+    match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", crishim.log())
+    assert match, crishim.log()
+    with urllib.request.urlopen(match.group(1), timeout=10) as reply:
+        text = reply.read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    calls = {
+        (s.labels["method"], s.labels["code"]): s.value
+        for s in families["crishim_cri_requests"].samples
+        if s.name == "crishim_cri_requests_total"
+    }
+    assert calls[("Version", "OK")] >= 1
+    assert calls[("Attach", "UNIMPLEMENTED")] == 1
+    assert families["process_resident_memory_bytes"].samples[0].value > 10_000_000
+    assert "crishim_pods_running" in families

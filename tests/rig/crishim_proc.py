@@ -39,6 +39,7 @@ class CrishimProcess:
         base = (
             f'root = "{self.root}"\nstate = "{self.state}"\nsocket = "{self.socket}"\n'
             f'log_level = "debug"\n\n[cni]\nconf_dir = "{self.cni_conf_dir}"\n'
+            '\n[metrics]\naddress = "127.0.0.1:0"\n'
         )
         self.config_file.write_text(base)
         drop_in = self.config_file.parent / "crishim.d" / "50-test.toml"
