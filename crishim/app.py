@@ -32,12 +32,14 @@ from crishim.runtime.binaries import resolve_binary
 from crishim.runtime.oci_runtime import OciRuntime
 from crishim.services.containers import ContainerService
 from crishim.services.events import EventBus
+from crishim.services.exec import ExecService
 from crishim.services.images import ImageService
 from crishim.services.metrics import CrishimMetrics
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
 from crishim.services.stats import StatsService
 from crishim.store import ObjectStore
+from crishim.streaming import StreamingServer
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class Services:
     sandboxes: SandboxService
     containers: ContainerService
     images: ImageService
+    exec: ExecService
     stats: StatsService
     metrics: CrishimMetrics
     registry: RegistryClient
@@ -136,16 +139,25 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         sandboxes=sandboxes,
         containers=containers,
         images=images,
+        exec=ExecService(containers, sandboxes),
         stats=StatsService(containers, sandboxes, images.snapshotter),
         metrics=CrishimMetrics(pulls=images.metrics, sandboxes=sandboxes, containers=containers),
         registry=registry,
     )
 
 
-def build_servicers(services: Services, tracker: CallTracker) -> list[Any]:
+def build_servicers(
+    services: Services, tracker: CallTracker, streaming: StreamingServer | None = None
+) -> list[Any]:
     """The RuntimeService and ImageService servicers."""
     runtime = RuntimeServicer(
-        services.runtime_info, services.sandboxes, services.containers, services.stats, tracker
+        services.runtime_info,
+        services.sandboxes,
+        services.containers,
+        services.stats,
+        tracker,
+        services.exec,
+        streaming,
     )
     return [runtime, ImageServicer(services.images, services.stats, tracker)]
 
@@ -166,7 +178,11 @@ async def serve(config: Config) -> None:
     await services.containers.refresh()
     tracker = CallTracker()
     tracker.observe = services.metrics.observe_rpc
-    server = CriServer(build_servicers(services, tracker), Path(config.socket), tracker)
+    host, _, port = config.streaming.address.rpartition(":")
+    streaming = StreamingServer(services.exec, host=host, port=int(port))
+    await streaming.start()
+    log.info("streaming server on %s:%d", *streaming.address)
+    server = CriServer(build_servicers(services, tracker, streaming), Path(config.socket), tracker)
     await server.start()
     metrics_server = None
     if config.metrics.address:
@@ -200,5 +216,6 @@ async def serve(config: Config) -> None:
         await server.stop(SHUTDOWN_GRACE_SECONDS)
         if metrics_server is not None:
             await metrics_server.stop()
+        await streaming.close()
         await services.registry.close()
     log.info("crishim stopped")

@@ -13,14 +13,19 @@ from crishim.api import convert, v1
 from crishim.api.codec import PreEncoded
 from crishim.api.encoded import EncodedItems
 from crishim.api.instrument import CallTracker, StreamHandler, build_mapping
-from crishim.errors import DeadlineExceeded
+from crishim.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from crishim.model import Container, ContainerFilter, Record, Sandbox, SandboxFilter
 from crishim.model.events import LifecycleEvent
 from crishim.services.containers import ContainerService
+from crishim.services.exec import ExecService
 from crishim.services.metrics import metric_descriptors, pod_metrics
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
 from crishim.services.stats import StatsService
+from crishim.streaming import StreamingServer
+from crishim.streaming.backend import AttachRequest as StreamAttachRequest
+from crishim.streaming.backend import ExecRequest as StreamExecRequest
+from crishim.streaming.backend import PortForwardRequest as StreamPortForwardRequest
 
 LIST_POD_SANDBOX = "/runtime.v1.RuntimeService/ListPodSandbox"
 LIST_CONTAINERS = "/runtime.v1.RuntimeService/ListContainers"
@@ -51,12 +56,16 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         containers: ContainerService,
         stats: StatsService,
         tracker: CallTracker,
+        exec_service: ExecService | None = None,
+        streaming: StreamingServer | None = None,
     ) -> None:
         self._info = info
         self._sandboxes = sandboxes
         self._containers = containers
         self._stats = stats
         self._tracker = tracker
+        self._exec = exec_service or ExecService(containers, sandboxes)
+        self._streaming = streaming
         self._encoded_sandboxes: EncodedItems[Sandbox] = EncodedItems(
             _LIST_FIELD, lambda s: bytes(convert.pod_sandbox(s))
         )
@@ -295,6 +304,50 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         resources = convert.linux_resources(message.resources) if message.resources else None
         await self._sandboxes.update_resources(message.pod_sandbox_id, resources)
         return v1.UpdatePodSandboxResourcesResponse()
+
+    # ---- streaming ----------------------------------------------------------------------
+
+    async def exec(self, message: v1.ExecRequest) -> v1.ExecResponse:
+        if self._streaming is None:
+            raise Unavailable("the streaming server is not running")
+        self._exec.check_exec(message.container_id, list(message.cmd))
+        if not (message.stdin or message.stdout or message.stderr):
+            raise InvalidArgument("exec: one of stdin, stdout and stderr must be set")
+        url = self._streaming.create_exec_url(
+            StreamExecRequest(
+                container_id=message.container_id,
+                cmd=list(message.cmd),
+                tty=message.tty,
+                stdin=message.stdin,
+                stdout=message.stdout,
+                stderr=message.stderr and not message.tty,
+            )
+        )
+        return v1.ExecResponse(url=url)
+
+    async def attach(self, message: v1.AttachRequest) -> v1.AttachResponse:
+        if self._streaming is None:
+            raise Unavailable("the streaming server is not running")
+        self._exec.check_exec(message.container_id, ["attach"])
+        url = self._streaming.create_attach_url(
+            StreamAttachRequest(
+                container_id=message.container_id,
+                tty=message.tty,
+                stdin=message.stdin,
+                stdout=message.stdout,
+                stderr=message.stderr and not message.tty,
+            )
+        )
+        return v1.AttachResponse(url=url)
+
+    async def port_forward(self, message: v1.PortForwardRequest) -> v1.PortForwardResponse:
+        if self._streaming is None:
+            raise Unavailable("the streaming server is not running")
+        self._exec.check_port_forward(message.pod_sandbox_id)
+        url = self._streaming.create_portforward_url(
+            StreamPortForwardRequest(sandbox_id=message.pod_sandbox_id, ports=list(message.port))
+        )
+        return v1.PortForwardResponse(url=url)
 
     async def list_metric_descriptors(
         self, message: v1.ListMetricDescriptorsRequest

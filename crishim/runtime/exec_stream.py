@@ -1,0 +1,285 @@
+"""Interactive processes in containers: exec with or without a terminal, and attach.
+
+Exec without a terminal runs ``<runtime> exec`` with pipes; with a terminal the runtime
+hands crishim the pty's master over a console socket (SCM_RIGHTS), and resizes go to the
+master with TIOCSWINSZ. Attach talks to conmon's attach socket (SOCK_SEQPACKET): each
+message from conmon starts with the pipe it came from (2 stdout, 3 stderr); what crishim
+writes goes to the container's stdin.
+
+The streams are small Protocols (``Reader``: ``read() -> b"" at EOF``; ``Writer``:
+``write()``), so this module knows nothing about SPDY or WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import tempfile
+import termios
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+from crishim.errors import Internal
+from crishim.runtime.oci_runtime import OciRuntime
+
+CHUNK = 32 * 1024
+# conmon's attach messages: one byte naming the pipe, then up to 8 KiB of data.
+ATTACH_BUFFER = 8192 + 1
+# conmon numbers its pipes stdin 1, stdout 2, stderr 3.
+STDOUT_PIPE, STDERR_PIPE = 2, 3
+# How long output is still read after the process exited (children may hold the pipes).
+DRAIN_SECONDS = 2.0
+
+
+class Reader(Protocol):
+    async def read(self, max_bytes: int = CHUNK) -> bytes: ...
+
+
+class Writer(Protocol):
+    async def write(self, data: bytes) -> None: ...
+
+
+Resize = AsyncIterator[tuple[int, int]]  # (rows, cols)
+
+
+async def _pump_stdin(
+    stdin: Reader, send: Callable[[bytes], Awaitable[None]], close: Callable[[], None]
+) -> None:
+    try:
+        while data := await stdin.read(CHUNK):
+            await send(data)
+    finally:
+        close()
+
+
+async def _pump_reader(reader: asyncio.StreamReader, out: Writer | None) -> None:
+    while data := await reader.read(CHUNK):
+        if out is not None:
+            await out.write(data)
+
+
+async def exec_pipes(
+    runtime: OciRuntime,
+    cid: str,
+    process: dict[str, object],
+    *,
+    stdin: Reader | None,
+    stdout: Writer | None,
+    stderr: Writer | None,
+) -> int:
+    """Run ``process`` in the container with pipes; its exit code."""
+    with tempfile.TemporaryDirectory(prefix="crishim-exec-") as tmp:
+        spec = Path(tmp) / "process.json"
+        spec.write_text(json.dumps({**process, "terminal": False}))
+        proc = await asyncio.create_subprocess_exec(
+            *runtime.argv("exec", "--process", str(spec), cid),
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        tasks = [
+            asyncio.create_task(_pump_reader(proc.stdout, stdout)),
+            asyncio.create_task(_pump_reader(proc.stderr, stderr)),
+        ]
+        feeder = None
+        if stdin is not None and proc.stdin is not None:
+            pipe = proc.stdin
+
+            async def send(data: bytes) -> None:
+                pipe.write(data)
+                await pipe.drain()
+
+            feeder = asyncio.create_task(_pump_stdin(stdin, send, pipe.close))
+        try:
+            code = await proc.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*tasks), DRAIN_SECONDS)
+            return code
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
+        finally:
+            for task in [*tasks, *([feeder] if feeder else [])]:
+                task.cancel()
+            await asyncio.gather(*tasks, *([feeder] if feeder else []), return_exceptions=True)
+
+
+def _set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+async def exec_tty(
+    runtime: OciRuntime,
+    cid: str,
+    process: dict[str, object],
+    *,
+    stdin: Reader | None,
+    stdout: Writer | None,
+    resize: Resize | None,
+) -> int:
+    """Run ``process`` in the container on a new terminal; its exit code.
+
+    runc only hands out the container's pty on a console socket when it detaches, and a
+    detached exec has no exit code. So the runtime runs attached, on a pty of crishim's:
+    it copies between that terminal and the container's, and forwards its size when sent
+    SIGWINCH, as when a person runs ``runc exec -t`` in a terminal.
+    """
+    with tempfile.TemporaryDirectory(prefix="crishim-exec-") as tmp:
+        spec = Path(tmp) / "process.json"
+        spec.write_text(json.dumps({**process, "terminal": True}))
+        master, slave = os.openpty()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *runtime.argv("exec", "--tty", "--process", str(spec), cid),
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+
+        def apply(rows: int, cols: int) -> None:
+            _set_winsize(master, rows, cols)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGWINCH)
+
+        return await _serve_terminal(proc, master, stdin, stdout, resize, apply)
+
+
+async def _serve_terminal(
+    proc: asyncio.subprocess.Process,
+    master: int,
+    stdin: Reader | None,
+    stdout: Writer | None,
+    resize: Resize | None,
+    apply_size: Callable[[int, int], None],
+) -> int:
+    loop = asyncio.get_running_loop()
+    os.set_blocking(master, False)
+    output: asyncio.Queue[bytes] = asyncio.Queue(16)
+
+    def readable() -> None:
+        try:
+            data = os.read(master, CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: the terminal's last holder went away
+            data = b""
+        if not data:
+            loop.remove_reader(master)
+        try:
+            output.put_nowait(data)
+        except asyncio.QueueFull:
+            # Backpressure: stop reading until the consumer catches up.
+            loop.remove_reader(master)
+            asyncio.ensure_future(output.put(data)).add_done_callback(
+                lambda _: data and loop.add_reader(master, readable)
+            )
+
+    loop.add_reader(master, readable)
+
+    async def forward_output() -> None:
+        while data := await output.get():
+            if stdout is not None:
+                await stdout.write(data)
+
+    async def send(data: bytes) -> None:
+        await asyncio.to_thread(os.write, master, data)
+
+    async def apply_resizes() -> None:
+        assert resize is not None
+        async for rows, cols in resize:
+            apply_size(rows, cols)
+
+    tasks = [asyncio.create_task(forward_output())]
+    if stdin is not None:
+        tasks.append(asyncio.create_task(_pump_stdin(stdin, send, lambda: None)))
+    if resize is not None:
+        tasks.append(asyncio.create_task(apply_resizes()))
+    try:
+        code = await proc.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tasks[0], DRAIN_SECONDS)
+        return code
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
+    finally:
+        loop.remove_reader(master)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        os.close(master)
+
+
+async def attach(
+    socket_path: Path,
+    *,
+    stdin: Reader | None,
+    stdout: Writer | None,
+    stderr: Writer | None,
+    resize: Resize | None,
+    apply_resize: Callable[[int, int], Awaitable[None]],
+) -> None:
+    """Connect to a running container's stdio through conmon until the client leaves."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    # Socket paths are limited to 108 bytes: reach it through a short /proc/self/fd path.
+    directory = os.open(socket_path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        await loop.sock_connect(sock, f"/proc/self/fd/{directory}/{socket_path.name}")
+    except OSError as exc:
+        sock.close()
+        raise Internal(f"attach socket {socket_path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(directory)
+
+    async def receive() -> None:
+        while True:
+            data = await loop.sock_recv(sock, ATTACH_BUFFER)
+            if not data:
+                return
+            target = (
+                stdout if data[0] == STDOUT_PIPE else stderr if data[0] == STDERR_PIPE else None
+            )
+            if target is not None and len(data) > 1:
+                await target.write(data[1:])
+
+    async def send(data: bytes) -> None:
+        await loop.sock_sendall(sock, data)
+
+    async def resizes() -> None:
+        assert resize is not None
+        async for rows, cols in resize:
+            await apply_resize(rows, cols)
+
+    tasks = [asyncio.create_task(receive())]
+    if stdin is not None:
+        tasks.append(
+            asyncio.create_task(_pump_stdin(stdin, send, lambda: sock.shutdown(socket.SHUT_WR)))
+        )
+    if resize is not None:
+        tasks.append(asyncio.create_task(resizes()))
+    try:
+        await tasks[0]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        sock.close()
