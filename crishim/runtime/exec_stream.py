@@ -79,7 +79,9 @@ async def exec_pipes(
         spec = Path(tmp) / "process.json"
         spec.write_text(json.dumps({**process, "terminal": False}))
         proc = await asyncio.create_subprocess_exec(
-            *runtime.argv("exec", "--process", str(spec), cid),
+            *runtime.argv(
+                "exec", "--pid-file", str(Path(tmp) / "pid"), "--process", str(spec), cid
+            ),
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -105,13 +107,23 @@ async def exec_pipes(
                 await asyncio.wait_for(asyncio.gather(*tasks), DRAIN_SECONDS)
             return code
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            _kill_exec(Path(tmp) / "pid", proc)
             raise
         finally:
             for task in [*tasks, *([feeder] if feeder else [])]:
                 task.cancel()
             await asyncio.gather(*tasks, *([feeder] if feeder else []), return_exceptions=True)
+
+
+def _kill_exec(pid_file: Path, runtime_proc: asyncio.subprocess.Process) -> None:
+    """Kill an exec'd process whose client went away, then the runtime waiting for it.
+
+    Killing only the runtime would leave the process running in the container.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        runtime_proc.kill()
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -140,7 +152,15 @@ async def exec_tty(
         master, slave = os.openpty()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *runtime.argv("exec", "--tty", "--process", str(spec), cid),
+                *runtime.argv(
+                    "exec",
+                    "--tty",
+                    "--pid-file",
+                    str(Path(tmp) / "pid"),
+                    "--process",
+                    str(spec),
+                    cid,
+                ),
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
@@ -157,7 +177,11 @@ async def exec_tty(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGWINCH)
 
-        return await _serve_terminal(proc, master, stdin, stdout, resize, apply)
+        try:
+            return await _serve_terminal(proc, master, stdin, stdout, resize, apply)
+        except BaseException:
+            _kill_exec(Path(tmp) / "pid", proc)
+            raise
 
 
 async def _serve_terminal(
@@ -215,10 +239,6 @@ async def _serve_terminal(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(tasks[0], DRAIN_SECONDS)
         return code
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        raise
     finally:
         loop.remove_reader(master)
         for task in tasks:

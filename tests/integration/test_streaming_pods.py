@@ -5,6 +5,7 @@ the ``websockets`` library."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 
@@ -123,3 +124,40 @@ async def test_streaming_into_a_stopped_container_is_refused(rig: PodRig) -> Non
     await rig.runtime.stop_container(v1.StopContainerRequest(container_id=cid, timeout=0))
     with pytest.raises(Exception, match="is not running"):
         await rig.runtime.exec(v1.ExecRequest(container_id=cid, cmd=["true"], stdout=True))
+
+
+async def test_twenty_concurrent_exec_sessions(rig: PodRig) -> None:
+    pod = await rig.run_pod("many-exec")
+    cid = await rig.start_container(pod, "app", ["sleep", "300"])
+
+    async def one(i: int) -> bytes:
+        url = await exec_url(rig, cid, ["sh", "-c", f"echo session-{i}"])
+        async with ws_connect(ws_url(url)) as client:
+            return (await ws_collect(client)).get(1, b"")
+
+    outputs = await asyncio.gather(*(one(i) for i in range(20)))
+    assert outputs == [f"session-{i}\n".encode() for i in range(20)]
+
+
+async def test_100_mb_through_stdout_arrive_whole(rig: PodRig, node_client: Path) -> None:
+    pod = await rig.run_pod("bulk")
+    cid = await rig.start_container(pod, "app", ["sleep", "300"])
+    size = 100 * 1024 * 1024
+    url = await exec_url(rig, cid, ["head", "-c", str(size), "/dev/zero"])
+    result = await run_node(node_client, {"url": url, "stdin": None}, timeout=120)
+    assert result["stdoutLength"] == size, {k: v for k, v in result.items() if k != "stdout"}
+    assert result["stdoutSha256"] == hashlib.sha256(bytes(size)).hexdigest()
+
+
+async def test_a_client_that_vanishes_frees_the_process(rig: PodRig) -> None:
+    pod = await rig.run_pod("vanish")
+    cid = await rig.start_container(pod, "app", ["sleep", "300"])
+    url = await exec_url(rig, cid, ["sleep", "4242"], stdin=True)
+    async with ws_connect(ws_url(url)):
+        await asyncio.sleep(1)
+        assert "sleep 4242" in await rig.exec_out(cid, "ps")
+    for _ in range(50):
+        if "sleep 4242" not in await rig.exec_out(cid, "ps"):
+            break
+        await asyncio.sleep(0.1)
+    assert "sleep 4242" not in await rig.exec_out(cid, "ps"), rig.log_tail()
