@@ -554,13 +554,18 @@ class ContainerService:
 
     async def _watch_exits(self) -> None:
         """Record exits of running containers soon after conmon writes them."""
+        exits = self._state / "exits"
         while True:
             running = [c for c in self._store.list() if c.state is ContainerState.RUNNING]
             if not running:
                 return
+            # One directory read per round, however many containers run.
+            try:
+                written = set(os.listdir(exits))
+            except FileNotFoundError:
+                written = set()
             for container in running:
-                exits = self.paths(container.id).exits
-                if read_exit_code(exits, container.id) is not None:
+                if container.id in written:
                     async with self._lock(container.id):
                         if self._store.get(container.id).state is ContainerState.RUNNING:
                             await self._record_exit(container.id)

@@ -50,6 +50,8 @@ MAX_PARALLEL_DOWNLOADS = 3
 # A blob whose stream breaks or arrives corrupt is fetched again this many times.
 BLOB_ATTEMPTS = 3
 PROGRESS_INTERVAL_SECONDS = 5.0
+# How long a walk of the image store's disk usage is reused.
+FS_USAGE_TTL_SECONDS = 30.0
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -141,6 +143,7 @@ class ImageService:
         # Serialises changes to image records with garbage collection.
         self._meta_lock = asyncio.Lock()
         self.metrics = PullMetrics()
+        self._fs_cache: tuple[float, FsUsage] | None = None
 
     @property
     def snapshotter(self) -> Snapshotter:
@@ -399,8 +402,17 @@ class ImageService:
             pending -= removed
 
     async def fs_usage(self) -> FsUsage:
-        """Bytes and inodes used by blobs and layers (walked in a worker thread)."""
-        return await anyio.to_thread.run_sync(self._fs_usage)
+        """Bytes and inodes used by blobs and layers.
+
+        Walking the store is the costliest thing kubelet's polling asks for, so a result
+        is reused for FS_USAGE_TTL_SECONDS (containerd refreshes its figures once a minute).
+        """
+        cached = self._fs_cache
+        if cached is not None and time.monotonic() - cached[0] < FS_USAGE_TTL_SECONDS:
+            return cached[1]
+        usage = await anyio.to_thread.run_sync(self._fs_usage)
+        self._fs_cache = (time.monotonic(), usage)
+        return usage
 
     def _fs_usage(self) -> FsUsage:
         content_bytes, content_inodes = self._content.usage()

@@ -73,6 +73,10 @@ DEFAULT_INTERFACE = "eth0"
 _LIVE = frozenset({ContainerState.CREATED, ContainerState.RUNNING})
 
 
+# How long the walked size of a container's writable layer is reused.
+WRITABLE_LAYER_TTL_SECONDS = 30.0
+
+
 class ContainerSource(Protocol):
     """The container records (the container service)."""
 
@@ -165,6 +169,7 @@ class StatsService:
         self._mountinfo = mountinfo
         self._proc = proc
         self._kept: dict[str, _Kept] = {}
+        self._layer_cache: dict[str, tuple[float, FilesystemUsage | None]] = {}
 
     # ---- containers ---------------------------------------------------------------------
 
@@ -282,7 +287,18 @@ class StatsService:
         return read_stats(paths) if paths.exists() else None
 
     def _writable_layer(self, container_id: str) -> FilesystemUsage | None:
-        """Bytes and inodes the container wrote to its snapshot; None without a snapshot."""
+        """Bytes and inodes the container wrote to its snapshot; None without a snapshot.
+
+        Walking a layer is costly, so a figure is reused for WRITABLE_LAYER_TTL_SECONDS.
+        """
+        cached = self._layer_cache.get(container_id)
+        if cached is not None and time.monotonic() - cached[0] < WRITABLE_LAYER_TTL_SECONDS:
+            return cached[1]
+        usage = self._walk_writable_layer(container_id)
+        self._layer_cache[container_id] = (time.monotonic(), usage)
+        return usage
+
+    def _walk_writable_layer(self, container_id: str) -> FilesystemUsage | None:
         timestamp = time.time_ns()
         snapshots = self._snapshots
         try:
@@ -378,6 +394,8 @@ class StatsService:
         """Drop kept samples of objects not sampled for a while (removed ones, mostly)."""
         now = time.time_ns()
         self._kept = {k: v for k, v in self._kept.items() if now - v.timestamp < SAMPLE_TTL_NS}
+        fresh = time.monotonic() - WRITABLE_LAYER_TTL_SECONDS
+        self._layer_cache = {k: v for k, v in self._layer_cache.items() if v[0] >= fresh}
 
     def _cpu(self, key: str, sample: CgroupSample) -> CpuUsage | None:
         """CPU time, and its rate against the kept sample of ``key`` (then kept in turn)."""
