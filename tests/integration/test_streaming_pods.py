@@ -161,3 +161,25 @@ async def test_a_client_that_vanishes_frees_the_process(rig: PodRig) -> None:
             break
         await asyncio.sleep(0.1)
     assert "sleep 4242" not in await rig.exec_out(cid, "ps"), rig.log_tail()
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_slow_reader_does_not_grow_memory(rig: PodRig) -> None:
+    pod = await rig.run_pod("slow-reader")
+    cid = await rig.start_container(pod, "app", ["sleep", "300"])
+    assert rig.proc.proc is not None
+    pid = rig.proc.proc.pid
+    before = _rss_bytes(pid)
+    url = await exec_url(rig, cid, ["head", "-c", str(500 * 1024 * 1024), "/dev/zero"])
+    async with ws_connect(ws_url(url)) as client:
+        first = await client.recv()  # the stream has started
+        assert isinstance(first, bytes)
+        await asyncio.sleep(3)  # then the client reads nothing for a while
+        grown = _rss_bytes(pid) - before
+    assert grown < 64 * 1024 * 1024, f"crishim grew {grown} bytes for a reader that stalled"
