@@ -681,3 +681,48 @@ async def test_container_events_follow_the_lifecycle_in_order(rig: PodRig) -> No
     assert started.pod_sandbox_status is not None
     assert started.pod_sandbox_status.id == pod_id
     assert [s.id for s in started.containers_statuses] == [cid]
+
+
+async def test_pod_resources_reach_the_pod_cgroup(rig: PodRig) -> None:
+    parent = f"/crishim-test-pod-{rig.runtime_name}"
+    cpu_dir = Path("/sys/fs/cgroup/cpu") / parent.strip("/")
+    if not Path("/sys/fs/cgroup/cpu/cpu.shares").exists():
+        pytest.skip("no cgroup v1 cpu controller at /sys/fs/cgroup/cpu on this host")
+    cpu_dir.mkdir(exist_ok=True)
+    try:
+        config = rig.sandbox_config("podres")
+        assert config.linux is not None
+        config.linux.cgroup_parent = parent
+        reply = await rig.runtime.run_pod_sandbox(v1.RunPodSandboxRequest(config=config))
+        rig.created.add(reply.pod_sandbox_id)
+        await rig.runtime.update_pod_sandbox_resources(
+            v1.UpdatePodSandboxResourcesRequest(
+                pod_sandbox_id=reply.pod_sandbox_id,
+                resources=v1.LinuxContainerResources(cpu_shares=512),
+            )
+        )
+        assert (cpu_dir / "cpu.shares").read_text().strip() == "512"
+        await rig.runtime.remove_pod_sandbox(
+            v1.RemovePodSandboxRequest(pod_sandbox_id=reply.pod_sandbox_id)
+        )
+    finally:
+        for child in sorted(cpu_dir.glob("**/"), reverse=True):
+            child.rmdir()
+
+
+async def test_pod_metrics_and_container_filesystem(rig: PodRig) -> None:
+    pod = await rig.run_pod("metrics")
+    await rig.start_container(pod, "app", ["sh", "-c", "echo data > /written; sleep 300"])
+    await asyncio.sleep(0.5)
+    descriptors = await rig.runtime.list_metric_descriptors(v1.ListMetricDescriptorsRequest())
+    names = {d.name for d in descriptors.descriptors}
+    assert "container_cpu_usage_seconds_total" in names
+    assert "container_memory_working_set_bytes" in names
+    metrics = await rig.runtime.list_pod_sandbox_metrics(v1.ListPodSandboxMetricsRequest())
+    (mine,) = [m for m in metrics.pod_metrics if m.pod_sandbox_id == pod]
+    assert len(mine.container_metrics) == 1
+    assert {m.name for m in mine.container_metrics[0].metrics} <= names
+    fs = await rig.images.image_fs_info(v1.ImageFsInfoRequest())
+    (writable,) = fs.container_filesystems
+    assert writable.used_bytes is not None
+    assert writable.used_bytes.value > 0
