@@ -78,11 +78,11 @@ def test_grpcio_client_gets_version_and_status(
     assert network["status"] is False
     assert network["reason"] == "NetworkPluginNotReady"
     assert "config" in status["info"]
-    missing = grpcio_call(root, crishim.endpoint, "RuntimeService/Attach")
+    missing = grpcio_call(root, crishim.endpoint, "RuntimeService/CheckpointContainer")
     assert missing == {
         "error": {
             "code": "UNIMPLEMENTED",
-            "details": "Attach is not implemented by crishim yet",
+            "details": "CheckpointContainer is not implemented by crishim yet",
         }
     }
     bad = grpcio_call(root, crishim.endpoint, "ImageService/PullImage")
@@ -224,13 +224,18 @@ async def test_shutdown_finishes_in_flight_calls_and_removes_the_socket(
 
 
 def test_failed_and_debug_rpc_lines_in_the_log(crishim: CrishimProcess) -> None:
-    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/Attach")
+    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/CheckpointContainer")
     grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/Version")
     deadline = time.monotonic() + 5
     while "Version OK" not in crishim.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     log = crishim.log()
-    assert log.count("Attach failed: UNIMPLEMENTED Attach is not implemented") == 1
+    assert (
+        log.count(
+            "CheckpointContainer failed: UNIMPLEMENTED CheckpointContainer is not implemented"
+        )
+        == 1
+    )
     assert "crishim.rpc: Version OK " in log
     assert "hpack" not in log  # library chatter stays out even at debug level
 
@@ -242,7 +247,7 @@ def test_metrics_endpoint_counts_cri_calls(crishim: CrishimProcess) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/Version")
-    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/Attach")
+    grpcio_call(OUR_SCHEMA_ROOT, crishim.endpoint, "RuntimeService/CheckpointContainer")
     match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", crishim.log())
     assert match, crishim.log()
     with urllib.request.urlopen(match.group(1), timeout=10) as reply:
@@ -254,6 +259,6 @@ def test_metrics_endpoint_counts_cri_calls(crishim: CrishimProcess) -> None:
         if s.name == "crishim_cri_requests_total"
     }
     assert calls[("Version", "OK")] >= 1
-    assert calls[("Attach", "UNIMPLEMENTED")] == 1
+    assert calls[("CheckpointContainer", "UNIMPLEMENTED")] == 1
     assert families["process_resident_memory_bytes"].samples[0].value > 10_000_000
     assert "crishim_pods_running" in families

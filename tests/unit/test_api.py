@@ -56,6 +56,9 @@ IMPLEMENTED = {
     "StreamImages",
     "UpdateRuntimeConfig",
     "UpdatePodSandboxResources",
+    "Exec",
+    "Attach",
+    "PortForward",
     "ListMetricDescriptors",
     "ListPodSandboxMetrics",
     "StreamPodSandboxMetrics",
@@ -269,13 +272,14 @@ async def test_a_failed_rpc_is_logged_once_with_status_and_message(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="crishim.rpc")
     with pytest.raises(GRPCError):
-        await api.client.runtime.attach(v1.AttachRequest())
+        await api.client.runtime.checkpoint_container(v1.CheckpointContainerRequest())
     await api.client.runtime.version(v1.VersionRequest())
     lines = [r.getMessage() for r in caplog.records if r.name == "crishim.rpc"]
     failed = [line for line in lines if "failed" in line]
     assert len(failed) == 1
     assert failed[0].startswith(
-        "Attach failed: UNIMPLEMENTED Attach is not implemented by crishim yet"
+        "CheckpointContainer failed: UNIMPLEMENTED "
+        "CheckpointContainer is not implemented by crishim yet"
     )
     assert any(line.startswith("Version OK ") and line.endswith(" ms") for line in lines)
 
@@ -334,3 +338,10 @@ async def test_update_pod_sandbox_resources_needs_a_cgroup_parent(api: InMemoryA
     with pytest.raises(GRPCError) as info:
         await api.client.runtime.update_pod_sandbox_resources(missing)
     assert info.value.status is Status.NOT_FOUND
+
+
+async def test_streaming_calls_need_the_streaming_server(api: InMemoryApi) -> None:
+    with pytest.raises(GRPCError) as info:
+        await api.client.runtime.exec(v1.ExecRequest(container_id="x", cmd=["true"]))
+    assert info.value.status is Status.UNAVAILABLE
+    assert info.value.message == "the streaming server is not running"
