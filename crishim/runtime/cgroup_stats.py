@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,6 @@ __all__ = [
     "HierarchyMount",
     "cgroup_for_path",
     "combine",
-    "directory_usage",
     "find_cgroup",
     "read_stats",
 ]
@@ -258,19 +256,6 @@ def combine(samples: Sequence[CgroupSample], *, clock: int | None = None) -> Cgr
     )
 
 
-def directory_usage(root: Path) -> tuple[int, int]:
-    """Bytes (allocated blocks) and inodes of ``root`` and everything below it, like ``du``:
-    each hardlinked inode once, other mounted file systems not entered, entries removed
-    during the walk not counted. Raises FileNotFoundError when ``root`` is missing."""
-    seen: set[tuple[int, int]] = set()
-    used = 0
-    for st in _inodes_below(root):
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            used += st.st_blocks * 512
-    return used, len(seen)
-
-
 # ---- readers ------------------------------------------------------------------------------
 
 
@@ -408,22 +393,3 @@ def _expand_slice(name: str) -> str:
         return "/"
     parts = stem.split("-")
     return "/" + "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))
-
-
-def _inodes_below(root: Path) -> Iterator[os.stat_result]:
-    top = os.lstat(root)
-    yield top
-    pending = [root]
-    while pending:
-        try:
-            with os.scandir(pending.pop()) as entries:
-                for entry in entries:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    yield st
-                    if stat.S_ISDIR(st.st_mode) and st.st_dev == top.st_dev:
-                        pending.append(Path(entry.path))
-        except (FileNotFoundError, NotADirectoryError):
-            continue

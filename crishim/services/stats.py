@@ -50,10 +50,10 @@ from crishim.runtime.cgroup_stats import (
     CgroupSample,
     cgroup_for_path,
     combine,
-    directory_usage,
     find_cgroup,
     read_stats,
 )
+from crishim.util.fs import directory_usage
 
 __all__ = [
     "ContainerSource",

@@ -15,10 +15,10 @@ from crishim.runtime.cgroup_stats import (
     HierarchyMount,
     cgroup_for_path,
     combine,
-    directory_usage,
     find_cgroup,
     read_stats,
 )
+from crishim.util.fs import directory_usage
 
 PID = 4242
 CG = "/kubepods/pod1/crishim-abc"

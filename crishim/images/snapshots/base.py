@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import stat
 import tempfile
 import threading
 from abc import ABC, abstractmethod
@@ -37,6 +36,7 @@ from typing import Any, ClassVar
 
 from crishim.errors import AlreadyExists, FailedPrecondition, NotFound
 from crishim.images.unpack import LayerResult, UnpackError
+from crishim.util.fs import directory_usage
 
 __all__ = ["Kind", "Mount", "Snapshot", "Snapshotter"]
 
@@ -221,13 +221,7 @@ class Snapshotter(ABC):
 
     def usage(self) -> tuple[int, int]:
         """Bytes (allocated blocks) and inodes under ``root``, each hardlinked inode once."""
-        seen: set[tuple[int, int]] = set()
-        used = 0
-        for st in _inodes_below(self.root):
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                used += st.st_blocks * 512
-        return used, len(seen)
+        return directory_usage(self.root)
 
     def mountpoint(self) -> str:
         """The directory whose file system holds the snapshots (for ImageFsInfo)."""
@@ -402,26 +396,3 @@ def _remove_path(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink()
-
-
-def _inodes_below(root: Path) -> Iterator[os.stat_result]:
-    """lstat of ``root`` and everything below it, not crossing into other mounts.
-
-    Snapshots may be removed meanwhile: what vanishes during the walk is not counted.
-    """
-    top = os.lstat(root)
-    yield top
-    pending = [root]
-    while pending:
-        try:
-            with os.scandir(pending.pop()) as entries:
-                for entry in entries:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    yield st
-                    if stat.S_ISDIR(st.st_mode) and st.st_dev == top.st_dev:
-                        pending.append(Path(entry.path))
-        except FileNotFoundError:
-            continue
