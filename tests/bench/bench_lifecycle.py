@@ -198,6 +198,17 @@ async def memory(proc: CrishimProcess, image: str, pods: int, logs: Path) -> tup
         channel.close()
 
 
+async def pull(socket: Path, ref: str) -> None:
+    """PullImage through crishim's socket."""
+    channel = Channel(path=str(socket))
+    try:
+        await v1.ImageServiceStub(channel).pull_image(
+            v1.PullImageRequest(image=v1.ImageSpec(image=ref))
+        )
+    finally:
+        channel.close()
+
+
 def raw_runc(base: Path, rounds: int) -> list[float]:
     """`runc run -d` + kill + delete of the same busybox, as a floor."""
     bundle = make_bundle(base / "raw", ["sleep", "3600"])
@@ -254,15 +265,7 @@ def main() -> None:
         (proc.cni_conf_dir / "10-bench.conflist").write_text(conflist(base / "ipam"))
         proc.start()
         try:
-
-            async def pull() -> None:
-                channel = Channel(path=str(proc.socket))
-                await v1.ImageServiceStub(channel).pull_image(
-                    v1.PullImageRequest(image=v1.ImageSpec(image=ref))
-                )
-                channel.close()
-
-            asyncio.run(pull())
+            asyncio.run(pull(proc.socket, ref))
             samples = asyncio.run(lifecycle(proc, ref, args.rounds, base / "logs"))
             mem10 = asyncio.run(memory(proc, ref, 10, base / "logs"))
             mem50 = asyncio.run(memory(proc, ref, 50, base / "logs"))

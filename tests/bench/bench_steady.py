@@ -21,7 +21,7 @@ from pathlib import Path
 from grpclib.client import Channel
 
 from crishim.api import v1
-from tests.bench.bench_lifecycle import BRIDGE, conflist, container_config, pod_config
+from tests.bench.bench_lifecycle import BRIDGE, conflist, container_config, pod_config, pull
 from tests.rig.crishim_proc import CrishimProcess
 from tests.rig.oci_image import busybox_image, push
 from tests.rig.registry import Registry
@@ -111,15 +111,7 @@ def main() -> None:
         (proc.cni_conf_dir / "10-bench.conflist").write_text(conflist(base / "ipam"))
         proc.start()
         try:
-
-            async def pull() -> None:
-                channel = Channel(path=str(proc.socket))
-                await v1.ImageServiceStub(channel).pull_image(
-                    v1.PullImageRequest(image=v1.ImageSpec(image=ref))
-                )
-                channel.close()
-
-            asyncio.run(pull())
+            asyncio.run(pull(proc.socket, ref))
             started = time.monotonic()
             ids = asyncio.run(start_pods(proc.socket, ref, args.pods, base / "logs"))
             print(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ import pytest
 from crishim.errors import Unavailable
 from crishim.network.cni import CniManager, pod_ips
 from crishim.network.netns import PodNamespaces, create_pod_namespaces, remove_pod_namespaces
+from tests.rig.pods import drop_chain, iptables_chains, iptables_rules, run
 
 pytestmark = pytest.mark.root
 
@@ -69,28 +69,6 @@ cat >/dev/null
 echo '{"cniVersion": "1.0.0", "code": 11, "msg": "fake failure for the test"}'
 exit 1
 """
-
-
-def run(*argv: str, check: bool = True) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, check=check).stdout
-
-
-def iptables_rules(table: str) -> list[str]:
-    return run("iptables", "-t", table, "-S").splitlines()
-
-
-def iptables_chains(table: str) -> set[str]:
-    return {line.split()[1] for line in iptables_rules(table) if line.startswith("-N ")}
-
-
-def drop_chain(table: str, chain: str) -> None:
-    """Delete the rules jumping to ``chain``, then the chain itself."""
-    for line in iptables_rules(table):
-        words = shlex.split(line)
-        if words[0] == "-A" and words[-2:] == ["-j", chain]:
-            run("iptables", "-t", table, "-D", *words[1:], check=False)
-    run("iptables", "-t", table, "-F", chain, check=False)
-    run("iptables", "-t", table, "-X", chain, check=False)
 
 
 def cleanup_iptables(chains_before: dict[str, set[str]]) -> None:

@@ -87,7 +87,7 @@ def iptables_chains(table: str) -> set[str]:
     return {line.split()[1] for line in iptables_rules(table) if line.startswith("-N ")}
 
 
-def _drop_chain(table: str, chain: str) -> None:
+def drop_chain(table: str, chain: str) -> None:
     """Delete the rules jumping to ``chain``, then the chain itself."""
     for line in iptables_rules(table):
         words = shlex.split(line)
@@ -117,7 +117,7 @@ def cleanup_iptables(chains_before: dict[str, set[str]]) -> None:
             if line.startswith("-A CNI-") and SUBNET_PREFIX in line
         } - set(PORTMAP_CHAINS)
         for chain in ours - before:
-            _drop_chain(table, chain)
+            drop_chain(table, chain)
         for line in iptables_rules(table):
             if line.startswith("-A ") and SUBNET_PREFIX in line:
                 run("iptables", "-t", table, "-D", *shlex.split(line)[1:], check=False)
@@ -125,7 +125,7 @@ def cleanup_iptables(chains_before: dict[str, set[str]]) -> None:
         if not dnat_in_use:
             for chain in PORTMAP_CHAINS:
                 if chain in iptables_chains(table) and chain not in before:
-                    _drop_chain(table, chain)
+                    drop_chain(table, chain)
 
 
 # ---- processes and mounts ------------------------------------------------------------------
