@@ -58,10 +58,6 @@ class Sandbox(Record):
         default_factory=dict, description="the sandbox config, kept for containers and status"
     )
 
-    def can_remove(self) -> bool:
-        """Only a stopped sandbox is removed without stopping it first."""
-        return self.state is SandboxState.NOTREADY
-
 
 class SandboxFilter(BaseModel):
     """ListPodSandbox's filter; every set criterion must hold."""

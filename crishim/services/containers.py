@@ -592,6 +592,10 @@ class ContainerService:
             return
         async with self._lock(container.id):
             await self._stop_locked(container.id, 0)
+            if not self._store.get(container.id).can_remove():
+                raise FailedPrecondition(
+                    f"container {container.id} did not stop after SIGKILL; not removing it"
+                )
             runtime = self.runtime_for(container.runtime_handler)
             await runtime.delete(container.id, force=True)
             paths = self.paths(container.id)

@@ -76,8 +76,3 @@ def test_only_a_created_container_can_start() -> None:
 def test_a_running_container_cannot_be_removed() -> None:
     assert not container("c", "s", ContainerState.RUNNING).can_remove()
     assert container("c", "s", ContainerState.EXITED).can_remove()
-
-
-def test_only_a_stopped_sandbox_is_removed_without_stopping() -> None:
-    assert sandbox("s", SandboxState.NOTREADY).can_remove()
-    assert not sandbox("s").can_remove()
