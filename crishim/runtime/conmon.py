@@ -37,6 +37,7 @@ from pathlib import Path
 
 from crishim.errors import DeadlineExceeded, FailedPrecondition, Internal, Unimplemented
 from crishim.runtime.oci_runtime import OciRuntime, error_message
+from crishim.util.fdio import read_line
 
 __all__ = [
     "CTL_REOPEN_LOG",
@@ -182,19 +183,6 @@ def remove_conmon_cgroup(cgroup_parent: str, cid: str) -> None:
             directory.rmdir()
 
 
-async def _read_sync_line(fd: int) -> bytes:
-    """The first line conmon writes on the sync pipe, or b"" when it exits without one."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    transport, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-    )
-    try:
-        return await reader.readline()
-    finally:
-        transport.close()
-
-
 def _kill_conmon(pid_file: Path) -> None:
     # The runtime child of conmon has PDEATHSIG=SIGKILL, so it dies with it.
     with contextlib.suppress(OSError, ValueError):
@@ -224,15 +212,12 @@ async def create_container(spec: MonitorSpec, conmon: str = "conmon", timeout: f
     try:
         try:
             await _spawn(spec, conmon, env, (sync_w, start_r), start_w)
-        except BaseException:
-            os.close(sync_r)
-            raise
         finally:
             # Only conmon holds these now; ours would hide its exit from the read below.
             for fd in (sync_w, start_r, start_w):
                 os.close(fd)
-        # The pipe transport owns sync_r from here on and closes it.
-        line = await asyncio.wait_for(_read_sync_line(sync_r), timeout)
+        # sync_r stays ours alone: read_line only watches it (see util.fdio).
+        line = await asyncio.wait_for(read_line(sync_r), timeout)
         return _parse_sync(cid, line)
     except BaseException as exc:
         _kill_conmon(spec.conmon_pid_file)
@@ -240,6 +225,8 @@ async def create_container(spec: MonitorSpec, conmon: str = "conmon", timeout: f
         if isinstance(exc, TimeoutError):
             raise DeadlineExceeded(f"conmon for {cid}: no answer in {timeout}s") from exc
         raise
+    finally:
+        os.close(sync_r)
 
 
 async def _spawn(
