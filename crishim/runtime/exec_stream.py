@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -22,12 +23,14 @@ import socket
 import struct
 import tempfile
 import termios
+import tty
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
 from crishim.errors import Internal
 from crishim.runtime.oci_runtime import OciRuntime
+from crishim.util.fdio import read_chunk, write_all
 
 CHUNK = 32 * 1024
 # conmon's attach messages: one byte naming the pipe, then up to 8 KiB of data.
@@ -151,6 +154,10 @@ async def exec_tty(
         spec.write_text(json.dumps({**process, "terminal": True}))
         master, slave = os.openpty()
         try:
+            # Raw from the start: runc makes its terminal raw only once it runs, and input
+            # that arrives before would be echoed and edited by this pty's line discipline
+            # instead of reaching the container's own terminal untouched.
+            tty.setraw(slave)
             proc = await asyncio.create_subprocess_exec(
                 *runtime.argv(
                     "exec",
@@ -192,37 +199,18 @@ async def _serve_terminal(
     resize: Resize | None,
     apply_size: Callable[[int, int], None],
 ) -> int:
-    loop = asyncio.get_running_loop()
     os.set_blocking(master, False)
-    output: asyncio.Queue[bytes] = asyncio.Queue(16)
-
-    def readable() -> None:
-        try:
-            data = os.read(master, CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:  # EIO: the terminal's last holder went away
-            data = b""
-        if not data:
-            loop.remove_reader(master)
-        try:
-            output.put_nowait(data)
-        except asyncio.QueueFull:
-            # Backpressure: stop reading until the consumer catches up.
-            loop.remove_reader(master)
-            asyncio.ensure_future(output.put(data)).add_done_callback(
-                lambda _: data and loop.add_reader(master, readable)
-            )
-
-    loop.add_reader(master, readable)
 
     async def forward_output() -> None:
-        while data := await output.get():
+        # One read at a time, each written out before the next: the client's pace is the
+        # backpressure. EIO from the master means the terminal's last holder went away.
+        while data := await read_chunk(master, CHUNK, eof_errnos=(errno.EIO,)):
             if stdout is not None:
                 await stdout.write(data)
 
     async def send(data: bytes) -> None:
-        await asyncio.to_thread(os.write, master, data)
+        # On the loop, not in a thread: a thread could still write after master is closed.
+        await write_all(master, data)
 
     async def apply_resizes() -> None:
         assert resize is not None
@@ -240,9 +228,9 @@ async def _serve_terminal(
             await asyncio.wait_for(tasks[0], DRAIN_SECONDS)
         return code
     finally:
-        loop.remove_reader(master)
         for task in tasks:
             task.cancel()
+        # Every task has stopped watching master before it is closed.
         await asyncio.gather(*tasks, return_exceptions=True)
         os.close(master)
 
