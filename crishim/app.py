@@ -217,5 +217,6 @@ async def serve(config: Config) -> None:
         if metrics_server is not None:
             await metrics_server.stop()
         await streaming.close()
+        await services.containers.close()
         await services.registry.close()
     log.info("crishim stopped")

@@ -24,6 +24,7 @@ import aiofiles
 import anyio.to_thread
 
 from crishim.errors import DataLoss, InvalidArgument
+from crishim.util.tasks import join_shared
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class ContentStore:
             task = asyncio.create_task(self._ingest_blob(digest, size, source))
             self._inflight[digest] = task
             task.add_done_callback(lambda _: self._inflight.pop(digest, None))
-        return await asyncio.shield(task)
+        return await join_shared(task, f"download of {digest}")
 
     async def _ingest_blob(self, digest: str, size: int | None, source: BlobSource) -> Path:
         final = self.path(digest)

@@ -63,6 +63,7 @@ from crishim.services.images import ImageService
 from crishim.services.sandboxes import SandboxService
 from crishim.store import ObjectStore
 from crishim.util.fs import remove_tree
+from crishim.util.tasks import BackgroundTasks, join_shared
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ class ContainerService:
         self._swap = swap_accounting()
         self._lsms = host_lsms()
         self._cap_mask = capability_bounding_mask()
+        self._background = BackgroundTasks()
         self._watcher: asyncio.Task[None] | None = None
 
     # ---- queries ------------------------------------------------------------------------
@@ -220,7 +222,7 @@ class ContainerService:
             self._creating[key] = task
             task.add_done_callback(lambda _: self._creating.pop(key, None))
         try:
-            return await asyncio.shield(task)
+            return await join_shared(task, f"create of container {config.metadata.name!r}")
         except asyncio.CancelledError:
             task.add_done_callback(lambda t: self._keep_unclaimed(key, t))
             raise
@@ -550,7 +552,11 @@ class ContainerService:
 
     def _ensure_watcher(self) -> None:
         if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.create_task(self._watch_exits())
+            self._watcher = self._background.spawn(self._watch_exits(), "the exit watcher")
+
+    async def close(self) -> None:
+        """Stop the background work (at shutdown)."""
+        await self._background.close()
 
     async def _watch_exits(self) -> None:
         """Record exits of running containers soon after conmon writes them."""
@@ -566,10 +572,19 @@ class ContainerService:
                 written = set()
             for container in running:
                 if container.id in written:
-                    async with self._lock(container.id):
-                        if self._store.get(container.id).state is ContainerState.RUNNING:
-                            await self._record_exit(container.id)
+                    try:
+                        await self._record_running_exit(container.id)
+                    except Exception:
+                        # One container's trouble must not stop the watch over the others.
+                        log.exception("recording the exit of container %s", container.id[:12])
             await asyncio.sleep(EXIT_POLL_SECONDS)
+
+    async def _record_running_exit(self, container_id: str) -> None:
+        async with self._lock(container_id):
+            # Removed or stopped meanwhile (the listing above is from before the lock).
+            current = self._store.find(container_id)
+            if current is not None and current.state is ContainerState.RUNNING:
+                await self._record_exit(container_id)
 
     async def refresh(self) -> None:
         """After a restart: exits that happened meanwhile are recorded, watching resumes."""

@@ -42,6 +42,7 @@ from crishim.images.registry import RegistryClient
 from crishim.images.snapshots.base import Snapshotter
 from crishim.model import Image, ImageLayer
 from crishim.store import ObjectStore
+from crishim.util.tasks import join_shared
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class ImageService:
             task = asyncio.create_task(self._timed_pull(ref, creds))
             self._pulls[key] = task
             task.add_done_callback(lambda _: self._pulls.pop(key, None))
-        return await asyncio.shield(task)
+        return await join_shared(task, f"pull of {ref}")
 
     async def _timed_pull(self, ref: Reference, creds: Credentials) -> Image:
         start = time.monotonic()

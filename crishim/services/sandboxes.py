@@ -40,6 +40,7 @@ from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.services.events import EventBus
 from crishim.store import ObjectStore
 from crishim.util.fs import remove_tree
+from crishim.util.tasks import join_shared
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class SandboxService:
             task = asyncio.create_task(self._run(config, handler))
             self._creating[key] = task
             task.add_done_callback(lambda _: self._creating.pop(key, None))
-        return await asyncio.shield(task)
+        return await join_shared(task, f"run of pod sandbox {meta.namespace}/{meta.name}")
 
     async def _run(self, config: SandboxConfig, handler: str) -> Sandbox:
         assert config.metadata is not None
