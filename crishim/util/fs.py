@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
@@ -10,10 +11,34 @@ from pathlib import Path
 
 import anyio.to_thread
 
+log = logging.getLogger(__name__)
+
+
+def _remove_now(path: Path) -> None:
+    def report(failed: str, exc: BaseException) -> None:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("cannot remove %s: %s", failed, exc)
+
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        # rmtree refuses a symlink (conmon's attach links are symlinks to bundles).
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            report(str(path), exc)
+        return
+    # (onerror: Python 3.11 has no onexc yet)
+    shutil.rmtree(path, onerror=lambda _func, failed, info: report(failed, info[1]))
+
 
 async def remove_tree(path: Path) -> None:
-    """Remove a directory tree in a worker thread; a missing one is fine."""
-    await anyio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
+    """Remove a directory tree, a file or a symlink (not its target) in a worker thread.
+
+    A missing path is fine; what cannot be removed (a mount still busy, say) is logged and
+    left, so that a teardown goes on with its other steps.
+    """
+    await anyio.to_thread.run_sync(_remove_now, path)
 
 
 def _inodes_below(root: Path) -> Iterator[os.stat_result]:
