@@ -1,0 +1,240 @@
+"""The small I/O helpers every layer relies on: descriptors read and written on the loop
+without taking them over, background tasks that cannot die unseen, tree removal."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from crishim.util.fdio import read_chunk, read_line, write_all
+from crishim.util.fs import remove_tree
+from crishim.util.tasks import BackgroundTasks, join_shared
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_factory(request: pytest.FixtureRequest) -> type[asyncio.AbstractEventLoop]:
+    return uvloop.Loop if request.param == "uvloop" else asyncio.SelectorEventLoop
+
+
+def run(loop_factory: type[asyncio.AbstractEventLoop], coro: object) -> object:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coro)  # type: ignore[arg-type]
+
+
+def still_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+# ---- fdio ----------------------------------------------------------------------------------
+
+
+def test_read_line_returns_the_first_line_and_leaves_the_descriptor_open(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    r, w = os.pipe()
+
+    async def main() -> bytes:
+        async def writer() -> None:
+            await asyncio.sleep(0.05)
+            os.write(w, b'{"data": 42}\n{"data": 1}\n')
+
+        task = asyncio.create_task(writer())
+        line = await read_line(r)
+        await task
+        return line
+
+    try:
+        assert run(loop_factory, main()) == b'{"data": 42}\n'
+        # Still the caller's: open, and closing it is the caller's single close.
+        assert still_open(r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_read_line_at_end_of_file(loop_factory: type[asyncio.AbstractEventLoop]) -> None:
+    r, w = os.pipe()
+    os.write(w, b"partial")
+    os.close(w)
+    try:
+        assert run(loop_factory, read_line(r)) == b"partial"
+        assert run(loop_factory, read_line(r)) == b""
+    finally:
+        os.close(r)
+
+
+def test_read_line_stops_at_the_limit(loop_factory: type[asyncio.AbstractEventLoop]) -> None:
+    r, w = os.pipe()
+    os.write(w, b"x" * 100)
+    try:
+        assert run(loop_factory, read_line(r, limit=10)) == b"x" * 10
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_cancelled_read_stops_watching_the_descriptor(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    r, w = os.pipe()
+
+    async def main() -> None:
+        task = asyncio.create_task(read_line(r))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Closed by its owner and the number reused: a leftover watch would fire on it.
+        os.close(r)
+        r2, w2 = os.pipe()
+        try:
+            os.write(w2, b"for someone else\n")
+            await asyncio.sleep(0.05)
+            assert os.read(r2, 100) == b"for someone else\n"
+        finally:
+            os.close(r2)
+            os.close(w2)
+
+    try:
+        run(loop_factory, main())
+    finally:
+        os.close(w)
+
+
+def test_write_all_waits_for_a_slow_reader(loop_factory: type[asyncio.AbstractEventLoop]) -> None:
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    data = os.urandom(1024 * 1024)  # far more than a pipe buffers
+
+    async def main() -> bytes:
+        os.set_blocking(r, False)
+        received = bytearray()
+        writer = asyncio.create_task(write_all(w, data))
+        while len(received) < len(data):
+            received += await read_chunk(r, 65536)
+        await writer
+        return bytes(received)
+
+    try:
+        assert run(loop_factory, main()) == data
+        assert still_open(w)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_read_chunk_maps_chosen_errors_to_end_of_file(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    # A terminal's master reads EIO once the last holder of its other side is gone.
+    master, slave = os.openpty()
+    os.close(slave)
+    os.set_blocking(master, False)
+    try:
+        with pytest.raises(OSError, match="Input/output error"):
+            run(loop_factory, read_chunk(master, 10))
+        assert run(loop_factory, read_chunk(master, 10, eof_errnos=(errno.EIO,))) == b""
+    finally:
+        os.close(master)
+
+
+# ---- tasks ---------------------------------------------------------------------------------
+
+
+def test_a_failing_background_task_is_logged(
+    loop_factory: type[asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def fails() -> None:
+        raise LookupError("container abc vanished")
+
+    async def main() -> int:
+        tasks = BackgroundTasks()
+        tasks.spawn(fails(), "the exit watcher")
+        await asyncio.sleep(0.01)
+        return len(tasks)
+
+    with caplog.at_level(logging.ERROR):
+        assert run(loop_factory, main()) == 0
+    assert "the exit watcher failed: container abc vanished" in caplog.text
+
+
+def test_close_cancels_the_background_tasks(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    async def main() -> bool:
+        tasks = BackgroundTasks()
+        forever = tasks.spawn(asyncio.sleep(3600), "a loop")
+        await asyncio.sleep(0)
+        await tasks.close()
+        return forever.cancelled()
+
+    assert run(loop_factory, main())
+
+
+def test_shared_work_outlives_a_cancelled_caller_and_its_failure_is_logged(
+    loop_factory: type[asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def slow_failure() -> None:
+        await asyncio.sleep(0.05)
+        raise ValueError("disk full")
+
+    async def main() -> None:
+        work = asyncio.create_task(slow_failure())
+        caller = asyncio.create_task(join_shared(work, "create of container 'web'"))
+        await asyncio.sleep(0.01)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert not work.done()
+        await asyncio.sleep(0.1)
+        assert work.done()
+
+    with caplog.at_level(logging.ERROR):
+        run(loop_factory, main())
+    assert "create of container 'web' (its caller had gone) failed: disk full" in caplog.text
+
+
+def test_shared_work_hands_its_result_to_the_caller(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    async def main() -> int:
+        async def answer() -> int:
+            return 7
+
+        return await join_shared(asyncio.create_task(answer()), "answer")
+
+    assert run(loop_factory, main()) == 7
+
+
+# ---- remove_tree ---------------------------------------------------------------------------
+
+
+async def test_remove_tree_removes_a_symlink_not_its_target(tmp_path: Path) -> None:
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    link = tmp_path / "attach-link"
+    link.symlink_to(target)
+    await remove_tree(link)
+    assert not link.is_symlink()
+    assert (target / "config.json").exists()
+
+
+async def test_remove_tree_removes_trees_and_files_and_tolerates_missing(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_text("x")
+    (tmp_path / "file").write_text("y")
+    await remove_tree(tmp_path / "a")
+    await remove_tree(tmp_path / "file")
+    await remove_tree(tmp_path / "missing")
+    assert sorted(os.listdir(tmp_path)) == []
