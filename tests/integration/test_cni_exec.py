@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from crishim.errors import Unavailable
-from crishim.network.cni import CniManager, pod_ips
+from crishim.network.cni import CniManager
+from crishim.network.cni_result import pod_ips
 from crishim.network.netns import PodNamespaces, create_pod_namespaces, remove_pod_namespaces
-from tests.rig.pods import drop_chain, iptables_chains, iptables_rules, run
+from tests.rig.host import drop_chain, iptables_chains, iptables_rules, run
 
 pytestmark = pytest.mark.root
 

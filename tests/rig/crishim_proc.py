@@ -20,7 +20,14 @@ class CrishimProcess:
     keys and tables alike.
     """
 
-    def __init__(self, base: Path, config: str = "", extra_args: list[str] | None = None):
+    def __init__(
+        self,
+        base: Path,
+        config: str = "",
+        extra_args: list[str] | None = None,
+        *,
+        fd_canary: bool = False,
+    ):
         self.base = base
         self.root = base / "root"
         self.state = base / "state"
@@ -30,6 +37,8 @@ class CrishimProcess:
         self.log_file = base / "crishim.log"
         self._extra_config = config
         self._extra_args = extra_args or []
+        #: where canary threads inside crishim report descriptors closed under them
+        self.canary_report: Path | None = base / "fd-canary.txt" if fd_canary else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self) -> None:
@@ -47,11 +56,15 @@ class CrishimProcess:
         drop_in.write_text(self._extra_config)
 
     def command(self) -> list[str]:
-        """The argv that starts this instance."""
+        """The argv that starts this instance (under the fd canary when asked for)."""
+        if self.canary_report is not None:
+            launcher = ["tests.rig.fd_canary", "--report", str(self.canary_report), "--"]
+        else:
+            launcher = ["crishim.cli"]
         return [
             sys.executable,
             "-m",
-            "crishim.cli",
+            *launcher,
             "serve",
             "--config",
             str(self.config_file),
@@ -77,6 +90,18 @@ class CrishimProcess:
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"crishim did not start in {START_TIMEOUT}s:\n{self.log()}")
+
+    def canary_findings(self) -> tuple[list[str], int]:
+        """What the fd canaries found, and how many rounds they ran (0 without canaries)."""
+        if self.canary_report is None or not self.canary_report.exists():
+            return [], 0
+        findings, rounds = [], 0
+        for line in self.canary_report.read_text().splitlines():
+            if line.startswith("iterations "):
+                rounds += 1000  # one line per thousand rounds of one canary
+            else:
+                findings.append(line)
+        return findings, rounds
 
     def log(self) -> str:
         """Everything the instance has logged so far."""

@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +39,17 @@ from crishim.api import v1
 from tests.rig.crishim_fixtures import CriClient
 from tests.rig.crishim_proc import CrishimProcess
 from tests.rig.fixtures import PushedImage, require_busybox
+from tests.rig.host import (
+    active_snapshots,
+    cgroups_of,
+    conmons_of,
+    drop_chain,
+    entries,
+    iptables_chains,
+    iptables_rules,
+    mounts_under,
+    run,
+)
 from tests.rig.oci_image import DEFAULT_PATH_ENV, busybox_image, push
 from tests.rig.registry import Registry
 
@@ -71,30 +81,7 @@ CONFIGURED_CMD = ["echo from-image-cmd; sleep 1000; exit 0"]
 CONFIGURED_WORKDIR = "/var/www"
 
 
-def run(*argv: str, check: bool = True) -> str:
-    """Run a host tool; its stdout."""
-    return subprocess.run(argv, capture_output=True, text=True, check=check).stdout
-
-
 # ---- iptables ------------------------------------------------------------------------------
-
-
-def iptables_rules(table: str) -> list[str]:
-    return run("iptables", "-t", table, "-S").splitlines()
-
-
-def iptables_chains(table: str) -> set[str]:
-    return {line.split()[1] for line in iptables_rules(table) if line.startswith("-N ")}
-
-
-def drop_chain(table: str, chain: str) -> None:
-    """Delete the rules jumping to ``chain``, then the chain itself."""
-    for line in iptables_rules(table):
-        words = shlex.split(line)
-        if words[0] == "-A" and words[-2:] == ["-j", chain]:
-            run("iptables", "-t", table, "-D", *words[1:], check=False)
-    run("iptables", "-t", table, "-F", chain, check=False)
-    run("iptables", "-t", table, "-X", chain, check=False)
 
 
 def subnet_rules() -> list[str]:
@@ -126,53 +113,6 @@ def cleanup_iptables(chains_before: dict[str, set[str]]) -> None:
             for chain in PORTMAP_CHAINS:
                 if chain in iptables_chains(table) and chain not in before:
                     drop_chain(table, chain)
-
-
-# ---- processes and mounts ------------------------------------------------------------------
-
-
-def conmons_of(proc: CrishimProcess) -> list[int]:
-    """Pids of conmon processes whose command line names this instance's state directory."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            argv
-            and argv[0].endswith(b"conmon")
-            and any(str(proc.state).encode() in a for a in argv)
-        ):
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path``, deepest first."""
-    prefix = str(path)
-    points = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        point = line.split()[1].replace("\\040", " ")
-        if point == prefix or point.startswith(prefix + "/"):
-            points.append(point)
-    return sorted(set(points), key=len, reverse=True)
-
-
-def cgroups_of(ids: set[str]) -> list[str]:
-    """Cgroup directories (any v1 hierarchy) of these pods' or containers' processes or
-    their conmons (``/crishim-<id>``, ``/crishim-conmon-<id>``: the pods' cgroup parent is
-    "")."""
-    root = Path("/sys/fs/cgroup")
-    found = []
-    for hierarchy in root.iterdir():
-        for cid in ids:
-            for name in (f"crishim-{cid}", f"crishim-conmon-{cid}"):
-                if (hierarchy / name).is_dir():
-                    found.append(f"{hierarchy.name}/{name[:28]}")
-    return sorted(found)
 
 
 def leases(ipam_dir: Path) -> list[str]:
@@ -449,6 +389,16 @@ class PodRig:
                 v1.RemovePodSandboxRequest(pod_sandbox_id=item.id)
             )
 
+    async def assert_nothing_left(self, timeout: float = 5.0) -> None:
+        """Fail unless :meth:`leftovers` comes back empty within ``timeout`` (conmons and
+        runtimes take a moment to go)."""
+        deadline = time.monotonic() + timeout
+        left = await self.leftovers()
+        while left and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            left = await self.leftovers()
+        assert left == [], f"left behind: {left}{self.log_tail()}"
+
     async def leftovers(self) -> list[str]:
         """What a test left behind that removing its pods should have cleaned."""
         found: list[str] = []
@@ -458,8 +408,16 @@ class PodRig:
         found += [f"container {c.id[:12]}" for c in containers]
         found += [f"conmon pid {pid}" for pid in conmons_of(self.proc)]
         found += [f"lease {ip}" for ip in leases(self.ipam_dir)]
-        found += [f"mount {m}" for m in mounts_under(self.proc.state / "containers")]
-        found += [f"mount {m}" for m in mounts_under(self.proc.state / "sandboxes")]
+        for kind in ("containers", "sandboxes"):
+            found += [f"mount {m}" for m in mounts_under(self.proc.state / kind)]
+            found += [f"{kind} dir {d[:12]}" for d in entries(self.proc.state / kind)]
+        for ns in ("net", "ipc", "uts"):
+            found += [f"mount {m}" for m in mounts_under(self.proc.state / "ns" / ns)]
+            found += [f"{ns} pin {d[:12]}" for d in entries(self.proc.state / "ns" / ns)]
+        found += [f"exit file {e[:12]}" for e in entries(self.proc.state / "exits")]
+        found += [f"attach dir {e[:12]}" for e in entries(self.proc.state / "attach")]
+        found += [f"CNI cache {e[:12]}" for e in entries(self.proc.root / "cni-cache")]
+        found += [f"snapshot of {name[:12]}" for name in active_snapshots(self.proc.root)]
         found += subnet_rules()
         runtime_root = self.proc.state / "runtimes" / self.runtime_name
         if runtime_root.is_dir():
@@ -546,6 +504,8 @@ async def pod_rig_fixture(
     proc = CrishimProcess(
         base / "crishim",
         config=f'default_runtime = "{runtime_name}"\n\n[cni]\nbin_dirs = ["{CNI_BIN}"]\n',
+        # A module sets FD_CANARY to run crishim with threads that catch stray closes.
+        fd_canary=getattr(request.module, "FD_CANARY", False),
     )
     rig: PodRig | None = None
     try:
@@ -602,9 +562,4 @@ async def rig_fixture(pod_rig: PodRig) -> AsyncIterator[PodRig]:
             await asyncio.to_thread(pod_rig.proc.start)
             pod_rig.connect()
         await asyncio.wait_for(pod_rig.remove_all_pods(), 60)
-    deadline = time.monotonic() + 5
-    left = await pod_rig.leftovers()
-    while left and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-        left = await pod_rig.leftovers()
-    assert left == [], f"left behind: {left}{pod_rig.log_tail()}"
+    await pod_rig.assert_nothing_left()
