@@ -24,16 +24,15 @@ from grpclib import GRPCError
 from grpclib.const import Status
 
 from crishim.api import v1
+from tests.rig.host import iptables_rules, run
 from tests.rig.pods import (
     BRIDGE,
     CONFIGURED_WORKDIR,
     SUBNET,
     PodRig,
-    iptables_rules,
     leases,
     pod_rig_fixture,  # noqa: F401 - the module-scoped fixture ``pod_rig``
     rig_fixture,  # noqa: F401 - the per-test fixture ``rig``
-    run,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
@@ -248,11 +247,15 @@ async def test_shared_pid_namespace(rig: PodRig) -> None:
     assert status.linux.namespaces.options.pid == v1.NamespaceMode.POD  # type: ignore[union-attr]
     first = await rig.start_container(pod, "first", ["sleep", "3001"])
     second = await rig.start_container(pod, "second", ["sleep", "3002"])
-    seen_by_first = await rig.exec_out(first, "ps", "-o", "pid,args")
-    seen_by_second = await rig.exec_out(second, "ps", "-o", "pid,args")
-    for seen in (seen_by_first, seen_by_second):
-        assert "sleep 3001" in seen, seen
-        assert "sleep 3002" in seen, seen
+
+    async def sees_both(cid: str) -> bool:
+        seen = await rig.exec_out(cid, "ps", "-o", "pid,args")
+        return "sleep 3001" in seen and "sleep 3002" in seen
+
+    # StartContainer returns once runc released the init, which execs the command a moment
+    # later: until then ps shows it as "runc init".
+    await rig.until(lambda: sees_both(first), "both sleeps in the first container's ps")
+    await rig.until(lambda: sees_both(second), "both sleeps in the second container's ps")
     init = await rig.exec_out(first, "cat", "/proc/1/cmdline")
     assert "catatonit" in init, f"pid 1 is {init!r}"
     assert (await rig.exec_out(second, "cat", "/proc/1/cmdline")) == init
