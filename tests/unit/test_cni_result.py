@@ -16,14 +16,8 @@ from typing import Any
 import pytest
 
 from crishim.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
-from crishim.network.cni import (
-    CniManager,
-    IpConfig,
-    format_cni_args,
-    parse_result,
-    plugin_exec_config,
-    pod_ips,
-)
+from crishim.network.cni import CniManager, format_cni_args, plugin_exec_config
+from crishim.network.cni_result import IpConfig, parse_result, pod_ips
 
 RESULT_040 = {
     "cniVersion": "0.4.0",
