@@ -35,6 +35,7 @@ from crishim.services.events import EventBus
 from crishim.services.exec import ExecService
 from crishim.services.images import ImageService
 from crishim.services.metrics import CrishimMetrics
+from crishim.services.recovery import Recovery
 from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
 from crishim.services.stats import StatsService
@@ -92,6 +93,7 @@ class Services:
     stats: StatsService
     metrics: CrishimMetrics
     registry: RegistryClient
+    recovery: Recovery
 
 
 def oci_runtimes(config: Config) -> dict[str, OciRuntime]:
@@ -143,6 +145,9 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         stats=StatsService(containers, sandboxes, images.snapshotter),
         metrics=CrishimMetrics(pulls=images.metrics, sandboxes=sandboxes, containers=containers),
         registry=registry,
+        recovery=Recovery(
+            state_dir=state, runtimes=runtimes.values(), snapshotter=snapshotter, cni=cni
+        ),
     )
 
 
@@ -174,6 +179,7 @@ async def serve(config: Config) -> None:
     stores = open_stores(Path(config.root))
     snapshotter = await choose_snapshotter(Path(config.root) / "images")
     services = build_services(config, stores, snapshotter)
+    await services.recovery.sweep(set(services.sandboxes.ids()), set(services.containers.ids()))
     await services.sandboxes.refresh()
     await services.containers.refresh()
     tracker = CallTracker()

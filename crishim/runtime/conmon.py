@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import json
 import os
 import signal
@@ -48,6 +49,8 @@ __all__ = [
     "conmon_argv",
     "conmon_cgroup_dirs",
     "create_container",
+    "find_conmons",
+    "kill_conmon",
     "oom_killed",
     "read_exit_code",
     "remove_conmon_cgroup",
@@ -187,6 +190,37 @@ def _kill_conmon(pid_file: Path) -> None:
     # The runtime child of conmon has PDEATHSIG=SIGKILL, so it dies with it.
     with contextlib.suppress(OSError, ValueError):
         os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+
+
+def find_conmons(under: Path, proc: Path = Path("/proc")) -> dict[str, int]:
+    """The conmons whose bundle lies below ``under``: container id -> pid.
+
+    Found by their command lines, so this sees conmons whose pid file was never written
+    (crishim died while starting them).
+    """
+    prefix = str(under).rstrip("/") + "/"
+    found: dict[str, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "conmon":
+                continue
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        # Each argument with the one after it: "-c" -> the id, "-b" -> the bundle.
+        options = dict(itertools.pairwise(argv[1:]))
+        cid, bundle = options.get("-c"), options.get("-b")
+        if cid and bundle and bundle.startswith(prefix):
+            found[cid] = int(entry.name)
+    return found
+
+
+def kill_conmon(pid: int) -> None:
+    """SIGKILL a conmon (its runtime child dies with it); gone already is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 async def create_container(spec: MonitorSpec, conmon: str = "conmon", timeout: float = 60) -> int:
