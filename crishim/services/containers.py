@@ -451,6 +451,7 @@ class ContainerService:
         await runtime.kill(sandbox.id, signal.SIGKILL)
         await runtime.delete(sandbox.id, force=True)
         (self._state / "exits" / sandbox.id).unlink(missing_ok=True)
+        await remove_tree(self._state / "attach" / sandbox.id)
 
     # ---- start / stop -------------------------------------------------------------------
 
