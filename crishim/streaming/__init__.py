@@ -4,7 +4,7 @@ Public face: :class:`StreamingServer` (hands out single-use URLs and serves them
 requests it stores, and :class:`StreamingBackend`, the Protocol ``services`` implements.
 Modules: ``spdy`` and ``websocket`` are wire codecs; ``session`` and ``wsconn`` run them on
 sockets; ``remotecommand`` and ``portforward`` are the Kubernetes protocols; ``server``
-is the HTTP front.
+is the HTTP front (``httphead`` reads its request heads and writes its responses).
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import secrets
 import time
-import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -34,6 +33,7 @@ from crishim.streaming.backend import (
     PortForwardRequest,
     StreamingBackend,
 )
+from crishim.streaming.httphead import HttpError, HttpRequest, read_request, respond
 from crishim.streaming.session import SpdySession
 from crishim.streaming.wsconn import ChannelConnection
 
@@ -41,7 +41,6 @@ __all__ = ["StreamingServer"]
 
 log = logging.getLogger(__name__)
 
-_MAX_REQUEST_HEAD = 16 * 1024
 _REQUEST_HEAD_TIMEOUT = 10.0
 
 Kind = Literal["exec", "attach", "portforward"]
@@ -53,29 +52,6 @@ class _Pending:
     kind: Kind
     request: _Request
     expires_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class _HttpRequest:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, list[str]]
-
-    def header(self, name: str) -> str:
-        """All values of a header joined by commas (HTTP's rule for repeated headers)."""
-        return ", ".join(self.headers.get(name, []))
-
-    def tokens(self, name: str) -> list[str]:
-        """A comma-separated header as a list of its non-empty items."""
-        return [item.strip() for item in self.header(name).split(",") if item.strip()]
-
-
-class _HttpError(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
 
 
 class StreamingServer:
@@ -172,7 +148,7 @@ class StreamingServer:
         # Popped whatever happens next: a token is good for one connection attempt only.
         pending = self._pending.pop(token, None)
         if pending is None or pending.kind != kind or pending.expires_at <= time.monotonic():
-            raise _HttpError(404, "Not Found", "unknown or expired streaming token")
+            raise HttpError(404, "Not Found", "unknown or expired streaming token")
         return pending.request
 
     # --- connections ---------------------------------------------------------------------
@@ -201,31 +177,31 @@ class StreamingServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            http = await asyncio.wait_for(_read_request(reader), _REQUEST_HEAD_TIMEOUT)
+            http = await asyncio.wait_for(read_request(reader), _REQUEST_HEAD_TIMEOUT)
             segments = http.path.strip("/").split("/")
             if len(segments) != 2 or segments[0] not in ("exec", "attach", "portforward"):
-                raise _HttpError(404, "Not Found", "no such streaming endpoint")
+                raise HttpError(404, "Not Found", "no such streaming endpoint")
             kind, token = segments
             request = self._take(kind, token)
             upgrade = http.header("upgrade").lower()
             if "upgrade" not in [t.lower() for t in http.tokens("connection")]:
-                raise _HttpError(400, "Bad Request", "streaming needs a connection upgrade")
+                raise HttpError(400, "Bad Request", "streaming needs a connection upgrade")
             if upgrade.startswith("spdy/3.1"):
                 await self._serve_spdy(reader, writer, http, request)
             elif upgrade == "websocket":
                 await self._serve_websocket(reader, writer, http, request)
             else:
-                raise _HttpError(400, "Bad Request", f"unsupported upgrade {upgrade!r}")
-        except _HttpError as exc:
-            await _respond(writer, exc.status, exc.reason, {}, str(exc))
+                raise HttpError(400, "Bad Request", f"unsupported upgrade {upgrade!r}")
+        except HttpError as exc:
+            await respond(writer, exc.status, exc.reason, {}, str(exc))
         except TimeoutError:
-            await _respond(writer, 408, "Request Timeout", {}, "request head not received")
+            await respond(writer, 408, "Request Timeout", {}, "request head not received")
 
     async def _serve_spdy(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        http: _HttpRequest,
+        http: HttpRequest,
         request: _Request,
     ) -> None:
         is_portforward = isinstance(request, PortForwardRequest)
@@ -234,7 +210,7 @@ class StreamingServer:
         if offered:
             protocol = next((p for p in offered if p in supported), None)
             if protocol is None:
-                raise _HttpError(
+                raise HttpError(
                     403, "Forbidden", f"no supported protocol among {offered}: want {supported}"
                 )
         else:
@@ -243,7 +219,7 @@ class StreamingServer:
         headers = {"Connection": "Upgrade", "Upgrade": "SPDY/3.1"}
         if offered:
             headers["X-Stream-Protocol-Version"] = protocol
-        await _respond(writer, 101, "Switching Protocols", headers, "")
+        await respond(writer, 101, "Switching Protocols", headers, "")
         session = SpdySession(reader, writer)
         runner = asyncio.create_task(session.run())
         try:
@@ -264,15 +240,15 @@ class StreamingServer:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        http: _HttpRequest,
+        http: HttpRequest,
         request: _Request,
     ) -> None:
         if http.header("sec-websocket-version").strip() != "13":
-            raise _HttpError(426, "Upgrade Required", "WebSocket version 13 is required")
+            raise HttpError(426, "Upgrade Required", "WebSocket version 13 is required")
         try:
             accept = ws.accept_key(http.header("sec-websocket-key"))
         except ws.WebSocketProtocolError as exc:
-            raise _HttpError(400, "Bad Request", str(exc)) from exc
+            raise HttpError(400, "Bad Request", str(exc)) from exc
         is_portforward = isinstance(request, PortForwardRequest)
         supported = (
             portforward.WEBSOCKET_PROTOCOLS if is_portforward else remotecommand.WEBSOCKET_PROTOCOLS
@@ -280,16 +256,16 @@ class StreamingServer:
         offered = http.tokens("sec-websocket-protocol")
         protocol = next((p for p in offered if p in supported), None)
         if protocol is None and offered:
-            raise _HttpError(400, "Bad Request", f"no supported subprotocol among {offered}")
+            raise HttpError(400, "Bad Request", f"no supported subprotocol among {offered}")
         ports: list[int] = []
         if isinstance(request, PortForwardRequest):
             ports = _ports(http.query) or list(request.ports)
             if not ports:
-                raise _HttpError(400, "Bad Request", "no port to forward")
+                raise HttpError(400, "Bad Request", "no port to forward")
         headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Accept": accept}
         if protocol is not None:
             headers["Sec-WebSocket-Protocol"] = protocol
-        await _respond(writer, 101, "Switching Protocols", headers, "")
+        await respond(writer, 101, "Switching Protocols", headers, "")
         chosen = protocol or "channel.k8s.io"
         connection = ChannelConnection(reader, writer, base64_framing="base64" in chosen)
         if isinstance(request, PortForwardRequest):
@@ -305,60 +281,8 @@ def _ports(query: dict[str, list[str]]) -> list[int]:
             try:
                 port = int(item)
             except ValueError as exc:
-                raise _HttpError(400, "Bad Request", f"invalid port {item!r}") from exc
+                raise HttpError(400, "Bad Request", f"invalid port {item!r}") from exc
             if not 0 < port < 65536:
-                raise _HttpError(400, "Bad Request", f"port {port} out of range")
+                raise HttpError(400, "Bad Request", f"port {port} out of range")
             ports.append(port)
     return ports
-
-
-async def _read_request(reader: asyncio.StreamReader) -> _HttpRequest:
-    """Read and parse one request head (request line and headers)."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError as exc:
-        raise _HttpError(431, "Request Header Fields Too Large", "request head too large") from exc
-    if len(head) > _MAX_REQUEST_HEAD:
-        raise _HttpError(431, "Request Header Fields Too Large", "request head too large")
-    try:
-        lines = head.decode("latin-1").split("\r\n")
-        method, target, version = lines[0].split(" ")
-    except ValueError as exc:
-        raise _HttpError(400, "Bad Request", "malformed request line") from exc
-    if not version.startswith("HTTP/1."):
-        raise _HttpError(505, "HTTP Version Not Supported", "HTTP/1.x only")
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise _HttpError(400, "Bad Request", "malformed header line")
-        headers.setdefault(name.lower(), []).append(value.strip())
-    parsed = urllib.parse.urlsplit(target)
-    return _HttpRequest(
-        method=method,
-        path=parsed.path,
-        query=urllib.parse.parse_qs(parsed.query),
-        headers=headers,
-    )
-
-
-async def _respond(
-    writer: asyncio.StreamWriter, status: int, reason: str, headers: dict[str, str], body: str
-) -> None:
-    lines = [f"HTTP/1.1 {status} {reason}"]
-    if status != 101:
-        payload = body.encode()
-        headers = {
-            **headers,
-            "Content-Type": "text/plain; charset=utf-8",
-            "Content-Length": str(len(payload)),
-            "Connection": "close",
-        }
-    else:
-        payload = b""
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
