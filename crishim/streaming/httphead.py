@@ -3,18 +3,44 @@
 Only what an upgrade needs: the request line and headers (the upgrade requests have no
 body), and a response that is either ``101 Switching Protocols`` or a refusal that
 closes the connection.
+
+A refusal's body is a Kubernetes ``metav1.Status`` in JSON, because that is the one body
+client-go turns into the user's error as it is: its SPDY and WebSocket upgraders both
+decode a Status from a non-101 response and return it as an API error (kubectl prints
+``Error from server (TooManyRequests): <message>``), where plain text ends up appended to
+a generic ``unable to upgrade connection`` or ``bad handshake`` error, if at all.
+kubelet, when it proxies the stream, echoes the response to the client unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import urllib.parse
 from dataclasses import dataclass
 
-__all__ = ["MAX_REQUEST_HEAD", "HttpError", "HttpRequest", "read_request", "respond"]
+__all__ = [
+    "MAX_REQUEST_HEAD",
+    "HttpError",
+    "HttpRequest",
+    "read_request",
+    "respond",
+    "status_body",
+]
 
 MAX_REQUEST_HEAD = 16 * 1024
+
+# metav1.StatusReason for the statuses this server answers with (clients test the reason,
+# e.g. apierrors.IsTooManyRequests); statuses without one get no reason.
+_STATUS_REASONS = {
+    400: "BadRequest",
+    403: "Forbidden",
+    404: "NotFound",
+    408: "Timeout",
+    429: "TooManyRequests",
+    503: "ServiceUnavailable",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +68,21 @@ class HttpError(Exception):
         super().__init__(message)
         self.status = status
         self.reason = reason
+
+
+def status_body(status: int, message: str) -> bytes:
+    """A failure ``metav1.Status`` as JSON: what Kubernetes clients show of a refusal."""
+    status_object: dict[str, object] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+    }
+    if status in _STATUS_REASONS:
+        status_object["reason"] = _STATUS_REASONS[status]
+    status_object["code"] = status
+    return json.dumps(status_object, separators=(",", ":")).encode()
 
 
 async def read_request(reader: asyncio.StreamReader) -> HttpRequest:
@@ -79,13 +120,13 @@ async def read_request(reader: asyncio.StreamReader) -> HttpRequest:
 async def respond(
     writer: asyncio.StreamWriter, status: int, reason: str, headers: dict[str, str], body: str
 ) -> None:
-    """Write a response head (and for a refusal, its body)."""
+    """Write a response head; a refusal (any status but 101) carries ``body`` in a Status."""
     lines = [f"HTTP/1.1 {status} {reason}"]
     if status != 101:
-        payload = body.encode()
+        payload = status_body(status, body)
         headers = {
             **headers,
-            "Content-Type": "text/plain; charset=utf-8",
+            "Content-Type": "application/json",
             "Content-Length": str(len(payload)),
             "Connection": "close",
         }
