@@ -8,7 +8,9 @@ or to WebSocket (protocol chosen with ``Sec-WebSocket-Protocol``).
 
 Tokens expire after ``token_ttl`` seconds (60 by default, as in Kubernetes) and work
 once: an unknown, expired or reused token gets 404. Each connection runs in its own task,
-so a client that breaks its protocol only loses its own connection.
+so a client that breaks its protocol only loses its own connection. ``limits.py`` bounds
+the sessions served at once and the connections still sending their request; a refusal is
+a ``metav1.Status`` that Kubernetes clients show.
 
 The HTTP handling is deliberately minimal: one request per connection, headers only (the
 upgrade requests have no body), no keep-alive.
@@ -33,7 +35,14 @@ from crishim.streaming.backend import (
     PortForwardRequest,
     StreamingBackend,
 )
-from crishim.streaming.httphead import HttpError, HttpRequest, read_request, respond
+from crishim.streaming.httphead import (
+    MAX_REQUEST_HEAD,
+    HttpError,
+    HttpRequest,
+    read_request,
+    respond,
+)
+from crishim.streaming.limits import HandshakeGate, LogTally, StreamingLimits
 from crishim.streaming.session import SpdySession
 from crishim.streaming.wsconn import ChannelConnection
 
@@ -41,7 +50,12 @@ __all__ = ["StreamingServer"]
 
 log = logging.getLogger(__name__)
 
-_REQUEST_HEAD_TIMEOUT = 10.0
+# How long a refused or finished connection may take to accept our last bytes.
+_HANG_UP_SECONDS = 5.0
+# Connections the kernel completes before crishim accepts them. asyncio's default (100)
+# overflows under a burst, and each connection past it waits for a SYN retransmit (1 s,
+# then 3 s, ...): real clients with it. Accepted in one batch, they cost a few KiB each.
+_LISTEN_BACKLOG = 1024
 
 Kind = Literal["exec", "attach", "portforward"]
 _Request = ExecRequest | AttachRequest | PortForwardRequest
@@ -59,7 +73,7 @@ class StreamingServer:
 
     ``port=0`` picks a free port; :attr:`address` tells which after :meth:`start`.
     ``base_url`` overrides the scheme and host of the URLs handed out (for a server bound
-    to 0.0.0.0, say).
+    to 0.0.0.0, say). ``limits`` bounds what clients may hold (see ``limits.py``).
     """
 
     def __init__(
@@ -71,6 +85,7 @@ class StreamingServer:
         token_ttl: float = 60.0,
         stream_creation_timeout: float = 30.0,
         base_url: str | None = None,
+        limits: StreamingLimits | None = None,
     ) -> None:
         self._backend = backend
         self._host = host
@@ -81,6 +96,10 @@ class StreamingServer:
         self._pending: dict[str, _Pending] = {}
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._limits = limits or StreamingLimits()
+        self._handshakes = HandshakeGate(self._limits.max_handshakes)
+        self._sessions = 0
+        self._refused = LogTally()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -92,7 +111,15 @@ class StreamingServer:
 
     async def start(self) -> None:
         """Start listening."""
-        self._server = await asyncio.start_server(self._on_connection, self._host, self._port)
+        self._server = await asyncio.start_server(
+            self._on_connection,
+            self._host,
+            self._port,
+            backlog=_LISTEN_BACKLOG,
+            # What a connection may buffer before its head is complete (asyncio's default
+            # is 64 KiB); after the upgrade the sessions read in their own chunks anyway.
+            limit=MAX_REQUEST_HEAD,
+        )
 
     async def close(self) -> None:
         """Stop listening and end every connection (cancelling backend calls)."""
@@ -160,42 +187,73 @@ class StreamingServer:
         assert task is not None
         self._connections.add(task)
         try:
-            await self._serve(reader, writer)
+            try:
+                await self._serve(reader, writer)
+            finally:
+                self._connections.discard(task)
+                await _hang_up(writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
-            # Only close() cancels these tasks; asyncio's stream machinery would log a
-            # cancelled connection task as an error, so end quietly.
+            # Only close() cancels these tasks (while serving or hanging up); asyncio's
+            # stream machinery would log a cancelled connection task as an error.
             pass
         except Exception:
             log.exception("streaming connection failed")
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            http = await asyncio.wait_for(read_request(reader), _REQUEST_HEAD_TIMEOUT)
+            http = await self._read_head(reader, writer)
             segments = http.path.strip("/").split("/")
             if len(segments) != 2 or segments[0] not in ("exec", "attach", "portforward"):
                 raise HttpError(404, "Not Found", "no such streaming endpoint")
             kind, token = segments
+            # Refused before the token is taken: the URL stays good for a retry in its TTL.
+            self._check_session_limit()
             request = self._take(kind, token)
             upgrade = http.header("upgrade").lower()
             if "upgrade" not in [t.lower() for t in http.tokens("connection")]:
                 raise HttpError(400, "Bad Request", "streaming needs a connection upgrade")
-            if upgrade.startswith("spdy/3.1"):
-                await self._serve_spdy(reader, writer, http, request)
-            elif upgrade == "websocket":
-                await self._serve_websocket(reader, writer, http, request)
-            else:
-                raise HttpError(400, "Bad Request", f"unsupported upgrade {upgrade!r}")
+            self._sessions += 1
+            try:
+                if upgrade.startswith("spdy/3.1"):
+                    await self._serve_spdy(reader, writer, http, request)
+                elif upgrade == "websocket":
+                    await self._serve_websocket(reader, writer, http, request)
+                else:
+                    raise HttpError(400, "Bad Request", f"unsupported upgrade {upgrade!r}")
+            finally:
+                self._sessions -= 1
         except HttpError as exc:
             await respond(writer, exc.status, exc.reason, {}, str(exc))
-        except TimeoutError:
-            await respond(writer, 408, "Request Timeout", {}, "request head not received")
+
+    async def _read_head(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> HttpRequest:
+        with self._handshakes.waiting(writer.transport):
+            try:
+                async with asyncio.timeout(self._limits.request_timeout):
+                    return await read_request(reader)
+            except TimeoutError as exc:
+                raise HttpError(408, "Request Timeout", "request head not received") from exc
+
+    def _check_session_limit(self) -> None:
+        limit = self._limits.max_sessions
+        if self._sessions < limit:
+            return
+        if refused := self._refused.add():
+            log.warning(
+                "refused %d streaming session(s): %d are being served, the limit "
+                "([streaming] max_sessions)",
+                refused,
+                limit,
+            )
+        raise HttpError(
+            429,
+            "Too Many Requests",
+            f"too many streaming sessions: the container runtime serves at most {limit} at "
+            "once (crishim [streaming] max_sessions); try again when one has ended",
+        )
 
     async def _serve_spdy(
         self,
@@ -272,6 +330,18 @@ class StreamingServer:
             await portforward.serve_websocket(connection, request, self._backend, ports)
         else:
             await remotecommand.serve_websocket(connection, chosen, request, self._backend)
+
+
+async def _hang_up(writer: asyncio.StreamWriter) -> None:
+    """Close the connection; abort it if the client does not take our last bytes in time."""
+    writer.close()
+    try:
+        async with asyncio.timeout(_HANG_UP_SECONDS):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except OSError:
+        pass  # it ended with an error: closed all the same
 
 
 def _ports(query: dict[str, list[str]]) -> list[int]:
