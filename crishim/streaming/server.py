@@ -9,8 +9,8 @@ or to WebSocket (protocol chosen with ``Sec-WebSocket-Protocol``).
 Tokens expire after ``token_ttl`` seconds (60 by default, as in Kubernetes) and work
 once: an unknown, expired or reused token gets 404. Each connection runs in its own task,
 so a client that breaks its protocol only loses its own connection. ``limits.py`` bounds
-the sessions served at once and the connections still sending their request; a refusal is
-a ``metav1.Status`` that Kubernetes clients show.
+the sessions served at once, the connections still sending their request, and how long a
+session may sit idle; a refusal is a ``metav1.Status`` that Kubernetes clients show.
 
 The HTTP handling is deliberately minimal: one request per connection, headers only (the
 upgrade requests have no body), no keep-alive.
@@ -42,7 +42,7 @@ from crishim.streaming.httphead import (
     read_request,
     respond,
 )
-from crishim.streaming.limits import HandshakeGate, LogTally, StreamingLimits
+from crishim.streaming.limits import HandshakeGate, LogTally, StreamingLimits, idle_timeout
 from crishim.streaming.session import SpdySession
 from crishim.streaming.wsconn import ChannelConnection
 
@@ -279,20 +279,26 @@ class StreamingServer:
             headers["X-Stream-Protocol-Version"] = protocol
         await respond(writer, 101, "Switching Protocols", headers, "")
         session = SpdySession(reader, writer)
-        runner = asyncio.create_task(session.run())
-        try:
-            if isinstance(request, PortForwardRequest):
-                await portforward.serve_spdy(session, request, self._backend)
-            else:
-                await remotecommand.serve_spdy(
-                    session, protocol, request, self._backend, stream_timeout=self._stream_timeout
-                )
-        finally:
-            # The protocol handlers close gracefully; this is for errors and cancellation.
-            await session.close(linger=0)
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+        # The watch spans the closing too: a client that reads nothing could hold it up.
+        async with idle_timeout(session, self._limits.idle_timeout):
+            runner = asyncio.create_task(session.run())
+            try:
+                if isinstance(request, PortForwardRequest):
+                    await portforward.serve_spdy(session, request, self._backend)
+                else:
+                    await remotecommand.serve_spdy(
+                        session,
+                        protocol,
+                        request,
+                        self._backend,
+                        stream_timeout=self._stream_timeout,
+                    )
+            finally:
+                # The protocol handlers close gracefully; this is for errors and cancellation.
+                await session.close(linger=0)
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
 
     async def _serve_websocket(
         self,
@@ -326,10 +332,11 @@ class StreamingServer:
         await respond(writer, 101, "Switching Protocols", headers, "")
         chosen = protocol or "channel.k8s.io"
         connection = ChannelConnection(reader, writer, base64_framing="base64" in chosen)
-        if isinstance(request, PortForwardRequest):
-            await portforward.serve_websocket(connection, request, self._backend, ports)
-        else:
-            await remotecommand.serve_websocket(connection, chosen, request, self._backend)
+        async with idle_timeout(connection, self._limits.idle_timeout):
+            if isinstance(request, PortForwardRequest):
+                await portforward.serve_websocket(connection, request, self._backend, ports)
+            else:
+                await remotecommand.serve_websocket(connection, chosen, request, self._backend)
 
 
 async def _hang_up(writer: asyncio.StreamWriter) -> None:

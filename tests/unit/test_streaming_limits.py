@@ -1,11 +1,14 @@
-"""The streaming server's limit keeping, without sockets: the request-head gate and the
-log tally."""
+"""The streaming server's limit keeping, without sockets: the request-head gate, the log
+tally and the idle watch."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
-from crishim.streaming.limits import HandshakeGate, LogTally
+import pytest
+
+from crishim.streaming.limits import HandshakeGate, LogTally, idle_timeout
 
 
 class FakeTransport:
@@ -15,6 +18,15 @@ class FakeTransport:
 
     def abort(self) -> None:
         self.aborted = True
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self.last_activity = time.monotonic()
+        self.expired: list[str] = []
+
+    async def expire(self, reason: str) -> None:
+        self.expired.append(reason)
 
 
 def test_gate_drops_the_connection_that_has_waited_longest() -> None:
@@ -45,3 +57,49 @@ def test_tally_reports_the_first_event_then_a_count_per_interval() -> None:
     assert tally.add() == 0
     time.sleep(0.06)
     assert tally.add() == 3
+
+
+async def test_idle_session_is_expired_with_the_reason() -> None:
+    session = FakeSession()
+    async with idle_timeout(session, 0.05):
+        await asyncio.sleep(0.2)
+    assert session.expired == ["no traffic for 0.05 seconds"]
+
+
+async def test_activity_postpones_expiry() -> None:
+    session = FakeSession()
+    async with idle_timeout(session, 0.1):
+        for _ in range(10):
+            await asyncio.sleep(0.03)
+            session.last_activity = time.monotonic()
+    assert session.expired == []
+
+
+async def test_zero_idle_timeout_never_expires() -> None:
+    session = FakeSession()
+    session.last_activity = 0.0
+    async with idle_timeout(session, 0):
+        await asyncio.sleep(0.05)
+    assert session.expired == []
+
+
+async def test_watch_ends_with_its_block() -> None:
+    session = FakeSession()
+    before = asyncio.all_tasks()
+    async with idle_timeout(session, 60):
+        assert len(asyncio.all_tasks() - before) == 1
+    assert asyncio.all_tasks() == before
+
+
+async def test_cancelling_the_session_task_is_not_swallowed_by_the_watch() -> None:
+    session = FakeSession()
+
+    async def serve() -> None:
+        async with idle_timeout(session, 60):
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(serve())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
