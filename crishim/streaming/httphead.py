@@ -7,9 +7,10 @@ closes the connection.
 A refusal's body is a Kubernetes ``metav1.Status`` in JSON, because that is the one body
 client-go turns into the user's error as it is: its SPDY and WebSocket upgraders both
 decode a Status from a non-101 response and return it as an API error (kubectl prints
-``Error from server (TooManyRequests): <message>``), where plain text ends up appended to
-a generic ``unable to upgrade connection`` or ``bad handshake`` error, if at all.
-kubelet, when it proxies the stream, echoes the response to the client unchanged.
+``Error from server (TooManyRequests): <message>``; the API server's WebSocket-to-SPDY
+translator passes the Status on to kubectl), where plain text ends up appended to a
+generic ``unable to upgrade connection`` or ``bad handshake`` error, if at all. kubelet,
+when it proxies the stream, echoes the response to the client unchanged.
 """
 
 from __future__ import annotations
