@@ -1,5 +1,5 @@
 """The streaming server's limit keeping, without sockets: the request-head gate, the log
-tally and the idle watch."""
+tally, the idle watch, and the limits crishim serve builds from its configuration."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from crishim.streaming.limits import HandshakeGate, LogTally, idle_timeout
+from crishim.app import streaming_limits
+from crishim.config import Config
+from crishim.streaming.limits import HandshakeGate, LogTally, StreamingLimits, idle_timeout
 
 
 class FakeTransport:
@@ -103,3 +105,7 @@ async def test_cancelling_the_session_task_is_not_swallowed_by_the_watch() -> No
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_config_defaults_are_the_servers_defaults() -> None:
+    assert streaming_limits(Config().streaming) == StreamingLimits()
