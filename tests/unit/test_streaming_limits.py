@@ -9,7 +9,7 @@ import time
 import pytest
 
 from crishim.app import streaming_limits
-from crishim.config import Config
+from crishim.config import Config, StreamingConfig
 from crishim.streaming.limits import HandshakeGate, LogTally, StreamingLimits, idle_timeout
 
 
@@ -109,3 +109,10 @@ async def test_cancelling_the_session_task_is_not_swallowed_by_the_watch() -> No
 
 def test_config_defaults_are_the_servers_defaults() -> None:
     assert streaming_limits(Config().streaming) == StreamingLimits()
+
+
+def test_each_streaming_key_reaches_its_limit() -> None:
+    section = StreamingConfig(max_sessions=1, max_handshakes=2, request_timeout=3, idle_timeout=4)
+    assert streaming_limits(section) == StreamingLimits(
+        max_sessions=1, max_handshakes=2, request_timeout=3, idle_timeout=4
+    )
