@@ -15,7 +15,7 @@ from crishim.api.instrument import CallTracker
 from crishim.api.metrics_http import MetricsServer
 from crishim.api.runtime_service import RuntimeServicer
 from crishim.api.server import CriServer
-from crishim.config import Config
+from crishim.config import Config, StreamingConfig
 from crishim.images.content import ContentStore
 from crishim.images.manifest import host_platform
 from crishim.images.registry import RegistryClient
@@ -40,7 +40,7 @@ from crishim.services.runtime_info import RuntimeInfo
 from crishim.services.sandboxes import SandboxService
 from crishim.services.stats import StatsService
 from crishim.store import ObjectStore
-from crishim.streaming import StreamingServer
+from crishim.streaming import StreamingLimits, StreamingServer
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,16 @@ def build_servicers(
     return [runtime, ImageServicer(services.images, services.stats, tracker)]
 
 
+def streaming_limits(config: StreamingConfig) -> StreamingLimits:
+    """The streaming server's limits from its config section."""
+    return StreamingLimits(
+        max_sessions=config.max_sessions,
+        max_handshakes=config.max_handshakes,
+        request_timeout=config.request_timeout,
+        idle_timeout=config.idle_timeout,
+    )
+
+
 def prepare_directories(config: Config) -> None:
     """Create the root and state directories, private to root."""
     for directory in (config.root, config.state):
@@ -185,7 +195,9 @@ async def serve(config: Config) -> None:
     tracker = CallTracker()
     tracker.observe = services.metrics.observe_rpc
     host, _, port = config.streaming.address.rpartition(":")
-    streaming = StreamingServer(services.exec, host=host, port=int(port))
+    streaming = StreamingServer(
+        services.exec, host=host, port=int(port), limits=streaming_limits(config.streaming)
+    )
     await streaming.start()
     log.info("streaming server on %s:%d", *streaming.address)
     server = CriServer(build_servicers(services, tracker, streaming), Path(config.socket), tracker)

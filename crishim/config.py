@@ -45,6 +45,13 @@ def _absolute(value: str) -> str:
     return value
 
 
+def _seconds(value: object) -> object:
+    # Durations are plain numbers of seconds; say so to someone writing "4h" as in kubelet.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number of seconds, got {value!r}")
+    return value
+
+
 class RuntimeHandlerConfig(_Section):
     """One OCI runtime that pods can choose with their runtime handler."""
 
@@ -113,11 +120,48 @@ class StreamingConfig(_Section):
         default="127.0.0.1:0",
         description="host:port to listen on; port 0 picks a free one",
     )
+    # An idle SPDY session costs crishim about 0.35 MiB (its zlib contexts), up to about
+    # 1 MiB with full buffers; an exec session also holds 4 file descriptors (socket, three
+    # pipes) and a runtime process. 128 sessions: at most ~128 MiB and 512 descriptors, half
+    # of systemd's default soft limit of 1024; far more than people and tools open at once.
+    max_sessions: int = Field(
+        default=128,
+        ge=1,
+        strict=True,
+        description="exec/attach/port-forward sessions at once; more get 429 Too Many Requests",
+    )
+    # About 8 KiB each, plus up to 16 KiB of unfinished request head: 3 MiB at most.
+    max_handshakes: int = Field(
+        default=128,
+        ge=1,
+        strict=True,
+        description="connections still sending their request; past it the oldest is dropped",
+    )
+    request_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        allow_inf_nan=False,
+        strict=True,
+        description="seconds a new connection has to send its HTTP request",
+    )
+    idle_timeout: float = Field(
+        default=4 * 3600.0,
+        ge=0,
+        allow_inf_nan=False,
+        strict=True,
+        description="seconds with no traffic before a session is closed (kubelet's default, 4 h); "
+        "0: never",
+    )
 
     @field_validator("address")
     @classmethod
     def _address_is_host_port(cls, value: str) -> str:
         return _host_port(value)
+
+    @field_validator("request_timeout", "idle_timeout", mode="before")
+    @classmethod
+    def _timeouts_are_seconds(cls, value: object) -> object:
+        return _seconds(value)
 
 
 class MetricsConfig(_Section):
@@ -261,6 +305,8 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list):

@@ -8,7 +8,9 @@ or to WebSocket (protocol chosen with ``Sec-WebSocket-Protocol``).
 
 Tokens expire after ``token_ttl`` seconds (60 by default, as in Kubernetes) and work
 once: an unknown, expired or reused token gets 404. Each connection runs in its own task,
-so a client that breaks its protocol only loses its own connection.
+so a client that breaks its protocol only loses its own connection. ``limits.py`` bounds
+the sessions served at once, the connections still sending their request, and how long a
+session may sit idle; a refusal is a ``metav1.Status`` that Kubernetes clients show.
 
 The HTTP handling is deliberately minimal: one request per connection, headers only (the
 upgrade requests have no body), no keep-alive.
@@ -21,7 +23,6 @@ import contextlib
 import logging
 import secrets
 import time
-import urllib.parse
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
@@ -34,6 +35,14 @@ from crishim.streaming.backend import (
     PortForwardRequest,
     StreamingBackend,
 )
+from crishim.streaming.httphead import (
+    MAX_REQUEST_HEAD,
+    HttpError,
+    HttpRequest,
+    read_request,
+    respond,
+)
+from crishim.streaming.limits import HandshakeGate, LogTally, StreamingLimits, idle_timeout
 from crishim.streaming.session import SpdySession
 from crishim.streaming.wsconn import ChannelConnection
 
@@ -41,8 +50,12 @@ __all__ = ["StreamingServer"]
 
 log = logging.getLogger(__name__)
 
-_MAX_REQUEST_HEAD = 16 * 1024
-_REQUEST_HEAD_TIMEOUT = 10.0
+# How long a refused or finished connection may take to accept our last bytes.
+_HANG_UP_SECONDS = 5.0
+# Connections the kernel completes before crishim accepts them. asyncio's default (100)
+# overflows under a burst, and each connection past it waits for a SYN retransmit (1 s,
+# then 3 s, ...): real clients with it. Accepted in one batch, they cost a few KiB each.
+_LISTEN_BACKLOG = 1024
 
 Kind = Literal["exec", "attach", "portforward"]
 _Request = ExecRequest | AttachRequest | PortForwardRequest
@@ -55,35 +68,12 @@ class _Pending:
     expires_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class _HttpRequest:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, list[str]]
-
-    def header(self, name: str) -> str:
-        """All values of a header joined by commas (HTTP's rule for repeated headers)."""
-        return ", ".join(self.headers.get(name, []))
-
-    def tokens(self, name: str) -> list[str]:
-        """A comma-separated header as a list of its non-empty items."""
-        return [item.strip() for item in self.header(name).split(",") if item.strip()]
-
-
-class _HttpError(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-
-
 class StreamingServer:
     """Serves exec/attach/port-forward streams for URLs it hands out.
 
     ``port=0`` picks a free port; :attr:`address` tells which after :meth:`start`.
     ``base_url`` overrides the scheme and host of the URLs handed out (for a server bound
-    to 0.0.0.0, say).
+    to 0.0.0.0, say). ``limits`` bounds what clients may hold (see ``limits.py``).
     """
 
     def __init__(
@@ -95,6 +85,7 @@ class StreamingServer:
         token_ttl: float = 60.0,
         stream_creation_timeout: float = 30.0,
         base_url: str | None = None,
+        limits: StreamingLimits | None = None,
     ) -> None:
         self._backend = backend
         self._host = host
@@ -105,6 +96,10 @@ class StreamingServer:
         self._pending: dict[str, _Pending] = {}
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._limits = limits or StreamingLimits()
+        self._handshakes = HandshakeGate(self._limits.max_handshakes)
+        self._sessions = 0
+        self._refused = LogTally()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -116,7 +111,15 @@ class StreamingServer:
 
     async def start(self) -> None:
         """Start listening."""
-        self._server = await asyncio.start_server(self._on_connection, self._host, self._port)
+        self._server = await asyncio.start_server(
+            self._on_connection,
+            self._host,
+            self._port,
+            backlog=_LISTEN_BACKLOG,
+            # What a connection may buffer before its head is complete (asyncio's default
+            # is 64 KiB); after the upgrade the sessions read in their own chunks anyway.
+            limit=MAX_REQUEST_HEAD,
+        )
 
     async def close(self) -> None:
         """Stop listening and end every connection (cancelling backend calls)."""
@@ -172,7 +175,7 @@ class StreamingServer:
         # Popped whatever happens next: a token is good for one connection attempt only.
         pending = self._pending.pop(token, None)
         if pending is None or pending.kind != kind or pending.expires_at <= time.monotonic():
-            raise _HttpError(404, "Not Found", "unknown or expired streaming token")
+            raise HttpError(404, "Not Found", "unknown or expired streaming token")
         return pending.request
 
     # --- connections ---------------------------------------------------------------------
@@ -184,48 +187,79 @@ class StreamingServer:
         assert task is not None
         self._connections.add(task)
         try:
-            await self._serve(reader, writer)
+            try:
+                await self._serve(reader, writer)
+            finally:
+                self._connections.discard(task)
+                await _hang_up(writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except asyncio.CancelledError:
-            # Only close() cancels these tasks; asyncio's stream machinery would log a
-            # cancelled connection task as an error, so end quietly.
+            # Only close() cancels these tasks (while serving or hanging up); asyncio's
+            # stream machinery would log a cancelled connection task as an error.
             pass
         except Exception:
             log.exception("streaming connection failed")
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            http = await asyncio.wait_for(_read_request(reader), _REQUEST_HEAD_TIMEOUT)
+            http = await self._read_head(reader, writer)
             segments = http.path.strip("/").split("/")
             if len(segments) != 2 or segments[0] not in ("exec", "attach", "portforward"):
-                raise _HttpError(404, "Not Found", "no such streaming endpoint")
+                raise HttpError(404, "Not Found", "no such streaming endpoint")
             kind, token = segments
+            # Refused before the token is taken: the URL stays good for a retry in its TTL.
+            self._check_session_limit()
             request = self._take(kind, token)
             upgrade = http.header("upgrade").lower()
             if "upgrade" not in [t.lower() for t in http.tokens("connection")]:
-                raise _HttpError(400, "Bad Request", "streaming needs a connection upgrade")
-            if upgrade.startswith("spdy/3.1"):
-                await self._serve_spdy(reader, writer, http, request)
-            elif upgrade == "websocket":
-                await self._serve_websocket(reader, writer, http, request)
-            else:
-                raise _HttpError(400, "Bad Request", f"unsupported upgrade {upgrade!r}")
-        except _HttpError as exc:
-            await _respond(writer, exc.status, exc.reason, {}, str(exc))
-        except TimeoutError:
-            await _respond(writer, 408, "Request Timeout", {}, "request head not received")
+                raise HttpError(400, "Bad Request", "streaming needs a connection upgrade")
+            self._sessions += 1
+            try:
+                if upgrade.startswith("spdy/3.1"):
+                    await self._serve_spdy(reader, writer, http, request)
+                elif upgrade == "websocket":
+                    await self._serve_websocket(reader, writer, http, request)
+                else:
+                    raise HttpError(400, "Bad Request", f"unsupported upgrade {upgrade!r}")
+            finally:
+                self._sessions -= 1
+        except HttpError as exc:
+            await respond(writer, exc.status, exc.reason, {}, str(exc))
+
+    async def _read_head(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> HttpRequest:
+        with self._handshakes.waiting(writer.transport):
+            try:
+                async with asyncio.timeout(self._limits.request_timeout):
+                    return await read_request(reader)
+            except TimeoutError as exc:
+                raise HttpError(408, "Request Timeout", "request head not received") from exc
+
+    def _check_session_limit(self) -> None:
+        limit = self._limits.max_sessions
+        if self._sessions < limit:
+            return
+        if refused := self._refused.add():
+            log.warning(
+                "refused %d streaming session(s): %d are being served, the limit "
+                "([streaming] max_sessions)",
+                refused,
+                limit,
+            )
+        raise HttpError(
+            429,
+            "Too Many Requests",
+            f"too many streaming sessions: the container runtime serves at most {limit} at "
+            "once (crishim [streaming] max_sessions); try again when one has ended",
+        )
 
     async def _serve_spdy(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        http: _HttpRequest,
+        http: HttpRequest,
         request: _Request,
     ) -> None:
         is_portforward = isinstance(request, PortForwardRequest)
@@ -234,7 +268,7 @@ class StreamingServer:
         if offered:
             protocol = next((p for p in offered if p in supported), None)
             if protocol is None:
-                raise _HttpError(
+                raise HttpError(
                     403, "Forbidden", f"no supported protocol among {offered}: want {supported}"
                 )
         else:
@@ -243,36 +277,42 @@ class StreamingServer:
         headers = {"Connection": "Upgrade", "Upgrade": "SPDY/3.1"}
         if offered:
             headers["X-Stream-Protocol-Version"] = protocol
-        await _respond(writer, 101, "Switching Protocols", headers, "")
+        await respond(writer, 101, "Switching Protocols", headers, "")
         session = SpdySession(reader, writer)
-        runner = asyncio.create_task(session.run())
-        try:
-            if isinstance(request, PortForwardRequest):
-                await portforward.serve_spdy(session, request, self._backend)
-            else:
-                await remotecommand.serve_spdy(
-                    session, protocol, request, self._backend, stream_timeout=self._stream_timeout
-                )
-        finally:
-            # The protocol handlers close gracefully; this is for errors and cancellation.
-            await session.close(linger=0)
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+        # The watch spans the closing too: a client that reads nothing could hold it up.
+        async with idle_timeout(session, self._limits.idle_timeout):
+            runner = asyncio.create_task(session.run())
+            try:
+                if isinstance(request, PortForwardRequest):
+                    await portforward.serve_spdy(session, request, self._backend)
+                else:
+                    await remotecommand.serve_spdy(
+                        session,
+                        protocol,
+                        request,
+                        self._backend,
+                        stream_timeout=self._stream_timeout,
+                    )
+            finally:
+                # The protocol handlers close gracefully; this is for errors and cancellation.
+                await session.close(linger=0)
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
 
     async def _serve_websocket(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        http: _HttpRequest,
+        http: HttpRequest,
         request: _Request,
     ) -> None:
         if http.header("sec-websocket-version").strip() != "13":
-            raise _HttpError(426, "Upgrade Required", "WebSocket version 13 is required")
+            raise HttpError(426, "Upgrade Required", "WebSocket version 13 is required")
         try:
             accept = ws.accept_key(http.header("sec-websocket-key"))
         except ws.WebSocketProtocolError as exc:
-            raise _HttpError(400, "Bad Request", str(exc)) from exc
+            raise HttpError(400, "Bad Request", str(exc)) from exc
         is_portforward = isinstance(request, PortForwardRequest)
         supported = (
             portforward.WEBSOCKET_PROTOCOLS if is_portforward else remotecommand.WEBSOCKET_PROTOCOLS
@@ -280,22 +320,35 @@ class StreamingServer:
         offered = http.tokens("sec-websocket-protocol")
         protocol = next((p for p in offered if p in supported), None)
         if protocol is None and offered:
-            raise _HttpError(400, "Bad Request", f"no supported subprotocol among {offered}")
+            raise HttpError(400, "Bad Request", f"no supported subprotocol among {offered}")
         ports: list[int] = []
         if isinstance(request, PortForwardRequest):
             ports = _ports(http.query) or list(request.ports)
             if not ports:
-                raise _HttpError(400, "Bad Request", "no port to forward")
+                raise HttpError(400, "Bad Request", "no port to forward")
         headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Accept": accept}
         if protocol is not None:
             headers["Sec-WebSocket-Protocol"] = protocol
-        await _respond(writer, 101, "Switching Protocols", headers, "")
+        await respond(writer, 101, "Switching Protocols", headers, "")
         chosen = protocol or "channel.k8s.io"
         connection = ChannelConnection(reader, writer, base64_framing="base64" in chosen)
-        if isinstance(request, PortForwardRequest):
-            await portforward.serve_websocket(connection, request, self._backend, ports)
-        else:
-            await remotecommand.serve_websocket(connection, chosen, request, self._backend)
+        async with idle_timeout(connection, self._limits.idle_timeout):
+            if isinstance(request, PortForwardRequest):
+                await portforward.serve_websocket(connection, request, self._backend, ports)
+            else:
+                await remotecommand.serve_websocket(connection, chosen, request, self._backend)
+
+
+async def _hang_up(writer: asyncio.StreamWriter) -> None:
+    """Close the connection; abort it if the client does not take our last bytes in time."""
+    writer.close()
+    try:
+        async with asyncio.timeout(_HANG_UP_SECONDS):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except OSError:
+        pass  # it ended with an error: closed all the same
 
 
 def _ports(query: dict[str, list[str]]) -> list[int]:
@@ -305,60 +358,8 @@ def _ports(query: dict[str, list[str]]) -> list[int]:
             try:
                 port = int(item)
             except ValueError as exc:
-                raise _HttpError(400, "Bad Request", f"invalid port {item!r}") from exc
+                raise HttpError(400, "Bad Request", f"invalid port {item!r}") from exc
             if not 0 < port < 65536:
-                raise _HttpError(400, "Bad Request", f"port {port} out of range")
+                raise HttpError(400, "Bad Request", f"port {port} out of range")
             ports.append(port)
     return ports
-
-
-async def _read_request(reader: asyncio.StreamReader) -> _HttpRequest:
-    """Read and parse one request head (request line and headers)."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError as exc:
-        raise _HttpError(431, "Request Header Fields Too Large", "request head too large") from exc
-    if len(head) > _MAX_REQUEST_HEAD:
-        raise _HttpError(431, "Request Header Fields Too Large", "request head too large")
-    try:
-        lines = head.decode("latin-1").split("\r\n")
-        method, target, version = lines[0].split(" ")
-    except ValueError as exc:
-        raise _HttpError(400, "Bad Request", "malformed request line") from exc
-    if not version.startswith("HTTP/1."):
-        raise _HttpError(505, "HTTP Version Not Supported", "HTTP/1.x only")
-    headers: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise _HttpError(400, "Bad Request", "malformed header line")
-        headers.setdefault(name.lower(), []).append(value.strip())
-    parsed = urllib.parse.urlsplit(target)
-    return _HttpRequest(
-        method=method,
-        path=parsed.path,
-        query=urllib.parse.parse_qs(parsed.query),
-        headers=headers,
-    )
-
-
-async def _respond(
-    writer: asyncio.StreamWriter, status: int, reason: str, headers: dict[str, str], body: str
-) -> None:
-    lines = [f"HTTP/1.1 {status} {reason}"]
-    if status != 101:
-        payload = body.encode()
-        headers = {
-            **headers,
-            "Content-Type": "text/plain; charset=utf-8",
-            "Content-Length": str(len(payload)),
-            "Connection": "close",
-        }
-    else:
-        payload = b""
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload)
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from crishim.streaming import spdy
 
@@ -156,6 +157,8 @@ class SpdySession:
         self._conn_unacked = 0
         self.closed = asyncio.Event()
         self.error: BaseException | None = None
+        # time.monotonic() of the last bytes read from or written to the socket.
+        self.last_activity = time.monotonic()
 
     async def accept(self) -> SpdyStream | None:
         """The next stream the client opens; ``None`` once the session ends or went away."""
@@ -177,6 +180,7 @@ class SpdySession:
                 data = await self._reader.read(_READ_SIZE)
                 if not data:
                     break
+                self.last_activity = time.monotonic()
                 for frame in self._parser.feed(data):
                     await self._dispatch(frame)
         except spdy.SpdyProtocolError as exc:
@@ -213,6 +217,22 @@ class SpdySession:
             await self._writer.wait_closed()
         await self._shut_down()
 
+    async def expire(self, reason: str) -> None:
+        """End the session now, as when the client vanishes: GOAWAY, then drop the socket.
+
+        For a session gone idle, so the client may be reading nothing: the GOAWAY is
+        written past the send lock (a writer may hold it, stuck in drain; frames never
+        interleave, each is written whole) and the socket is aborted if it cannot be sent.
+        SPDY has no field for ``reason``: the caller logs it.
+        """
+        transport = self._writer.transport
+        if not self._goaway_sent and not transport.is_closing():
+            self._goaway_sent = True
+            self._writer.write(spdy.encode(spdy.GoAway(self._last_stream_id)))
+        if transport.get_write_buffer_size():
+            transport.abort()
+        await self._shut_down()
+
     async def _shut_down(self) -> None:
         if self.closed.is_set():
             return
@@ -231,7 +251,9 @@ class SpdySession:
         # order the shared zlib context produced them.
         async with self._send_lock:
             self._writer.write(spdy.encode(frame, self._compressor))
+            self.last_activity = time.monotonic()
             await self._writer.drain()
+            self.last_activity = time.monotonic()
 
     async def _dispatch(self, frame: spdy.Frame) -> None:
         if isinstance(frame, spdy.Data):

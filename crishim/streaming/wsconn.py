@@ -18,6 +18,7 @@ import binascii
 import collections
 import contextlib
 import logging
+import time
 
 from crishim.streaming import websocket as ws
 
@@ -53,6 +54,8 @@ class ChannelConnection:
         self._close_sent = False
         self._close_received = False
         self.closed = asyncio.Event()
+        # time.monotonic() of the last bytes read from or written to the socket.
+        self.last_activity = time.monotonic()
 
     async def receive(self) -> tuple[int, bytes] | None:
         """The next channel message from the client; ``None`` once the connection ended.
@@ -68,6 +71,7 @@ class ChannelConnection:
                 data = await self._reader.read(_READ_SIZE)
                 if not data:
                     break
+                self.last_activity = time.monotonic()
                 self._pending.extend(self._parser.feed(data))
         except ws.WebSocketProtocolError as exc:
             log.info("WebSocket protocol error, closing the connection: %s", exc)
@@ -143,7 +147,23 @@ class ChannelConnection:
             data = await self._reader.read(_READ_SIZE)
             if not data:
                 return
+            self.last_activity = time.monotonic()
             self._pending.extend(self._parser.feed(data))
+
+    async def expire(self, reason: str) -> None:
+        """End the connection now, as when the client vanishes: CLOSE, then drop the socket.
+
+        For a connection gone idle, so the client may be reading nothing: the CLOSE frame
+        is written past the send lock (a writer may hold it, stuck in drain; frames never
+        interleave, each is written whole) and the socket is aborted if it cannot be sent.
+        """
+        transport = self._writer.transport
+        if not self._close_sent and not transport.is_closing():
+            self._close_sent = True
+            self._writer.write(ws.encode_close(ws.CloseCode.GOING_AWAY, reason))
+        if transport.get_write_buffer_size():
+            transport.abort()
+        await self._finish()
 
     async def _finish(self) -> None:
         self.closed.set()
@@ -156,4 +176,6 @@ class ChannelConnection:
             raise ConnectionResetError("the WebSocket is closed")
         async with self._send_lock:
             self._writer.write(frame)
+            self.last_activity = time.monotonic()
             await self._writer.drain()
+            self.last_activity = time.monotonic()

@@ -336,6 +336,28 @@ async def test_token_of_another_kind_is_refused(server: StreamingServer) -> None
     assert await http_status(url) == 404
 
 
+async def test_refusal_body_is_a_kubernetes_status_with_the_message(
+    server: StreamingServer,
+) -> None:
+    """client-go turns a Status body into the user's error; text would be lost or garbled."""
+    url = exec_url(server, ["echo"]).rsplit("/", 1)[0] + "/not-a-token"
+    with pytest.raises(InvalidStatus) as info:
+        async with ws_connect(ws_url(url)):
+            pass
+    response = info.value.response
+    assert response.status_code == 404
+    assert response.headers["Content-Type"] == "application/json"
+    assert json.loads(response.body) == {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": "unknown or expired streaming token",
+        "reason": "NotFound",
+        "code": 404,
+    }
+
+
 # --- robustness -----------------------------------------------------------------------------
 
 

@@ -27,6 +27,10 @@ def test_defaults_match_the_design() -> None:
     assert config.cni.conf_dir == "/etc/cni/net.d"
     assert config.cni.bin_dirs == ["/opt/cni/bin", "/usr/lib/cni"]
     assert config.streaming.address.startswith("127.0.0.1:")
+    assert config.streaming.max_sessions == 128
+    assert config.streaming.max_handshakes == 128
+    assert config.streaming.request_timeout == 10
+    assert config.streaming.idle_timeout == 4 * 3600  # kubelet's streamingConnectionIdleTimeout
 
 
 def test_missing_default_file_means_defaults(
@@ -87,6 +91,42 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
         ('[streaming]\naddress = "localhost"', "streaming.address: must be host:port"),
         ('[runtimes.x]\nroot = "/r"', "runtimes.x.path: Field required"),
         ("cgroup_driver = 1", "cgroup_driver: Input should be 'cgroupfs' or 'systemd'"),
+        (
+            "[streaming]\nmax_sessions = 0",
+            "streaming.max_sessions: Input should be greater than or equal to 1",
+        ),
+        (
+            "[streaming]\nmax_sessions = 1.5",
+            "streaming.max_sessions: Input should be a valid integer",
+        ),
+        (
+            "[streaming]\nmax_handshakes = true",
+            "streaming.max_handshakes: Input should be a valid integer",
+        ),
+        (
+            "[streaming]\nrequest_timeout = 0",
+            "streaming.request_timeout: Input should be greater than 0",
+        ),
+        (
+            "[streaming]\nrequest_timeout = nan",
+            "streaming.request_timeout: Input should be a finite number",
+        ),
+        (
+            '[streaming]\nidle_timeout = "4h"',
+            "streaming.idle_timeout: must be a number of seconds, got '4h'",
+        ),
+        (
+            "[streaming]\nidle_timeout = true",
+            "streaming.idle_timeout: must be a number of seconds, got True",
+        ),
+        (
+            "[streaming]\nidle_timeout = -1",
+            "streaming.idle_timeout: Input should be greater than or equal to 0",
+        ),
+        (
+            "[streaming]\nidle_timeout = inf",
+            "streaming.idle_timeout: Input should be a finite number",
+        ),
     ],
 )
 def test_bad_values_are_refused_with_file_key_and_problem(
@@ -97,6 +137,20 @@ def test_bad_values_are_refused_with_file_key_and_problem(
         load_config(main)
     assert str(info.value).startswith(f"{main}: ")
     assert problem in str(info.value)
+
+
+def test_streaming_timeouts_take_whole_or_fractional_seconds_and_0_disables_idle(
+    tmp_path: Path,
+) -> None:
+    main = write(
+        tmp_path / "crishim.toml",
+        "[streaming]\nmax_sessions = 2\nrequest_timeout = 2.5\nidle_timeout = 0\n",
+    )
+    config = load_config(main)
+    assert config.streaming.max_sessions == 2
+    assert config.streaming.request_timeout == 2.5
+    assert config.streaming.idle_timeout == 0
+    assert Config.model_validate(tomllib.loads(render_config(config, comments=False))) == config
 
 
 def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
@@ -113,6 +167,7 @@ def test_bad_flag_is_blamed_on_the_command_line(tmp_path: Path) -> None:
 def test_default_template_is_commented_and_parses_back_to_the_defaults() -> None:
     text = render_config(Config(), comments=True)
     assert "# unix socket kubelet connects to" in text
+    assert "idle_timeout = 14400.0" in text
     assert "[runtimes.crun]" in text
     assert Config.model_validate(tomllib.loads(text)) == Config()
 
