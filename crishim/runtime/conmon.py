@@ -36,8 +36,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.to_thread
+
 from crishim.errors import DeadlineExceeded, FailedPrecondition, Internal, Unimplemented
 from crishim.runtime.oci_runtime import OciRuntime, error_message
+from crishim.util import proc
 from crishim.util.fdio import read_line
 
 __all__ = [
@@ -270,11 +273,10 @@ async def _spawn(
     # conmon's stderr only matters until it detaches (it then points its stdio at
     # /dev/null): an anonymous file, never a pipe, so nothing can block on it.
     with tempfile.TemporaryFile() as early_errors:
-        proc = await asyncio.create_subprocess_exec(
-            *conmon_argv(spec, conmon),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=early_errors,
+        child = proc.spawn(
+            conmon_argv(spec, conmon),
+            what="conmon (the container monitor)",
+            stderr=early_errors.fileno(),
             pass_fds=pass_fds,
             env=env,
             # conmon writes its "oom" marker file into its working directory.
@@ -283,16 +285,16 @@ async def _spawn(
         try:
             if spec.cgroup_parent is not None:
                 # conmon waits on the start pipe before forking: its children inherit this.
-                await asyncio.to_thread(
-                    _move_to_cgroup, proc.pid, spec.cgroup_parent, spec.container_id
+                await anyio.to_thread.run_sync(
+                    _move_to_cgroup, child.pid, spec.cgroup_parent, spec.container_id
                 )
         except BaseException:
             # Killed before the release: closing the start pipe must not let it go on.
-            proc.kill()
-            await asyncio.shield(proc.wait())
+            child.kill()
+            await child.wait()
             raise
         os.write(start_w, b"0")
-        status = await proc.wait()
+        status = await child.wait()
         if status != 0:
             early_errors.seek(0)
             detail = early_errors.read().decode(errors="replace").strip()
