@@ -106,9 +106,12 @@ class Crishim:
 
     name = "crishim"
 
-    def __init__(self, base: Path, runtime: str = "runc") -> None:
+    def __init__(self, base: Path, runtime: str = "runc", log_level: str = "info") -> None:
         self.base = base
-        self.proc = CrishimProcess(base / "crishim", config=f'default_runtime = "{runtime}"\n')
+        self.proc = CrishimProcess(
+            base / "crishim",
+            config=f'default_runtime = "{runtime}"\nlog_level = "{log_level}"\n',
+        )
 
     @property
     def socket(self) -> Path:
