@@ -142,6 +142,7 @@ class ContainerService:
         self._lsms = host_lsms()
         self._cap_mask = capability_bounding_mask()
         self._background = BackgroundTasks()
+        self._releasing = BackgroundTasks()
         self._watcher: asyncio.Task[None] | None = None
 
     # ---- queries ------------------------------------------------------------------------
@@ -612,8 +613,10 @@ class ContainerService:
         if self._watcher is None or self._watcher.done():
             self._watcher = self._background.spawn(self._watch_exits(), "the exit watcher")
 
-    async def close(self) -> None:
-        """Stop the background work (at shutdown)."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop the background work (at shutdown); releases under way get ``grace``
+        seconds to finish (what they leave, recovery removes at the next start)."""
+        await self._releasing.drain(grace)
         await self._background.close()
 
     async def _watch_exits(self) -> None:
@@ -691,18 +694,25 @@ class ContainerService:
                 raise FailedPrecondition(
                     f"container {container.id} did not stop after SIGKILL; not removing it"
                 )
-            runtime = self.runtime_for(container.runtime_handler)
-            paths = self.paths(container.id)
-            if paths.conmon_pid_file.exists():  # else the runtime never heard of it
-                await runtime.delete(container.id, force=True)
-            await unmount(paths.rootfs)
-            await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)
-            (paths.exits / container.id).unlink(missing_ok=True)
-            await remove_tree(paths.base)
-            await remove_tree(paths.attach / container.id)
+            # The record goes first: from here the container no longer exists for kubelet,
+            # and what it leaves is released in the background. A crash before that is done
+            # leaves traces without a record, which recovery removes at the next start.
             await self._store.delete(container.id)
         self._events.publish(container.id, container.sandbox_id, EventType.DELETED)
         self._locks.pop(container.id, None)
+        self._releasing.spawn(self._release(container), f"releasing container {container.id[:12]}")
+
+    async def _release(self, container: Container) -> None:
+        """Remove what a removed (stopped) container leaves: its runtime state, root
+        filesystem, snapshot and files."""
+        paths = self.paths(container.id)
+        if paths.conmon_pid_file.exists():  # else the runtime never heard of it
+            await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
+        await unmount(paths.rootfs)
+        await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)
+        await remove_tree(paths.exits / container.id)
+        await remove_tree(paths.base)
+        await remove_tree(paths.attach / container.id)
 
     async def reap_sandbox(self, sandbox_id: str, remove: bool) -> None:
         """Stop (and with ``remove``, remove) every container of a sandbox."""
