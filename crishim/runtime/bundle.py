@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_spec", "update_resources", "write_spec"]
+__all__ = ["cgroups_path", "read_spec", "update_resources", "write_spec"]
 
 _CONFIG = "config.json"
 
@@ -40,3 +40,12 @@ def update_resources(bundle: Path, resources: dict[str, Any]) -> None:
         else:
             current[section] = values
     write_spec(bundle, spec)
+
+
+def cgroups_path(bundle: Path) -> str | None:
+    """The container's ``linux.cgroupsPath``, or None without a (readable) spec."""
+    try:
+        path = read_spec(bundle).get("linux", {}).get("cgroupsPath")
+    except (OSError, ValueError):
+        return None
+    return path if isinstance(path, str) and path else None

@@ -40,8 +40,10 @@ from crishim.model.specs import (
 from crishim.oci.build import BuildContext, build_container_spec, build_sandbox_infra_spec
 from crishim.oci.opts import CgroupDriver, DeviceNode, PasswdDb, linux_resources
 from crishim.oci.spec import dump_spec
+from crishim.runtime.bundle import cgroups_path as bundle_cgroups_path
 from crishim.runtime.bundle import read_spec, write_spec
 from crishim.runtime.bundle import update_resources as update_bundle_resources
+from crishim.runtime.cgroups import remove_cgroup
 from crishim.runtime.conmon import (
     MonitorSpec,
     create_container,
@@ -708,6 +710,10 @@ class ContainerService:
         paths = self.paths(container.id)
         if paths.conmon_pid_file.exists():  # else the runtime never heard of it
             await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
+            # A create the runtime did not finish (crishim was killed) leaves its cgroup.
+            cgroup = await anyio.to_thread.run_sync(bundle_cgroups_path, paths.bundle)
+            if cgroup is not None:
+                await remove_cgroup(cgroup)
         await unmount(paths.rootfs)
         await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)
         await remove_tree(paths.exits / container.id)
