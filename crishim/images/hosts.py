@@ -27,6 +27,7 @@ apply to the next pull without a restart.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -120,8 +121,13 @@ def _host_dir(config_path: Path, domain: str) -> Path | None:
         candidates.insert(0, f"{host}_{port}_")
     for name in candidates:
         path = config_path / name
-        if path.is_dir():
-            return path
+        try:
+            if path.is_dir():
+                return path
+        except OSError as exc:
+            # A name longer than the file system allows names no folder: try the next one.
+            if exc.errno != errno.ENAMETOOLONG:
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     return None
 
 

@@ -306,6 +306,17 @@ def test_domain_must_not_leave_the_config_dir(tmp_path: Path, domain: str) -> No
         load_hosts(str(tmp_path), domain)
 
 
+@pytest.mark.parametrize("domain", ["a" * 300, "a" * 252 + ":5000"])
+def test_domain_too_long_for_a_folder_name_falls_back_to_default(
+    tmp_path: Path, domain: str
+) -> None:
+    write_hosts(tmp_path, "_default", '[host."https://mirror.example"]\n')
+    assert urls(load_hosts(str(tmp_path), domain)) == [
+        "https://mirror.example",
+        f"https://{domain}",
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
