@@ -56,6 +56,8 @@ _HOST_KEYS = frozenset(
 _TOP_LEVEL_KEYS = _HOST_KEYS | {"server", "host"}
 
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RFC 9110's field-value in ASCII: visible characters, spaces and tabs only between them.
+_HEADER_VALUE_RE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
 # Go's time.ParseDuration units; both micro signs are accepted, as Go does.
 _GO_DURATION_UNITS = {
     "ns": 1e-9,
@@ -330,6 +332,12 @@ class _Table:
             # A line break in a value would smuggle another header into every request.
             if any(ch in item for item in values for ch in "\r\n\0"):
                 raise self.error(key, "a header value must not contain line breaks")
+            # The HTTP client sends values as ASCII and refuses one it cannot put on the wire.
+            if not all(_HEADER_VALUE_RE.fullmatch(item) for item in values):
+                raise self.error(
+                    key,
+                    "a header value must be printable ASCII, with spaces or tabs only inside it",
+                )
             headers[name] = values
         return headers
 
