@@ -359,6 +359,8 @@ class _Table:
         """A file path; relative ones are relative to the hosts.toml folder."""
         if not text:
             raise self.error(key, "empty file path")
+        if "\0" in text:
+            raise self.error(key, "a file path must not contain a NUL character")
         return os.path.abspath(os.path.join(self.file.parent, text))
 
 

@@ -329,6 +329,8 @@ def test_domain_too_long_for_a_folder_name_falls_back_to_default(
         ("ca = 5\n", "ca: expected a string or an array of strings, got an integer"),
         ("ca = ['a', 1]\n", "ca: expected a string or an array of strings, got an array of"),
         ("ca = ''\n", "ca: empty file path"),
+        ('ca = "a\\u0000.crt"\n', "ca: a file path must not contain a NUL character"),
+        ('client = [["c", "k\\u0000"]]\n', "client: a file path must not contain a NUL"),
         ("client = [['a']]\n", "client: expected a file or a [cert, key] pair, got an array of"),
         ("client = [['a', 'b', 'c']]\n", "client: expected a file or a [cert, key] pair"),
         ("client = 1\n", "client: expected a file or [cert, key] pairs, got an integer"),
