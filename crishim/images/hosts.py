@@ -73,6 +73,8 @@ _GO_DURATION_PART = r"(\d+\.?\d*|\.\d+)({})".format(
     "|".join(sorted(_GO_DURATION_UNITS, key=len, reverse=True))  # "ms" before "m"
 )
 _GO_DURATION_RE = re.compile(f"(?:{_GO_DURATION_PART})+")
+# Go keeps a duration in an int64 of nanoseconds and refuses a longer one (~292 years).
+_GO_DURATION_MAX = (2**63 - 1) * 1e-9
 _GO_DURATION_PART_RE = re.compile(_GO_DURATION_PART)
 
 
@@ -395,10 +397,11 @@ def _parse_go_duration(text: str) -> float | None:
         return 0.0
     if not _GO_DURATION_RE.fullmatch(body):
         return None
-    return sum(
+    seconds = sum(
         float(number) * _GO_DURATION_UNITS[unit]
         for number, unit in _GO_DURATION_PART_RE.findall(body)
     )
+    return seconds if seconds <= _GO_DURATION_MAX else None
 
 
 def _toml_type(value: object) -> str:

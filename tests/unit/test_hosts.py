@@ -253,7 +253,14 @@ def test_capabilities(tmp_path: Path, value: str, expected: frozenset[str]) -> N
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [('"5s"', 5.0), ('"1m30s"', 90.0), ('"1.5h"', 5400.0), ('"250ms"', 0.25), ('""', None)],
+    [
+        ('"5s"', 5.0),
+        ('"1m30s"', 90.0),
+        ('"1.5h"', 5400.0),
+        ('"250ms"', 0.25),
+        ('""', None),
+        ('"2562047h"', 2562047 * 3600.0),  # Go's longest duration is 2562047h47m16.85s
+    ],
 )
 def test_dial_timeout_is_a_go_duration(tmp_path: Path, value: str, seconds: float | None) -> None:
     write_hosts(tmp_path, "x.io", f"dial_timeout = {value}\n")
@@ -345,6 +352,8 @@ def test_domain_too_long_for_a_folder_name_falls_back_to_default(
         ('header = { X-A = " padded " }\n', 'header."X-A": a header value must be printable'),
         ("dial_timeout = '5'\n", 'dial_timeout: expected a duration such as "5s"'),
         ("dial_timeout = '-1s'\n", "dial_timeout: expected a duration"),
+        ("dial_timeout = '2562048h'\n", "dial_timeout: expected a duration"),
+        (f"dial_timeout = '{'9' * 400}s'\n", "dial_timeout: expected a duration"),
         ("dial_timeout = 5\n", "dial_timeout: expected a string, got an integer"),
         ("host = 'https://m'\n", "host: expected a table of hosts, got a string"),
         ("host = { 'https://m' = 1 }\n", 'host."https://m": expected a table, got an integer'),
