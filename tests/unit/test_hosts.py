@@ -365,6 +365,8 @@ def test_domain_too_long_for_a_folder_name_falls_back_to_default(
         ('[host."https://m:http"]\n', 'host."https://m:http": invalid port'),
         ("server = [\n", "not valid TOML"),
         ("a = 1\na = 2\n", "not valid TOML"),
+        ("a = " + "[" * 5000 + "]" * 5000 + "\n", "not valid TOML: arrays or tables nested"),
+        ("header = " + "{a = " * 2000 + "1" + "}" * 2000, "not valid TOML: arrays or tables"),
     ],
 )
 def test_bad_files_name_file_key_and_problem(tmp_path: Path, text: str, problem: str) -> None:
