@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
+
 from crishim.errors import ConfigError, InvalidArgument
 
 HOSTS_FILE = "hosts.toml"
@@ -55,6 +57,8 @@ _HOST_KEYS = frozenset(
 )
 _TOP_LEVEL_KEYS = _HOST_KEYS | {"server", "host"}
 
+# Host names in ASCII; "_" too, as container networks name hosts with it.
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # RFC 9110's field-value in ASCII: visible characters, spaces and tabs only between them.
 _HEADER_VALUE_RE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
@@ -370,6 +374,9 @@ class _Table:
 
 def _endpoint(text: str, *, override_path: bool) -> tuple[str, str]:
     """The normalised URL and API base of a host; ValueError names what is wrong."""
+    # urlsplit would silently drop some of them; the HTTP client refuses the others.
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise ValueError(f"a URL must not contain control characters, got {json.dumps(text)}")
     # As in containerd, a bare host[:port][/path] means HTTPS.
     parts = urlsplit(text if "://" in text else f"https://{text}")
     scheme = parts.scheme.lower()
@@ -377,6 +384,11 @@ def _endpoint(text: str, *, override_path: bool) -> tuple[str, str]:
         raise ValueError(f'unsupported URL scheme "{parts.scheme}": use http or https')
     if not parts.hostname or parts.username is not None or parts.query or parts.fragment:
         raise ValueError(f'expected scheme://host[:port][/path], got "{text}"')
+    # A DNS name or an IPv4 address; an IPv6 one ("[...]", with ":") urlsplit checks itself.
+    if ":" not in parts.hostname and not (
+        _HOST_NAME_RE.fullmatch(parts.hostname) and _idna_decodes(parts.hostname)
+    ):
+        raise ValueError(f'invalid host name "{parts.hostname}" in "{text}"')
     try:
         port = parts.port
     except ValueError as exc:
@@ -390,6 +402,15 @@ def _endpoint(text: str, *, override_path: bool) -> tuple[str, str]:
     if override_path or path.endswith("/v2"):
         return url, url
     return url, url + "/v2"
+
+
+def _idna_decodes(host: str) -> bool:
+    """Whether the HTTP client can decode the IDNA labels ("xn--...") of ``host``: it does so
+    on every request, and a malformed label makes each one fail with UnicodeError."""
+    try:
+        return bool(httpx.URL(f"http://{host}/").host)
+    except (httpx.InvalidURL, UnicodeError):
+        return False
 
 
 def _parse_go_duration(text: str) -> float | None:
