@@ -1,7 +1,8 @@
 """Bounds for tests that feed hostile input: a hard time limit and a memory peak.
 
 A parser that hangs must fail the test, not stall it: :func:`time_limit` interrupts the
-code under test with SIGALRM (so it works on pure-Python loops; main thread only).
+code under test with SIGALRM (so it works on pure-Python loops; main thread only), and
+:func:`outcome` runs one call under it, handing back the result or the expected error.
 :func:`allocation_peak` measures the largest amount of memory the Python allocators held
 at once while a block ran, to check that a declared size is not allocated up front.
 """
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 import signal
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
+from typing import TypeVar
 
-__all__ = ["AllocationPeak", "TooSlow", "allocation_peak", "time_limit"]
+__all__ = ["AllocationPeak", "TooSlow", "allocation_peak", "outcome", "time_limit"]
+
+T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 
 class TooSlow(AssertionError):
@@ -36,6 +41,16 @@ def time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def outcome(call: Callable[[], T], expected: type[E], seconds: float) -> T | E:
+    """Run ``call`` within ``seconds``: its result, or the ``expected`` exception it raised
+    (returned, so the test checks it outside an ``except`` block)."""
+    with time_limit(seconds):
+        try:
+            return call()
+        except expected as exc:
+            return exc
 
 
 @dataclass
