@@ -159,6 +159,13 @@ def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
         load_config(main)
 
 
+def test_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    main = tmp_path / "crishim.toml"
+    main.write_bytes(b'root = "/\xff"\n')
+    with pytest.raises(ConfigError, match=r"crishim\.toml: not valid TOML: 'utf-8' codec"):
+        load_config(main)
+
+
 def test_bad_flag_is_blamed_on_the_command_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="command line: socket: must be an absolute path"):
         load_config(write(tmp_path / "c.toml", ""), {"socket": "rel.sock"})
