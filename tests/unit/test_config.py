@@ -166,6 +166,15 @@ def test_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
         load_config(main)
 
 
+@pytest.mark.parametrize(
+    "text", ["a = " + "[" * 5000 + "]" * 5000, "cni = " + "{a = " * 2000 + "1" + "}" * 2000]
+)
+def test_file_nested_too_deeply_names_the_file(tmp_path: Path, text: str) -> None:
+    main = write(tmp_path / "crishim.toml", text + "\n")
+    with pytest.raises(ConfigError, match=r"crishim\.toml: not valid TOML: .* nested too deeply"):
+        load_config(main)
+
+
 def test_bad_flag_is_blamed_on_the_command_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="command line: socket: must be an absolute path"):
         load_config(write(tmp_path / "c.toml", ""), {"socket": "rel.sock"})
