@@ -310,7 +310,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        # JSON's escapes are TOML's, but for two: JSON writes characters beyond the BMP as
+        # surrogate pairs, which TOML refuses, and leaves DEL raw, which TOML must escape.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot render {type(value).__name__} as TOML")

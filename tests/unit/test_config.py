@@ -194,3 +194,8 @@ def test_effective_config_round_trips(tmp_path: Path) -> None:
     )
     config = load_config(main)
     assert Config.model_validate(tomllib.loads(render_config(config, comments=False))) == config
+
+
+def test_strings_of_any_character_render_as_valid_toml() -> None:
+    config = Config(root='/caf\u00e9/\U0001f600/\x7f\x01"\\')
+    assert Config.model_validate(tomllib.loads(render_config(config, comments=False))) == config
