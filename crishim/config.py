@@ -10,6 +10,7 @@ that introduced it, the key and the problem.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -302,6 +303,9 @@ def load_config(main: Path | None = None, overrides: Mapping[str, Any] | None = 
     return _validate(data, "command line")
 
 
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -330,7 +334,10 @@ def _render_table(model: BaseModel, header: str, comments: bool, out: list[str])
             tables.append((f"{prefix}{name}", value, (value.__doc__ or "").strip()))
         elif isinstance(value, dict):
             for index, (key, item) in enumerate(value.items()):
-                tables.append((f"{prefix}{name}.{key}", item, None if index else field.description))
+                header_key = key if _BARE_KEY_RE.fullmatch(key) else _toml_value(key)
+                tables.append(
+                    (f"{prefix}{name}.{header_key}", item, None if index else field.description)
+                )
         else:
             if comments and field.description:
                 out.append(f"# {field.description}")

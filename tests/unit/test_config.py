@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from crishim.config import Config, load_config, render_config
+from crishim.config import Config, RuntimeHandlerConfig, load_config, render_config
 from crishim.errors import ConfigError
 
 
@@ -199,3 +199,14 @@ def test_effective_config_round_trips(tmp_path: Path) -> None:
 def test_strings_of_any_character_render_as_valid_toml() -> None:
     config = Config(root='/caf\u00e9/\U0001f600/\x7f\x01"\\')
     assert Config.model_validate(tomllib.loads(render_config(config, comments=False))) == config
+
+
+def test_runtime_names_that_are_not_bare_keys_are_quoted() -> None:
+    runtimes = {
+        "runc": RuntimeHandlerConfig(path="runc"),
+        'my.rt "x"': RuntimeHandlerConfig(path="k"),
+    }
+    config = Config(runtimes=runtimes)
+    text = render_config(config, comments=False)
+    assert '[runtimes."my.rt \\"x\\""]' in text
+    assert Config.model_validate(tomllib.loads(text)) == config
