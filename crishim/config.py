@@ -40,10 +40,17 @@ def _host_port(value: str) -> str:
     return value
 
 
+def _no_nul(value: str) -> str:
+    # The OS takes paths as C strings: a NUL would fail every call that uses one.
+    if "\0" in value:
+        raise ValueError(f"must not contain a NUL character, got {value!r}")
+    return value
+
+
 def _absolute(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"must be an absolute path, got {value!r}")
-    return value
+    return _no_nul(value)
 
 
 def _seconds(value: object) -> object:
@@ -67,7 +74,7 @@ class RuntimeHandlerConfig(_Section):
     def _path_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must name a binary")
-        return value
+        return _no_nul(value)
 
     @field_validator("root")
     @classmethod

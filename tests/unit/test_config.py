@@ -86,6 +86,9 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     [
         ('log_level = "loud"', "log_level: Input should be 'debug', 'info', 'warning' or 'error'"),
         ('root = "relative/dir"', "root: must be an absolute path, got 'relative/dir'"),
+        ('socket = "/run/\\u0000.sock"', "socket: must not contain a NUL character"),
+        ('[runtimes.runc]\npath = "runc\\u0000"', "runtimes.runc.path: must not contain a NUL"),
+        ('[cni]\nbin_dirs = ["/a", "/\\u0000"]', "cni.bin_dirs: must not contain a NUL"),
         ('default_runtime = "nope"', "default_runtime 'nope' is not a configured runtime"),
         ("[cni]\nbin_dirs = []", "cni.bin_dirs: must name at least one directory"),
         ('[streaming]\naddress = "localhost"', "streaming.address: must be host:port"),
