@@ -27,6 +27,9 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 CgroupDriver = Literal["cgroupfs", "systemd"]
 
 
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
 class _Section(BaseModel):
     """A config table: unknown keys are errors, values are checked on assignment."""
 
@@ -35,7 +38,8 @@ class _Section(BaseModel):
 
 def _host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # ASCII digits only: str.isdigit() takes "²" (int() refuses it) and "١٢" (int() reads 12).
+    if not sep or not host or not _PORT_RE.fullmatch(port) or int(port) > 65535:
         raise ValueError(f"must be host:port with a port from 0 to 65535, got {value!r}")
     return value
 

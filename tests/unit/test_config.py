@@ -92,6 +92,9 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
         ('default_runtime = "nope"', "default_runtime 'nope' is not a configured runtime"),
         ("[cni]\nbin_dirs = []", "cni.bin_dirs: must name at least one directory"),
         ('[streaming]\naddress = "localhost"', "streaming.address: must be host:port"),
+        ('[streaming]\naddress = "localhost:\u0661\u0662"', "streaming.address: must be host:port"),
+        ('[metrics]\naddress = "localhost:\u00b2"', "metrics.address: must be host:port"),
+        (f'[metrics]\naddress = "localhost:{"9" * 5000}"', "metrics.address: must be host:port"),
         ('[runtimes.x]\nroot = "/r"', "runtimes.x.path: Field required"),
         ("cgroup_driver = 1", "cgroup_driver: Input should be 'cgroupfs' or 'systemd'"),
         (
