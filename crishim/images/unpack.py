@@ -304,7 +304,9 @@ class _StrictTarInfo(tarfile.TarInfo):
     """Tells a damaged header from the end of the archive.
 
     ``TarFile.next()`` takes any bad header after the first one for the end of the
-    archive; only an empty read or a zero block really is one.
+    archive; only an empty read or a zero block really is one. And tarfile lets the
+    ValueErrors of parsing a damaged PAX header escape as they are (a ``hdrcharset`` that
+    is not UTF-8, a record length of thousands of digits): those are damage too.
     """
 
     @classmethod
@@ -315,6 +317,13 @@ class _StrictTarInfo(tarfile.TarInfo):
             if buf.count(0) == len(buf):
                 raise  # nothing, or zeros: the end of the archive
             raise _CorruptStream(f"bad tar header: {exc}") from exc
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(archive)
+        except ValueError as exc:  # UnicodeDecodeError is one too
+            raise _CorruptStream(f"bad extended tar header: {exc}") from exc
 
 
 # --- names --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from tests.rig.oci_image import (
     Layer,
     LayerBuilder,
 )
+from tests.rig.tar_bytes import Member, pax_record, tar
 
 DELETE = WhiteoutStyle.DELETE
 OVERLAY = WhiteoutStyle.OVERLAY
@@ -568,3 +569,16 @@ def test_damaged_tar_header_is_refused(box: Box) -> None:
 def test_cut_short_file_data_is_refused(box: Box) -> None:
     tar = LayerBuilder().file("big", b"x" * 100_000).tar_bytes()
     refused(box, Layer.from_tar(tar[:50_000], "gzip"), "not a valid tar/gzip/zstd stream")
+
+
+@pytest.mark.parametrize(
+    "records",
+    [
+        pax_record(b"hdrcharset", b"\xff\xfe"),
+        b"9" * 5000 + b" path=x\n",  # more digits than int() takes
+    ],
+    ids=["hdrcharset-not-utf8", "record-length-of-5000-digits"],
+)
+def test_damaged_pax_headers_are_refused(box: Box, records: bytes) -> None:
+    layer = tar([Member(b"x", b"PaxHeader", records), Member(b"0", b"f", b"data")])
+    refused(box, Layer.from_tar(layer, "none"), "bad extended tar header")
