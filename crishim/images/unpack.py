@@ -21,6 +21,7 @@ This is what containerd's ``archive.Apply`` does, with the image treated as host
   and are never followed while extracting.
 - ``trusted.overlay.*`` xattrs from the image are dropped: they are overlayfs' own
   bookkeeping, and in an overlay upper dir the kernel would act on them.
+- GNU sparse files (old and PAX forms) are refused, as OCI recommends not to use them.
 
 Whiteouts become overlayfs whiteouts (:attr:`WhiteoutStyle.OVERLAY`) or deletions
 (:attr:`WhiteoutStyle.DELETE`, for a target that already holds the layers below).
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, NoReturn, Protocol, Self
 
 import zstandard
 
@@ -312,11 +313,21 @@ class _StrictTarInfo(tarfile.TarInfo):
     @classmethod
     def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
         try:
-            return super().frombuf(buf, encoding, errors)
+            info = super().frombuf(buf, encoding, errors)
         except tarfile.HeaderError as exc:
             if buf.count(0) == len(buf):
                 raise  # nothing, or zeros: the end of the archive
             raise _CorruptStream(f"bad tar header: {exc}") from exc
+        if info.type == tarfile.GNUTYPE_SPARSE:
+            _refuse_sparse(info)
+        return info
+
+    # tarfile's hooks for the PAX forms of GNU sparse files (formats 0.0, 0.1 and 1.0),
+    # called with the entry the PAX header describes, before 1.0 reads its map.
+    def _proc_gnusparse_00(self, entry: tarfile.TarInfo, *rest: object) -> None:
+        _refuse_sparse(entry)
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
 
     @classmethod
     def fromtarfile(cls, archive: tarfile.TarFile) -> Self:
@@ -324,6 +335,13 @@ class _StrictTarInfo(tarfile.TarInfo):
             return super().fromtarfile(archive)
         except ValueError as exc:  # UnicodeDecodeError is one too
             raise _CorruptStream(f"bad extended tar header: {exc}") from exc
+
+
+def _refuse_sparse(entry: tarfile.TarInfo) -> NoReturn:
+    # OCI asks images not to use them. tarfile reads a sparse map with no bound on its
+    # length (a small compressed layer can hold billions of entries) and writes the holes
+    # out as zeros (a "file" of terabytes), so they are refused before either happens.
+    raise UnpackError(f'layer entry "{entry.name}": sparse files are not supported')
 
 
 # --- names --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from crishim.images.unpack import LayerResult, UnpackError, WhiteoutStyle, apply_layer
+from tests.rig.bounds import time_limit
 from tests.rig.oci_image import (
     DEFAULT_MTIME,
     DOCKER_LAYER_GZIP,
@@ -30,7 +31,7 @@ from tests.rig.oci_image import (
     Layer,
     LayerBuilder,
 )
-from tests.rig.tar_bytes import Member, pax_record, tar
+from tests.rig.tar_bytes import Member, pax_record, sparse_tail, tar
 
 DELETE = WhiteoutStyle.DELETE
 OVERLAY = WhiteoutStyle.OVERLAY
@@ -582,3 +583,30 @@ def test_cut_short_file_data_is_refused(box: Box) -> None:
 def test_damaged_pax_headers_are_refused(box: Box, records: bytes) -> None:
     layer = tar([Member(b"x", b"PaxHeader", records), Member(b"0", b"f", b"data")])
     refused(box, Layer.from_tar(layer, "none"), "bad extended tar header")
+
+
+def _pax_sparse(records: bytes, data: bytes = b"") -> bytes:
+    return tar([Member(b"x", b"PaxHeader", records), Member(b"0", b"GNUSparseFile.0/f", data)])
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        # Old GNU form: a hole of a TiB would be written out as zeros.
+        tar([Member(b"S", b"f", b"x", tail=sparse_tail([(2**40, 1)], False, 2**40 + 1))]),
+        # Old GNU form, an extension block announced and the stream ending there.
+        Member(b"S", b"f", tail=sparse_tail([(0, 1)], True, 1)).encode(),
+        # PAX forms 0.0 and 0.1: the map in the header.
+        _pax_sparse(pax_record(b"GNU.sparse.size", b"1") + pax_record(b"GNU.sparse.offset", b"0")),
+        _pax_sparse(pax_record(b"GNU.sparse.map", b"0,1") + pax_record(b"GNU.sparse.size", b"1")),
+        # PAX form 1.0: a billion map entries announced, read from the data one by one.
+        _pax_sparse(
+            pax_record(b"GNU.sparse.major", b"1") + pax_record(b"GNU.sparse.minor", b"0"),
+            b"1000000000\n" + b"0\n" * 100_000,
+        ),
+    ],
+    ids=["old-huge-hole", "old-cut-extension", "pax-0.0", "pax-0.1", "pax-1.0-endless-map"],
+)
+def test_sparse_files_are_refused(box: Box, layer: bytes) -> None:
+    with time_limit(10):
+        refused(box, Layer.from_tar(layer, "zstd"), "sparse files are not supported")
