@@ -68,6 +68,8 @@ _OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _OVERLAY_XATTR_PREFIX = "trusted.overlay."
 _PAX_XATTR_PREFIX = "SCHILY.xattr."
+#: decimal digits before the point of a PAX time that can still be a file time (int64 ns)
+_PAX_TIME_DIGITS_MAX = 18
 #: failures of the host rather than of the image: reported as Internal, not InvalidArgument
 _HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM})
 
@@ -395,9 +397,14 @@ def _pax_time_ns(member: tarfile.TarInfo, key: str) -> int | None:
     if text is None:
         return None
     try:
-        return int(Decimal(text) * 1_000_000_000)
-    except (InvalidOperation, ValueError):
+        seconds = Decimal(text)
+    except InvalidOperation:
         return None
+    # Beyond any file time ("1e999999" overflows the multiplication, and int() of
+    # "1e999990" takes half a minute): left to the header's value, which is checked later.
+    if not seconds.is_finite() or seconds.adjusted() > _PAX_TIME_DIGITS_MAX:
+        return None
+    return int(seconds * 1_000_000_000)
 
 
 def _times_ns(member: tarfile.TarInfo) -> tuple[int, int]:

@@ -194,6 +194,19 @@ def test_pax_times_keep_nanoseconds_and_atime(box: Box) -> None:
     assert st.st_atime_ns == 1_300_000_000_500_000_000
 
 
+@pytest.mark.parametrize("mtime", ["1e999999", "1e999990", "-1e999990"])
+def test_pax_times_out_of_range_are_refused_at_once(box: Box, mtime: str) -> None:
+    with time_limit(5):
+        refused(box, LayerBuilder().raw("f", data="x", pax={"mtime": mtime}), '"f": ')
+
+
+def test_pax_atime_out_of_range_falls_back_to_mtime(box: Box) -> None:
+    with time_limit(5):
+        box.apply(LayerBuilder().raw("f", data="x", pax={"mtime": "5", "atime": "1e999990"}))
+    st = os.lstat(box.target / "f")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (5 * NS, 5 * NS)
+
+
 def test_setuid_survives_ownership_change(box: Box) -> None:
     # chown clears setuid: the mode must be set after the owner.
     box.apply(LayerBuilder().file("su", b"x", mode=0o6755, uid=1, gid=1))
