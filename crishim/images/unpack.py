@@ -84,6 +84,18 @@ _GZIP_INPUT_CHUNK = 256 * 1024
 _GZIP_MAX_OUTPUT = 4 * 1024 * 1024
 # tarfile reads the stream in pieces of this size (its default, 10 KiB, costs many calls).
 _TAR_BUFFER = 1 << 20
+#: headers that hold the next entry's long name or link, or PAX records; Go's archive/tar
+#: (containerd's reader) refuses them past 1 MiB too
+_EXTENDED_HEADER_TYPES = frozenset(
+    (
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+    )
+)
+_EXTENDED_HEADER_MAX = 1 << 20
 
 
 class UnpackError(InvalidArgument):
@@ -322,6 +334,12 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise _CorruptStream(f"bad tar header: {exc}") from exc
         if info.type == tarfile.GNUTYPE_SPARSE:
             _refuse_sparse(info)
+        # tarfile reads an extended header whole into memory, whatever size it declares.
+        if info.type in _EXTENDED_HEADER_TYPES and info.size > _EXTENDED_HEADER_MAX:
+            raise UnpackError(
+                f"layer holds a tar extended header of {info.size} bytes "
+                f"(at most {_EXTENDED_HEADER_MAX} are read)"
+            )
         return info
 
     # tarfile's hooks for the PAX forms of GNU sparse files (formats 0.0, 0.1 and 1.0),

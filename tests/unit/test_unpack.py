@@ -598,6 +598,20 @@ def test_damaged_pax_headers_are_refused(box: Box, records: bytes) -> None:
     refused(box, Layer.from_tar(layer, "none"), "bad extended tar header")
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [
+        tar([Member(b"L", b"././@LongLink", b"a" * (2 << 20)), Member(b"0", b"f", b"x")]),
+        tar([Member(b"K", b"././@LongLink", b"a" * 10, size=2**33), Member(b"0", b"f")]),
+        tar([Member(b"x", b"PaxHeader", pax_record(b"path", b"a" * (2 << 20)))]),
+        tar([Member(b"g", b"PaxHeader", b"", size=2**62)]),
+    ],
+    ids=["gnu-longname-2MiB", "gnu-longlink-8GiB-declared", "pax-2MiB", "pax-global-huge"],
+)
+def test_extended_headers_larger_than_1mib_are_refused(box: Box, layer: bytes) -> None:
+    refused(box, Layer.from_tar(layer, "zstd"), "tar extended header of [0-9]+ bytes")
+
+
 def _pax_sparse(records: bytes, data: bytes = b"") -> bytes:
     return tar([Member(b"x", b"PaxHeader", records), Member(b"0", b"GNUSparseFile.0/f", data)])
 
