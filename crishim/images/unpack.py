@@ -96,10 +96,20 @@ _EXTENDED_HEADER_TYPES = frozenset(
     )
 )
 _EXTENDED_HEADER_MAX = 1 << 20
+#: error messages are cut to about this many characters
+_MESSAGE_MAX = 1000
 
 
 class UnpackError(InvalidArgument):
     """The layer is damaged or hostile; the message names the entry and the problem."""
+
+    def __init__(self, message: str) -> None:
+        # Entry names come from the layer and may be a MiB long: keep both ends, which
+        # hold the start of the name and the problem.
+        if len(message) > _MESSAGE_MAX:
+            half = _MESSAGE_MAX // 2
+            message = f"{message[:half]}...{message[-half:]}"
+        super().__init__(message)
 
 
 class WhiteoutStyle(Enum):

@@ -612,6 +612,16 @@ def test_extended_headers_larger_than_1mib_are_refused(box: Box, layer: bytes) -
     refused(box, Layer.from_tar(layer, "zstd"), "tar extended header of [0-9]+ bytes")
 
 
+def test_error_messages_stay_short_for_long_names(box: Box) -> None:
+    name = b"a" * 1_000_000
+    layer = tar([Member(b"L", b"././@LongLink", name + b"\0"), Member(b"0", b"x", b"data")])
+    with pytest.raises(UnpackError) as info:
+        box.apply(Layer.from_tar(layer, "zstd"))
+    message = str(info.value)
+    assert len(message) < 1100
+    assert message.startswith('layer entry "aaa')
+
+
 def _pax_sparse(records: bytes, data: bytes = b"") -> bytes:
     return tar([Member(b"x", b"PaxHeader", records), Member(b"0", b"GNUSparseFile.0/f", data)])
 
