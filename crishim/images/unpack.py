@@ -61,6 +61,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: the kernel's own limit on symlinks followed in one lookup
 _MAX_SYMLINKS = 40
+#: directories below the root a lookup may hold open at once: each is a descriptor, and
+#: a layer's names (or links) could otherwise nest them until the process runs out
+_MAX_DEPTH = 256
 _COPY_CHUNK = 1 << 20
 _WHITEOUT_PREFIX = ".wh."
 _WHITEOUT_META_PREFIX = ".wh..wh."
@@ -773,6 +776,11 @@ class _Extractor:
                     return None
                 if isinstance(step, int):
                     stack.append((step, name))
+                    if len(stack) > _MAX_DEPTH:
+                        raise UnpackError(
+                            f'layer entry "{entry}": path is nested deeper than '
+                            f"{_MAX_DEPTH} directories"
+                        )
                     continue
                 links += 1
                 if links > _MAX_SYMLINKS:

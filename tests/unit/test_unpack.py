@@ -541,6 +541,20 @@ def test_symlink_loop_is_refused(box: Box) -> None:
     refused(box, layer, '"a/x": too many levels of symbolic links')
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [
+        LayerBuilder(sort=False).raw("a/" * 300 + "f", data="x"),
+        LayerBuilder(sort=False).raw("s", "symlink", linkname="d/" * 200).raw("s/" + "e/" * 100),
+    ],
+    ids=["deep-name", "deep-through-a-symlink"],
+)
+def test_paths_nested_too_deep_are_refused(box: Box, layer: LayerBuilder) -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    refused(box, layer, "path is nested deeper than 256 directories")
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_file_as_a_parent_is_refused(box: Box) -> None:
     refused(box, LayerBuilder(sort=False).raw("f").raw("f/g"), '"f" is not a directory')
 
