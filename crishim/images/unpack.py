@@ -107,12 +107,20 @@ class UnpackError(InvalidArgument):
     """The layer is damaged or hostile; the message names the entry and the problem."""
 
     def __init__(self, message: str) -> None:
-        # Entry names come from the layer and may be a MiB long: keep both ends, which
-        # hold the start of the name and the problem.
-        if len(message) > _MESSAGE_MAX:
-            half = _MESSAGE_MAX // 2
-            message = f"{message[:half]}...{message[-half:]}"
-        super().__init__(message)
+        super().__init__(_readable(message))
+
+
+def _readable(message: str) -> str:
+    """A message quoting entry names, made fit to send: names come from the layer.
+
+    A name may be a MiB long (both ends are kept: the start of the name and the problem),
+    and its bytes that are not UTF-8 are surrogate escapes, which gRPC cannot encode
+    (they are spelled out as ``\\udcNN``).
+    """
+    if len(message) > _MESSAGE_MAX:
+        half = _MESSAGE_MAX // 2
+        message = f"{message[:half]}...{message[-half:]}"
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class WhiteoutStyle(Enum):
@@ -462,7 +470,7 @@ def _entry_error(entry: str, exc: Exception) -> Exception:
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
         if exc.errno in _HOST_ERRNOS:
-            return Internal(f'unpacking layer entry "{entry}": {exc.strerror}{where}')
+            return Internal(_readable(f'unpacking layer entry "{entry}": {exc.strerror}{where}'))
         return UnpackError(f'layer entry "{entry}": {exc.strerror or exc}{where}')
     return UnpackError(f'layer entry "{entry}": {exc}')
 

@@ -636,6 +636,15 @@ def test_error_messages_stay_short_for_long_names(box: Box) -> None:
     assert message.startswith('layer entry "aaa')
 
 
+def test_error_messages_spell_out_names_that_are_not_utf8(box: Box) -> None:
+    layer = tar([Member(b"1", b"bad\xff", linkname=b"missing\xfe")])
+    with pytest.raises(UnpackError) as info:
+        box.apply(Layer.from_tar(layer, "none"))
+    message = str(info.value)
+    message.encode("utf-8")  # what gRPC does with it
+    assert message == 'layer entry "bad\\udcff": hardlink target "missing\\udcfe" not found'
+
+
 def _pax_sparse(records: bytes, data: bytes = b"") -> bytes:
     return tar([Member(b"x", b"PaxHeader", records), Member(b"0", b"GNUSparseFile.0/f", data)])
 
