@@ -529,10 +529,12 @@ class _Extractor:
         parts = _clean(entry, entry, "path")
         if not parts:
             log.debug('layer entry "%s" ignored: it names the root', entry)
+            _skip_data(tar, member)
             return
         base = parts[-1]
         if base.startswith(_WHITEOUT_PREFIX):
             self._whiteout(parts, entry)
+            _skip_data(tar, member)
             return
         if member.islnk():
             self._hardlink(parts, member)
@@ -858,6 +860,20 @@ class _Extractor:
             if final:
                 return found
         return None
+
+
+def _skip_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    """Read past the data of a regular entry that is not extracted.
+
+    tarfile would skip it itself, but in a stream its seek reads block after block for
+    the whole declared size even once the stream has ended: an entry declaring 2**62
+    bytes would never finish. Read here, a missing end is a ReadError at once.
+    """
+    if member.isreg() and member.size:
+        source = tar.extractfile(member)
+        assert source is not None  # always a file object for a regular entry
+        while source.read(_COPY_CHUNK):
+            pass
 
 
 def _lookup_in_lower(lower_fd: int, where: Parts) -> tuple[_LowerEntry | None, bool]:

@@ -645,6 +645,26 @@ def test_error_messages_spell_out_names_that_are_not_utf8(box: Box) -> None:
     assert message == 'layer entry "bad\\udcff": hardlink target "missing\\udcfe" not found'
 
 
+@pytest.mark.parametrize("name", [b"", b"./", b"x/.wh.gone", b"x/.wh..wh..opq"])
+def test_skipped_entries_declaring_huge_data_fail_at_once(box: Box, name: bytes) -> None:
+    # Not extracted, so tarfile would seek over 2**62 bytes, block by block, past the end.
+    layer = tar([Member(b"0", name, size=2**62)])
+    with time_limit(10):
+        refused(box, Layer.from_tar(layer, "gzip"), "unexpected end of data")
+
+
+def test_data_of_skipped_entries_is_read_past(box: Box) -> None:
+    layer = tar(
+        [
+            Member(b"0", b"./", b"a" * 3000),
+            Member(b"0", b".wh.x", b"b" * 700),
+            Member(b"0", b"f", b"c"),
+        ]
+    )
+    box.apply(Layer.from_tar(layer, "gzip"))
+    assert (box.target / "f").read_text() == "c"
+
+
 def _pax_sparse(records: bytes, data: bytes = b"") -> bytes:
     return tar([Member(b"x", b"PaxHeader", records), Member(b"0", b"GNUSparseFile.0/f", data)])
 
