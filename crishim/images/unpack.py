@@ -99,6 +99,9 @@ _EXTENDED_HEADER_TYPES = frozenset(
     )
 )
 _EXTENDED_HEADER_MAX = 1 << 20
+#: global PAX records a layer may set (``git archive`` writes one); each costs time on
+#: every later entry
+_GLOBAL_PAX_RECORDS_MAX = 128
 #: error messages are cut to about this many characters
 _MESSAGE_MAX = 1000
 
@@ -512,6 +515,12 @@ class _Extractor:
         ) as tar:
             while (member := tar.next()) is not None:
                 count += 1
+                # tarfile applies every global PAX record to every later entry, one by one.
+                if len(tar.pax_headers) > _GLOBAL_PAX_RECORDS_MAX:
+                    raise UnpackError(
+                        f"layer holds {len(tar.pax_headers)} global PAX records "
+                        f"(at most {_GLOBAL_PAX_RECORDS_MAX})"
+                    )
                 try:
                     self._apply(tar, member)
                 except (OSError, ValueError, OverflowError) as exc:

@@ -665,6 +665,19 @@ def test_data_of_skipped_entries_is_read_past(box: Box) -> None:
     assert (box.target / "f").read_text() == "c"
 
 
+def test_a_global_pax_header_of_many_records_is_refused_at_once(box: Box) -> None:
+    # Applied to every later entry, 90,000 records made each entry cost ~40 ms.
+    records = b"".join(pax_record(b"k%d" % i, b"") for i in range(90_000))
+    layer = tar([Member(b"g", b"G", records), *(Member(b"5", b"d%d" % i) for i in range(300))])
+    with time_limit(10):
+        refused(box, Layer.from_tar(layer, "zstd"), "layer holds 90000 global PAX records")
+
+
+def test_a_global_pax_comment_applies(box: Box) -> None:
+    layer = tar([Member(b"g", b"G", pax_record(b"comment", b"git commit")), Member(b"0", b"f")])
+    assert box.apply(Layer.from_tar(layer, "none")).entries == 1
+
+
 def _pax_sparse(records: bytes, data: bytes = b"") -> bytes:
     return tar([Member(b"x", b"PaxHeader", records), Member(b"0", b"GNUSparseFile.0/f", data)])
 
