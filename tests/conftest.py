@@ -16,7 +16,7 @@ pytest_plugins = ["tests.rig.fixtures", "tests.rig.crishim_fixtures", "tests.rig
 
 settings.register_profile(
     "ci",
-    max_examples=40,
+    max_examples=30,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],

@@ -10,6 +10,7 @@ removed), the usual ways a hand-written configuration goes wrong.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -90,6 +91,7 @@ _scalars = st.one_of(
 )
 
 
+@functools.cache  # building a recursive strategy costs more than drawing from it
 def toml_values(keys: st.SearchStrategy[str] = _text) -> st.SearchStrategy[Any]:
     """Any TOML value: scalars, arrays (mixed types allowed) and tables, nested."""
     return st.recursive(

@@ -75,12 +75,19 @@ _header_values = st.one_of(
     st.text(st.characters(exclude_categories=["Cs"]), max_size=10),
 )
 _strings_or_list = st.one_of(st.text(max_size=0), _file_name, st.lists(_file_name, max_size=3))
-_durations = st.one_of(
-    st.from_regex(
-        r"\+?(([0-9]{1,4}(\.[0-9]{0,3})?|\.[0-9]{1,3})(ns|us|µs|ms|s|m|h)){1,3}", fullmatch=True
+_duration_part = st.builds(
+    lambda number, unit: number + unit,
+    st.one_of(
+        st.integers(0, 9999).map(str),
+        st.floats(0, 9999, allow_nan=False).map(lambda f: f"{f:.3f}"),
+        st.integers(0, 999).map(lambda n: f".{n}"),
     ),
-    st.from_regex(r"[0-9]{300,320}(h|s)", fullmatch=True),
-    st.sampled_from(["", "0", "5s", "1m30s", "-1s", "1d", "s", "1.s"]),
+    st.sampled_from(["ns", "us", "\u00b5s", "ms", "s", "m", "h"]),
+)
+_durations = st.one_of(
+    st.lists(_duration_part, min_size=1, max_size=3).map("".join),
+    st.integers(300, 320).map(lambda digits: "9" * digits + "s"),
+    st.sampled_from(["", "0", "5s", "+1m30s", "-1s", "1d", "s", "1.s"]),
 )
 
 

@@ -139,12 +139,12 @@ def test_a_declared_length_is_neither_allocated_nor_waited_for(
     assert peak.bytes < 64 * 1024, peak.bytes
 
 
-@given(st.sampled_from([1, 4, 16, 64]), st.sampled_from([b"\0", b"a: b\n", bytes(range(256))]))
+@given(st.sampled_from([1, 16, 64]), st.sampled_from([b"\0", b"a: b\n", bytes(range(256))]))
 def test_header_block_bombs_are_refused_without_inflating_them(
     mebibytes: int, pattern: bytes
 ) -> None:
     deflate = zlib.compressobj(
-        9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, spdy.SPDY_DICTIONARY
+        1, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, spdy.SPDY_DICTIONARY
     )
     plain = struct.pack(">I", 1) + struct.pack(">I", 1) + b"a" + struct.pack(">I", mebibytes << 20)
     chunk = pattern * ((1 << 20) // len(pattern))
