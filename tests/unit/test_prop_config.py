@@ -33,6 +33,10 @@ _known_keys = [
     "conf_dir",
     "bin_dirs",
     "address",
+    "max_sessions",
+    "max_handshakes",
+    "request_timeout",
+    "idle_timeout",
     "allow_remote",
     "runc",
     "crun",
@@ -79,7 +83,20 @@ def valid_config_documents(draw: st.DrawFn) -> dict[str, Any]:
             )
         )
     if draw(st.booleans()):
-        document["streaming"] = {"address": draw(_address)}
+        counts = st.one_of(st.integers(-1, 2**40), st.floats(), st.text(max_size=3))
+        seconds = st.one_of(st.floats(), st.integers(-1, 2**40), st.sampled_from(["4h", "10"]))
+        document["streaming"] = draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "address": _address,
+                    "max_sessions": counts,
+                    "max_handshakes": counts,
+                    "request_timeout": seconds,
+                    "idle_timeout": seconds,
+                },
+            )
+        )
     if draw(st.booleans()):
         document["metrics"] = draw(
             st.fixed_dictionaries(
@@ -105,6 +122,13 @@ def _check_config(config: Config) -> None:
         assert runtime.path.strip()
         assert "\0" not in runtime.path
     assert config.default_runtime in config.runtimes
+    streaming = config.streaming
+    assert streaming.max_sessions >= 1
+    assert streaming.max_handshakes >= 1
+    assert math.isfinite(streaming.request_timeout)
+    assert streaming.request_timeout > 0
+    assert math.isfinite(streaming.idle_timeout)
+    assert streaming.idle_timeout >= 0
     for address in (config.streaming.address, config.metrics.address or "x:0"):
         host, _, port = address.rpartition(":")
         assert host
