@@ -35,7 +35,6 @@ from crishim.images.reference import Reference
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
-CHUNK_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,8 @@ class RegistryClient:
             try:
                 async with self._open(host, ref, url, creds) as response:
                     started = True
-                    async for chunk in response.aiter_bytes(CHUNK_SIZE):
+                    # As they arrive: re-cutting them to one size would copy every byte.
+                    async for chunk in response.aiter_bytes():
                         yield chunk
                 return
             except _Retryable as exc:
