@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import anyio.to_thread
 
 from crishim.errors import DataLoss, FailedPrecondition, InvalidArgument, Unavailable
 from crishim.images.auth import Credentials
-from crishim.images.content import ContentStore
+from crishim.images.content import BlobAborted, ContentStore
 from crishim.images.manifest import (
     ACCEPT,
     INDEX_TYPES,
@@ -40,6 +41,7 @@ from crishim.images.manifest import (
 from crishim.images.reference import IdQuery, Reference, parse_image_query, parse_reference
 from crishim.images.registry import RegistryClient
 from crishim.images.snapshots.base import Snapshotter
+from crishim.images.unpack import Readable
 from crishim.model import Image, ImageLayer
 from crishim.store import ObjectStore
 from crishim.util.tasks import join_shared
@@ -227,10 +229,11 @@ class ImageService:
             for desc, diff_id, chain_id, task in zip(
                 manifest.layers, config.diff_ids, chains, downloads, strict=True
             ):
-                blob = await task
-                await self._unpack(chain_id, parent, blob, desc, diff_id)
+                await self._unpack_pulled(chain_id, parent, desc, diff_id, task)
                 progress.done_layers += 1
                 parent = chain_id
+            # Every blob is stored (and durable) before the image record names it.
+            await asyncio.gather(*downloads)
         finally:
             for task in downloads:
                 task.cancel()
@@ -286,8 +289,36 @@ class ImageService:
                 progress.add(len(chunk))
             yield chunk
 
+    async def _unpack_pulled(
+        self,
+        chain_id: str,
+        parent: str | None,
+        desc: Descriptor,
+        diff_id: str,
+        download: asyncio.Task[Path],
+    ) -> None:
+        """Unpack a layer of a pull while its download arrives, so unpacking overlaps the
+        transfer; the layer is committed only once the bytes matched the digest. When the
+        download breaks, the unpack starts over on the next attempt."""
+        while True:
+            reader = await self._content.open_stream(desc.digest, download)
+            if reader is None:  # the download is over and left no blob: why
+                await self._unpack(chain_id, parent, await download, desc, diff_id)
+                return
+            with closing(reader):
+                try:
+                    await self._unpack(chain_id, parent, reader, desc, diff_id)
+                    return
+                except BlobAborted:
+                    log.info("the download of %s broke while it was unpacked", desc.digest)
+
     async def _unpack(
-        self, chain_id: str, parent: str | None, blob: Path, desc: Descriptor, diff_id: str
+        self,
+        chain_id: str,
+        parent: str | None,
+        blob: Path | Readable,
+        desc: Descriptor,
+        diff_id: str,
     ) -> None:
         lock = self._unpack_locks.setdefault(chain_id, asyncio.Lock())
         async with lock:

@@ -191,6 +191,29 @@ async def test_dropped_connections_are_retried(registry: Registry, tmp_path: Pat
             ).id == image.config_digest
 
 
+async def test_a_layer_is_unpacked_while_it_downloads(registry: Registry, tmp_path: Path) -> None:
+    layer = (
+        LayerBuilder(sort=False)
+        .file("first", b"first")
+        .file("big", os.urandom(1 << 20))
+        .build("none")
+    )
+    image = Image([layer], labels={"v": "streamed"})
+    push(registry.url, "test/streamed", "v1", image)
+    with RegistryProxy(registry.url) as proxy:
+        # About 16 chunks of 64 KiB, 0.1 s apart: the download takes over a second.
+        proxy.add_fault(Fault(path_regex=f"/blobs/{layer.digest}", delay_per_chunk=0.1))
+        async with image_env(tmp_path) as env:
+            pull = asyncio.create_task(env.service.pull(f"{proxy.host}/test/streamed:v1", ANON))
+            work = env.root / "snapshots" / "overlayfs" / "tmp"
+            while not any(work.glob("layer-*/fs/first")):
+                assert not pull.done(), pull
+                await asyncio.sleep(0.01)
+            assert not env.content.has(layer.digest)  # the first file is out already
+            assert (await pull).id == image.config_digest
+            assert env.content.has(layer.digest)
+
+
 async def test_concurrent_pulls_fetch_each_blob_once(registry: Registry, tmp_path: Path) -> None:
     image = busybox_image(
         labels={"v": "concurrent"},

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from crishim.errors import AlreadyExists, FailedPrecondition, NotFound
-from crishim.images.unpack import LayerResult, UnpackError
+from crishim.images.unpack import LayerResult, Readable, UnpackError
 from crishim.util.fs import directory_usage
 
 __all__ = ["Kind", "Mount", "Snapshot", "Snapshotter"]
@@ -137,11 +137,12 @@ class Snapshotter(ABC):
         self,
         chain_id: str,
         parent: str | None,
-        blob: Path,
+        blob: Path | Readable,
         media_type: str,
         expected_diff_id: str,
     ) -> LayerResult:
-        """Unpack ``blob`` on top of the layer ``parent`` and commit it as ``chain_id``.
+        """Unpack ``blob`` (a file, or a stream of its bytes read to the end) on top of the
+        layer ``parent`` and commit it as ``chain_id``.
 
         Raises UnpackError when the layer is hostile or damaged or its diff ID is not
         ``expected_diff_id``; nothing is left behind then. When another call committed
@@ -157,7 +158,7 @@ class Snapshotter(ABC):
                 result = self._unpack(work / _FS, lowers, blob, media_type)
                 if result.diff_id != expected_diff_id:
                     raise UnpackError(
-                        f"diff_id mismatch: layer {chain_id} (blob {blob}) gives "
+                        f"diff_id mismatch: layer {chain_id} ({_source_of(blob)}) gives "
                         f"{result.diff_id}, config says {expected_diff_id}"
                     )
                 with self._lock:
@@ -255,7 +256,9 @@ class Snapshotter(ABC):
     # --- what subclasses provide ---
 
     @abstractmethod
-    def _unpack(self, fs: Path, lowers: list[Path], blob: Path, media_type: str) -> LayerResult:
+    def _unpack(
+        self, fs: Path, lowers: list[Path], blob: Path | Readable, media_type: str
+    ) -> LayerResult:
         """Fill the empty ``fs`` with the layer, given the parent chain's dirs (top first)."""
 
     @abstractmethod
@@ -374,6 +377,10 @@ class Snapshotter(ABC):
         trash = Path(tempfile.mkdtemp(prefix="removed-", dir=self._tmp))
         os.rename(self._dir(snapshot.id), trash / str(snapshot.id))
         return trash
+
+
+def _source_of(blob: Path | Readable) -> str:
+    return f"blob {blob}" if isinstance(blob, Path) else "read as downloaded"
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from crishim.errors import ConfigError, FailedPrecondition
 from crishim.images.snapshots.base import Mount, Snapshotter
-from crishim.images.unpack import LayerResult, WhiteoutStyle, apply_layer
+from crishim.images.unpack import LayerResult, Readable, WhiteoutStyle, apply_layer
 from crishim.util import proc
 
 __all__ = ["OverlaySnapshotter", "overlay_supported", "probe_overlay_mount"]
@@ -32,7 +32,9 @@ class OverlaySnapshotter(Snapshotter):
             raise ConfigError(f"overlay snapshotter root {root}: path may not contain ',' or ':'")
         super().__init__(root)
 
-    def _unpack(self, fs: Path, lowers: list[Path], blob: Path, media_type: str) -> LayerResult:
+    def _unpack(
+        self, fs: Path, lowers: list[Path], blob: Path | Readable, media_type: str
+    ) -> LayerResult:
         return apply_layer(blob, media_type, fs, lowers=lowers, whiteouts=WhiteoutStyle.OVERLAY)
 
     def _make_active(self, directory: Path, lowers: list[Path]) -> None:
