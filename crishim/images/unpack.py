@@ -38,13 +38,23 @@ import shutil
 import stat
 import tarfile
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from pathlib import Path
 
 from crishim.errors import Internal
+from crishim.images.confined import (
+    DIR_FLAGS,
+    OVERLAY_OPAQUE_XATTR,
+    ConfinedRoot,
+    Dir,
+    ParentGuesses,
+    Parts,
+    open_real_dir,
+    settle_parents,
+)
 from crishim.images.layer_stream import (
     CorruptStream,
     LayerStream,
@@ -54,25 +64,26 @@ from crishim.images.layer_stream import (
     readable,
 )
 
-__all__ = ["LayerResult", "Readable", "UnpackError", "WhiteoutStyle", "apply_layer"]
+__all__ = [
+    "LayerResult",
+    "ParentGuesses",
+    "Readable",
+    "UnpackError",
+    "WhiteoutStyle",
+    "apply_layer",
+    "apply_layer_ahead",
+    "settle_parents",
+]
 
 log = logging.getLogger(__name__)
 
-Parts = tuple[str, ...]
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-#: the kernel's own limit on symlinks followed in one lookup
-_MAX_SYMLINKS = 40
-#: directories below the root a lookup may hold open at once: each is a descriptor, and
-#: a layer's names (or links) could otherwise nest them until the process runs out
-_MAX_DEPTH = 256
 #: what is read from a blob file at once
 _READ_BUFFER = 1 << 20
 _WHITEOUT_PREFIX = ".wh."
 _WHITEOUT_META_PREFIX = ".wh..wh."
 _OPAQUE_MARKER = ".wh..wh..opq"
-OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _OVERLAY_XATTR_PREFIX = "trusted.overlay."
 _PAX_XATTR_PREFIX = "SCHILY.xattr."
 #: decimal digits before the point of a PAX time that can still be a file time (int64 ns)
@@ -115,6 +126,26 @@ def apply_layer(
     :class:`UnpackError` for a hostile or damaged layer; ``target`` is then half-made and
     the caller removes it.
     """
+    return _apply(blob, media_type, target, lowers, whiteouts, None)
+
+
+def apply_layer_ahead(
+    blob: Path | Readable, media_type: str, target: Path
+) -> tuple[LayerResult, ParentGuesses]:
+    """:func:`apply_layer` in overlay style before the layers below are there (so layers
+    can be unpacked side by side); :func:`settle_parents` with them completes it."""
+    guesses = ParentGuesses()
+    return _apply(blob, media_type, target, (), WhiteoutStyle.OVERLAY, guesses), guesses
+
+
+def _apply(
+    blob: Path | Readable,
+    media_type: str,
+    target: Path,
+    lowers: Sequence[Path],
+    whiteouts: WhiteoutStyle,
+    guesses: ParentGuesses | None,
+) -> LayerResult:
     with ExitStack() as stack:
         try:
             raw = (
@@ -128,7 +159,8 @@ def apply_layer(
             raise Internal(f"cannot open for unpacking: {exc.filename}: {exc.strerror}") from exc
         try:
             stream = LayerStream(raw, media_type)
-            entries = _Extractor(root_fd, lower_fds, whiteouts).run(TarReader(stream))
+            extractor = _Extractor(root_fd, lower_fds, whiteouts, guesses)
+            entries = extractor.run(TarReader(stream))
             stream.drain()
         except (CorruptStream, tarfile.TarError) as exc:
             raise UnpackError(f"layer is not a valid tar/gzip/zstd stream: {exc}") from exc
@@ -154,10 +186,6 @@ def _clean(name: str, entry: str, what: str) -> Parts:
     if path == ".." or path.startswith("../"):
         raise UnpackError(f'layer entry "{entry}": {what} escapes the root')
     return () if path == "." else tuple(path.split("/"))
-
-
-def _show(parts: Parts) -> str:
-    return "/".join(parts)
 
 
 # --- metadata helpers ----------------------------------------------------------------------
@@ -212,17 +240,6 @@ def _times_ns(member: tarfile.TarInfo) -> tuple[int, int]:
     return (mtime if atime is None else atime, mtime)
 
 
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _is_opaque(dir_fd: int) -> bool:
-    try:
-        return os.getxattr(dir_fd, OVERLAY_OPAQUE_XATTR) == b"y"
-    except OSError:
-        return False
-
-
 def _entry_error(entry: str, exc: Exception) -> Exception:
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
@@ -235,27 +252,21 @@ def _entry_error(entry: str, exc: Exception) -> Exception:
 # --- extraction ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Dir:
-    """An open directory inside the root, and its real path below the root."""
-
-    fd: int
-    parts: Parts
-
-
-@dataclass(frozen=True)
-class _LowerEntry:
-    st: os.stat_result
-    link: str
-
-
 class _Extractor:
     """Applies the entries of one tar stream under the directory open as ``root_fd``."""
 
-    def __init__(self, root_fd: int, lower_fds: Sequence[int], style: WhiteoutStyle) -> None:
+    def __init__(
+        self,
+        root_fd: int,
+        lower_fds: Sequence[int],
+        style: WhiteoutStyle,
+        guesses: ParentGuesses | None = None,
+    ) -> None:
         self._root = root_fd
-        self._lowers = lower_fds
         self._style = style
+        # Unpacking ahead (the lowers are not there yet): parents made without them.
+        self._guesses = guesses
+        self._root_dir = ConfinedRoot(root_fd, lower_fds, guesses)
         # Real paths this layer created, and their ancestors: an opaque marker applied in
         # DELETE style removes everything else in its directory.
         self._touched: set[Parts] = set()
@@ -290,7 +301,7 @@ class _Extractor:
         if member.islnk():
             self._hardlink(parts, member)
             return
-        with self._walk(parts[:-1], entry, create=True) as parent:
+        with self._root_dir.walk(parts[:-1], entry, create=True) as parent:
             assert parent is not None  # create=True never gives None
             if member.isdir():
                 self._directory(parent, base, member)
@@ -309,7 +320,7 @@ class _Extractor:
     def _touch(self, path: Parts) -> None:
         self._touched.update(path[:depth] for depth in range(1, len(path) + 1))
 
-    def _make_room(self, parent: _Dir, name: str, *, keep_dir: bool) -> bool:
+    def _make_room(self, parent: Dir, name: str, *, keep_dir: bool) -> bool:
         """Remove what is at ``name`` (docker semantics); True when a directory was kept."""
         st = _lstat_at(parent.fd, name)
         if st is None:
@@ -319,14 +330,17 @@ class _Extractor:
         _remove_at(parent.fd, name, st)
         return False
 
-    def _directory(self, parent: _Dir, name: str, member: tarfile.TarInfo) -> None:
+    def _directory(self, parent: Dir, name: str, member: tarfile.TarInfo) -> None:
         # A directory over a directory merges: the old one stays and takes the new metadata.
         if not self._make_room(parent, name, keep_dir=True):
             os.mkdir(name, 0o700, dir_fd=parent.fd)
         self._set_attributes(parent.fd, name, member, symlink=False)
-        self._dir_times[(*parent.parts, name)] = _times_ns(member)
+        path = (*parent.parts, name)
+        self._dir_times[path] = _times_ns(member)
+        if self._guesses is not None:
+            self._guesses.declared(path)
 
-    def _regular(self, parent: _Dir, name: str, member: tarfile.TarInfo, reader: TarReader) -> None:
+    def _regular(self, parent: Dir, name: str, member: tarfile.TarInfo, reader: TarReader) -> None:
         self._make_room(parent, name, keep_dir=False)
         # The new file itself (O_EXCL, O_NOFOLLOW) is written and given its metadata
         # through its descriptor: no further lookups by name.
@@ -344,13 +358,13 @@ class _Extractor:
         finally:
             os.close(fd)
 
-    def _symlink(self, parent: _Dir, name: str, member: tarfile.TarInfo) -> None:
+    def _symlink(self, parent: Dir, name: str, member: tarfile.TarInfo) -> None:
         self._make_room(parent, name, keep_dir=False)
         os.symlink(member.linkname, name, dir_fd=parent.fd)
         self._set_attributes(parent.fd, name, member, symlink=True)
         self._set_times(parent.fd, name, member)
 
-    def _special(self, parent: _Dir, name: str, member: tarfile.TarInfo) -> None:
+    def _special(self, parent: Dir, name: str, member: tarfile.TarInfo) -> None:
         if member.ischr():
             kind = stat.S_IFCHR
         elif member.isblk():
@@ -368,7 +382,7 @@ class _Extractor:
         target = _clean(member.linkname, entry, "hardlink target")
         if not target:
             raise UnpackError(f'layer entry "{entry}": hardlink target is a directory')
-        with self._walk(target[:-1], entry, create=False, follow=False) as source_dir:
+        with self._root_dir.walk(target[:-1], entry, create=False, follow=False) as source_dir:
             source = None if source_dir is None else _lstat_at(source_dir.fd, target[-1])
             if source_dir is None or source is None:
                 raise UnpackError(
@@ -376,7 +390,7 @@ class _Extractor:
                 )
             if stat.S_ISDIR(source.st_mode):
                 raise UnpackError(f'layer entry "{entry}": hardlink target is a directory')
-            with self._walk(parts[:-1], entry, create=True) as parent:
+            with self._root_dir.walk(parts[:-1], entry, create=True) as parent:
                 assert parent is not None
                 existing = _lstat_at(parent.fd, parts[-1])
                 if existing is not None and (existing.st_dev, existing.st_ino) == (
@@ -407,19 +421,19 @@ class _Extractor:
         if hidden in ("", ".", ".."):
             raise UnpackError(f'layer entry "{entry}": whiteout names no file')
         if self._style is WhiteoutStyle.DELETE:
-            with self._walk(parts[:-1], entry, create=False) as parent:
+            with self._root_dir.walk(parts[:-1], entry, create=False) as parent:
                 st = None if parent is None else _lstat_at(parent.fd, hidden)
                 if parent is not None and st is not None:
                     _remove_at(parent.fd, hidden, st)
             return
-        with self._walk(parts[:-1], entry, create=True) as parent:
+        with self._root_dir.walk(parts[:-1], entry, create=True) as parent:
             assert parent is not None
             self._make_room(parent, hidden, keep_dir=False)
             os.mknod(hidden, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent.fd)
 
     def _opaque(self, dir_parts: Parts, entry: str) -> None:
         overlay = self._style is WhiteoutStyle.OVERLAY
-        with self._walk(dir_parts, entry, create=overlay) as directory:
+        with self._root_dir.walk(dir_parts, entry, create=overlay) as directory:
             if directory is None:
                 return  # DELETE style: nothing below to hide
             if overlay:
@@ -427,7 +441,7 @@ class _Extractor:
             else:
                 self._remove_untouched(directory)
 
-    def _remove_untouched(self, directory: _Dir) -> None:
+    def _remove_untouched(self, directory: Dir) -> None:
         """Delete everything below ``directory`` that this layer did not create."""
         for name in os.listdir(directory.fd):
             path = (*directory.parts, name)
@@ -437,9 +451,9 @@ class _Extractor:
             if path not in self._touched:
                 _remove_at(directory.fd, name, st)
             elif stat.S_ISDIR(st.st_mode):
-                fd = os.open(name, _DIR_FLAGS, dir_fd=directory.fd)
+                fd = os.open(name, DIR_FLAGS, dir_fd=directory.fd)
                 try:
-                    self._remove_untouched(_Dir(fd, path))
+                    self._remove_untouched(Dir(fd, path))
                 finally:
                     os.close(fd)
 
@@ -491,169 +505,10 @@ class _Extractor:
 
     def _restore_dir_times(self) -> None:
         for parts, times in self._dir_times.items():
-            fd = self._reopen(parts)
+            fd = open_real_dir(self._root, parts)
             if fd is None:
                 continue  # removed or replaced later in this layer
             try:
                 os.utime(fd, ns=times)
             finally:
                 os.close(fd)
-
-    def _reopen(self, parts: Parts) -> int | None:
-        """Open the real directory at ``parts`` following no symlink at all, or None."""
-        fd = os.dup(self._root)
-        try:
-            for name in parts:
-                next_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = next_fd
-        except OSError:
-            os.close(fd)
-            return None
-        return fd
-
-    # -- confined lookup --
-
-    @contextmanager
-    def _walk(
-        self, parts: Parts, entry: str, *, create: bool, follow: bool = True
-    ) -> Iterator[_Dir | None]:
-        """Open the directory at ``parts``, confined to the root.
-
-        Missing directories are made (``create``; shaped after the lowers when they show
-        one) or give None. Symlinks are resolved with the root as ``/`` (``follow``) or
-        refused.
-        """
-        directory = self._resolve(parts, entry, create=create, follow=follow)
-        try:
-            yield directory
-        finally:
-            if directory is not None:
-                os.close(directory.fd)
-
-    def _resolve(self, parts: Parts, entry: str, *, create: bool, follow: bool) -> _Dir | None:
-        # The stack holds the open directories below the root: ".." pops one (never past
-        # the root) and an absolute symlink empties it.
-        stack: list[tuple[int, str]] = []
-        pending = list(reversed(parts))
-        links = 0
-        try:
-            while pending:
-                name = pending.pop()
-                if name in ("", "."):
-                    continue
-                if name == "..":
-                    if stack:
-                        os.close(stack.pop()[0])
-                    continue
-                here = stack[-1][0] if stack else self._root
-                where = (*(n for _, n in stack), name)
-                step = self._step(here, name, where, entry, create=create, follow=follow)
-                if step is None:
-                    return None
-                if isinstance(step, int):
-                    stack.append((step, name))
-                    if len(stack) > _MAX_DEPTH:
-                        raise UnpackError(
-                            f'layer entry "{entry}": path is nested deeper than '
-                            f"{_MAX_DEPTH} directories"
-                        )
-                    continue
-                links += 1
-                if links > _MAX_SYMLINKS:
-                    raise UnpackError(f'layer entry "{entry}": too many levels of symbolic links')
-                if step.startswith("/"):
-                    while stack:
-                        os.close(stack.pop()[0])
-                pending.extend(reversed(step.split("/")))
-            real = tuple(n for _, n in stack)
-            return _Dir(stack.pop()[0] if stack else os.dup(self._root), real)
-        finally:
-            for fd, _ in stack:
-                os.close(fd)
-
-    def _step(
-        self, here: int, name: str, where: Parts, entry: str, *, create: bool, follow: bool
-    ) -> int | str | None:
-        """One component: an open directory, a symlink's target to follow, or None."""
-        try:
-            return os.open(name, _DIR_FLAGS, dir_fd=here)
-        except FileNotFoundError:
-            return self._missing(here, name, where, entry) if create else None
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-        st = os.stat(name, dir_fd=here, follow_symlinks=False)
-        if not stat.S_ISLNK(st.st_mode):
-            raise UnpackError(f'layer entry "{entry}": "{_show(where)}" is not a directory')
-        if not follow:
-            raise UnpackError(
-                f'layer entry "{entry}": path passes through symlink "{_show(where)}"'
-            )
-        return self._link_target(os.readlink(name, dir_fd=here), where, entry)
-
-    def _missing(self, here: int, name: str, where: Parts, entry: str) -> int | str:
-        """Create a missing parent as the lowers show it (mkdir -p), or follow their link."""
-        lower = self._lower_entry(where)
-        if lower is not None and stat.S_ISLNK(lower.st.st_mode):
-            return self._link_target(lower.link, where, entry)
-        if lower is not None and not stat.S_ISDIR(lower.st.st_mode):
-            raise UnpackError(f'layer entry "{entry}": "{_show(where)}" is not a directory')
-        mode, uid, gid = (
-            (0o755, 0, 0)
-            if lower is None
-            else (stat.S_IMODE(lower.st.st_mode), lower.st.st_uid, lower.st.st_gid)
-        )
-        os.mkdir(name, 0o700, dir_fd=here)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=here)
-        try:
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    @staticmethod
-    def _link_target(link: str, where: Parts, entry: str) -> str:
-        if not link:
-            raise UnpackError(f'layer entry "{entry}": symlink "{_show(where)}" is empty')
-        return link
-
-    def _lower_entry(self, where: Parts) -> _LowerEntry | None:
-        """The entry at ``where`` as overlayfs would show the lowers merged, or None."""
-        for lower in self._lowers:
-            found, final = _lookup_in_lower(lower, where)
-            if final:
-                return found
-        return None
-
-
-def _lookup_in_lower(lower_fd: int, where: Parts) -> tuple[_LowerEntry | None, bool]:
-    """Look ``where`` up in one lower without following symlinks.
-
-    Returns the entry, and whether the answer is final: True when found, or when this
-    lower hides the layers below (a whiteout, a non-directory or an opaque directory on
-    the way).
-    """
-    fd = os.dup(lower_fd)
-    opaque = False
-    try:
-        for depth, name in enumerate(where):
-            st = _lstat_at(fd, name)
-            if st is None:
-                return None, opaque
-            if _is_whiteout(st):
-                return None, True
-            if depth == len(where) - 1:
-                link = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else ""
-                return _LowerEntry(st, link), True
-            if not stat.S_ISDIR(st.st_mode):
-                return None, True
-            next_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = next_fd
-            opaque = opaque or _is_opaque(fd)
-        return None, opaque
-    finally:
-        os.close(fd)
