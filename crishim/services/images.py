@@ -16,10 +16,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import closing
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import anyio.to_thread
 
@@ -40,16 +42,20 @@ from crishim.images.manifest import (
 )
 from crishim.images.reference import IdQuery, Reference, parse_image_query, parse_reference
 from crishim.images.registry import RegistryClient
-from crishim.images.snapshots.base import Snapshotter
-from crishim.images.unpack import Readable
+from crishim.images.snapshots.base import Snapshotter, StagedLayer
+from crishim.images.unpack import Readable, UnpackError
 from crishim.model import Image, ImageLayer
 from crishim.store import ObjectStore
 from crishim.util.tasks import join_shared
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # Layers downloaded at once per pull (containerd's default is 3).
 MAX_PARALLEL_DOWNLOADS = 3
+# Layers unpacked at once, ahead of the layers below them, when the snapshotter can.
+MAX_PARALLEL_UNPACKS = 3
 # A blob whose stream breaks or arrives corrupt is fetched again this many times.
 BLOB_ATTEMPTS = 3
 PROGRESS_INTERVAL_SECONDS = 5.0
@@ -116,6 +122,17 @@ class _Progress:
 
 
 @dataclass(frozen=True)
+class _PulledLayer:
+    """One layer of a pull: where it goes, and its download."""
+
+    chain_id: str
+    parent: str | None  # chain ID of the layer below
+    desc: Descriptor
+    diff_id: str
+    download: asyncio.Task[Path]
+
+
+@dataclass(frozen=True)
 class FsUsage:
     """Bytes and inodes used by the image store, and where it lives."""
 
@@ -143,6 +160,8 @@ class ImageService:
         self._platform = platform
         self._pulls: dict[tuple[str, str], asyncio.Task[Image]] = {}
         self._unpack_locks: dict[str, asyncio.Lock] = {}
+        # Layers unpacked ahead at once (each a thread, busy while its bytes arrive).
+        self._staging = asyncio.Semaphore(MAX_PARALLEL_UNPACKS)
         # Serialises changes to image records with garbage collection.
         self._meta_lock = asyncio.Lock()
         self.metrics = PullMetrics()
@@ -224,20 +243,27 @@ class ImageService:
                 return await self._fetch_blob(ref, desc, creds, progress)
 
         downloads = [asyncio.create_task(download(d)) for d in manifest.layers]
+        unpacks: list[asyncio.Task[None]] = []
         try:
             parent: str | None = None
             for desc, diff_id, chain_id, task in zip(
                 manifest.layers, config.diff_ids, chains, downloads, strict=True
             ):
-                await self._unpack_pulled(chain_id, parent, desc, diff_id, task)
-                progress.done_layers += 1
+                layer = _PulledLayer(chain_id, parent, desc, diff_id, task)
+                below = unpacks[-1] if unpacks else None
+                unpacks.append(asyncio.create_task(self._unpack_pulled(layer, below, progress)))
                 parent = chain_id
+            await asyncio.wait(unpacks, return_when=asyncio.FIRST_EXCEPTION)
+            for unpack in unpacks:
+                await unpack
             # Every blob is stored (and durable) before the image record names it.
             await asyncio.gather(*downloads)
         finally:
+            for unpack in unpacks:
+                unpack.cancel()
             for task in downloads:
                 task.cancel()
-            await asyncio.gather(*downloads, return_exceptions=True)
+            await asyncio.gather(*unpacks, *downloads, return_exceptions=True)
         image = Image(
             id=manifest.config.digest,
             repo_tags=[] if ref.tag is None or ref.digest else [str(ref)],
@@ -290,43 +316,85 @@ class ImageService:
             yield chunk
 
     async def _unpack_pulled(
-        self,
-        chain_id: str,
-        parent: str | None,
-        desc: Descriptor,
-        diff_id: str,
-        download: asyncio.Task[Path],
+        self, layer: _PulledLayer, below: asyncio.Task[None] | None, progress: _Progress
     ) -> None:
-        """Unpack a layer of a pull while its download arrives, so unpacking overlaps the
-        transfer; the layer is committed only once the bytes matched the digest. When the
-        download breaks, the unpack starts over on the next attempt."""
+        """Unpack a layer of a pull while its download arrives, and commit it once the
+        layer below it is committed (``below``, the task of that layer).
+
+        With a snapshotter that can, the layer is unpacked ahead of the layers below it,
+        so layers unpack side by side; otherwise once the layer below is committed.
+        """
+        lock = self._unpack_locks.setdefault(layer.chain_id, asyncio.Lock())
+        async with lock:
+            if not self._snapshotter.has_layer(layer.chain_id):
+                if self._snapshotter.unpacks_ahead:
+                    await self._unpack_ahead(layer, below)
+                else:
+                    if below is not None:
+                        await below
+                    await self._from_download(layer, partial(self._unpack, layer))
+        progress.done_layers += 1
+
+    async def _unpack_ahead(self, layer: _PulledLayer, below: asyncio.Task[None] | None) -> None:
+        """Unpack the layer ahead, commit it on top of the layer below once that is
+        committed; unpack it again on top of it when the layers below make a difference
+        (a symlink or a file where the layer needs a directory: they would have been
+        followed or refused). An error of the unpack ahead counts only then, too: the
+        layers below may be why."""
+        staged: StagedLayer | None = None
+        async with self._staging:
+            try:
+                staged = await self._from_download(layer, partial(self._stage, layer))
+            except UnpackError as exc:
+                log.info("layer %s failed ahead of the layers below (%s)", layer.chain_id, exc)
+        try:
+            if below is not None:
+                await below
+            committed = staged is not None and await anyio.to_thread.run_sync(
+                self._snapshotter.commit_staged, staged, layer.chain_id, layer.parent
+            )
+        finally:
+            if staged is not None:
+                await anyio.to_thread.run_sync(staged.discard)
+        if not committed:
+            log.info("layer %s: unpacking it on top of the layers below", layer.chain_id)
+            await self._unpack(layer, await layer.download)
+
+    async def _from_download(
+        self, layer: _PulledLayer, use: Callable[[Path | Readable], Awaitable[T]]
+    ) -> T:
+        """``use`` the layer's blob while it downloads (so unpacking overlaps the
+        transfer). What it reads ends only once the bytes matched the digest; when the
+        download breaks, ``use`` starts over on the next attempt."""
+        digest = layer.desc.digest
         while True:
-            reader = await self._content.open_stream(desc.digest, download)
+            reader = await self._content.open_stream(digest, layer.download)
             if reader is None:  # the download is over and left no blob: why
-                await self._unpack(chain_id, parent, await download, desc, diff_id)
-                return
+                return await use(await layer.download)
             with closing(reader):
                 try:
-                    await self._unpack(chain_id, parent, reader, desc, diff_id)
-                    return
+                    return await use(reader)
                 except BlobAborted:
-                    log.info("the download of %s broke while it was unpacked", desc.digest)
+                    log.info("the download of %s broke while it was unpacked", digest)
 
-    async def _unpack(
-        self,
-        chain_id: str,
-        parent: str | None,
-        blob: Path | Readable,
-        desc: Descriptor,
-        diff_id: str,
-    ) -> None:
-        lock = self._unpack_locks.setdefault(chain_id, asyncio.Lock())
-        async with lock:
-            if self._snapshotter.has_layer(chain_id):
-                return
-            await anyio.to_thread.run_sync(
-                self._snapshotter.unpack_layer, chain_id, parent, blob, desc.media_type, diff_id
-            )
+    async def _stage(self, layer: _PulledLayer, blob: Path | Readable) -> StagedLayer:
+        return await anyio.to_thread.run_sync(
+            self._snapshotter.stage_layer,
+            layer.chain_id,
+            blob,
+            layer.desc.media_type,
+            layer.diff_id,
+        )
+
+    async def _unpack(self, layer: _PulledLayer, blob: Path | Readable) -> None:
+        await anyio.to_thread.run_sync(
+            self._snapshotter.unpack_layer,
+            layer.chain_id,
+            layer.parent,
+            blob,
+            layer.desc.media_type,
+            layer.diff_id,
+        )
 
     async def _record(self, pulled: Image) -> Image:
         """Store the image, moving its tags away from any image that held them."""
