@@ -39,6 +39,8 @@ BlobSource = Callable[[], AsyncIterator[bytes]]
 
 #: bytes and chunks (at most, for writev) gathered while the writer thread is busy
 _WRITE_BATCH_BYTES = 1 << 20
+#: bytes handed to an idle writer thread at once (each hand-over costs the event loop)
+_WRITE_SOON_BYTES = 256 << 10
 _WRITE_BATCH_CHUNKS = 256
 #: what a reader of a blob reads from the file at once
 _READ_BUFFER = 1 << 20
@@ -196,10 +198,10 @@ class ContentStore:
                     )
                 batch.append(chunk)
                 batched += len(chunk)
-                # Handed over at once when the writer is idle (readers follow closely),
+                # Handed over soon when the writer is idle (readers follow closely),
                 # gathered while it is busy (fewer, larger writes under load).
                 if (
-                    not writer.busy
+                    (batched >= _WRITE_SOON_BYTES and not writer.busy)
                     or batched >= _WRITE_BATCH_BYTES
                     or len(batch) >= _WRITE_BATCH_CHUNKS
                 ):
