@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpcore
 import httpx
 
 from crishim.errors import NotFound, Unauthenticated, Unavailable
@@ -35,6 +36,13 @@ from crishim.images.reference import Reference
 log = logging.getLogger(__name__)
 
 RETRY_BACKOFF_SECONDS = (0.2, 0.5, 1.0, 2.0)
+#: what one read of a response takes from the connection at most. httpcore's 64 KiB
+#: splits what the event loop received into pieces, copying the rest each time, and
+#: every piece costs the event loop a pass through httpcore and h11: for the blobs of a
+#: pull, the largest cost of the download. (httpcore has no option for it: a class
+#: attribute, set here for the process.)
+RESPONSE_READ_BYTES = 1 << 20
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = RESPONSE_READ_BYTES
 
 
 @dataclass(frozen=True)
