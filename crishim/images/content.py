@@ -186,28 +186,8 @@ class ContentStore:
         temp = self._ingest / f"{final.name}.{os.getpid()}.{self._counter}"
         self._ingest.mkdir(parents=True, exist_ok=True)
         writer = _BlobWriter(temp, ingest)
-        written = 0
         try:
-            batch: list[bytes] = []
-            batched = 0
-            async for chunk in source():
-                written += len(chunk)
-                if size is not None and written > size:
-                    raise DataLoss(
-                        f"blob {digest}: more than the {size} bytes its descriptor declares"
-                    )
-                batch.append(chunk)
-                batched += len(chunk)
-                # Handed over soon when the writer is idle (readers follow closely),
-                # gathered while it is busy (fewer, larger writes under load).
-                if (
-                    (batched >= _WRITE_SOON_BYTES and not writer.busy)
-                    or batched >= _WRITE_BATCH_BYTES
-                    or len(batch) >= _WRITE_BATCH_CHUNKS
-                ):
-                    await writer.write(batch)
-                    batch, batched = [], 0
-            await writer.write(batch)
+            written = await _receive(digest, size, source, writer)
             actual = await writer.digest()
             if size is not None and written != size:
                 raise DataLoss(f"blob {digest}: got {written} bytes, its descriptor says {size}")
@@ -233,6 +213,37 @@ class ContentStore:
             for name in files:
                 used += os.lstat(os.path.join(directory, name)).st_blocks * 512
         return used, inodes
+
+
+async def _receive(digest: str, size: int | None, source: BlobSource, writer: _BlobWriter) -> int:
+    """Hand what ``source`` yields to ``writer``; the byte count."""
+    written = 0
+    batch: list[bytes] = []
+    batched = 0
+    chunks = source()
+    try:
+        async for chunk in chunks:
+            written += len(chunk)
+            if size is not None and written > size:
+                raise DataLoss(f"blob {digest}: more than the {size} bytes its descriptor declares")
+            batch.append(chunk)
+            batched += len(chunk)
+            # Handed over soon when the writer is idle (readers follow closely),
+            # gathered while it is busy (fewer, larger writes under load).
+            if (
+                (batched >= _WRITE_SOON_BYTES and not writer.busy)
+                or batched >= _WRITE_BATCH_BYTES
+                or len(batch) >= _WRITE_BATCH_CHUNKS
+            ):
+                await writer.write(batch)
+                batch, batched = [], 0
+    finally:
+        # Closed at once when this ends early: the source may hold a transfer slot.
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+    await writer.write(batch)
+    return written
 
 
 class _State(enum.Enum):

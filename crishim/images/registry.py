@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +137,7 @@ class RegistryClient:
 
     async def stream_blob(
         self, ref: Reference, digest: str, creds: Credentials
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """The blob's bytes in chunks; on a dropped stream the next endpoint is tried.
 
         The consumer verifies digest and size: a stream that breaks after yielding data

@@ -12,11 +12,12 @@ next pull reuses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
@@ -196,8 +197,9 @@ class ImageService:
             self.metrics.observe(time.monotonic() - start, ok)
 
     async def _fetch_document(
-        self, ref: Reference, target: str, creds: Credentials
+        self, ref: Reference, target: str, creds: Credentials, stores: list[asyncio.Task[Path]]
     ) -> tuple[str, str, bytes]:
+        """A manifest or index, verified; stored by a task added to ``stores``."""
         fetched = await self._registry.fetch_manifest(ref, target, ACCEPT, creds)
         digest = "sha256:" + hashlib.sha256(fetched.content).hexdigest()
         if target.startswith("sha256:") and digest != target:
@@ -207,44 +209,49 @@ class ImageService:
                 f"{ref}: registry says the manifest is {fetched.digest}, its content is {digest}"
             )
         media_type = media_type_of(fetched.content, fetched.media_type)
-        await self._content.put(digest, fetched.content)
+        stores.append(asyncio.create_task(self._content.put(digest, fetched.content)))
         return digest, media_type, fetched.content
 
     async def _pull(self, ref: Reference, creds: Credentials) -> Image:
         started = time.monotonic()
         target = ref.digest or ref.tag or "latest"
-        top_digest, media_type, content = await self._fetch_document(ref, target, creds)
-        metadata = [top_digest]
-        manifest_digest = top_digest
-        if media_type in INDEX_TYPES:
-            chosen = choose_from_index(content, self._platform)
-            manifest_digest, media_type, content = await self._fetch_document(
-                ref, chosen.digest, creds
-            )
-            metadata.append(manifest_digest)
-        if media_type not in MANIFEST_TYPES:
-            raise InvalidArgument(f"{ref}: unsupported manifest media type {media_type!r}")
-        manifest = parse_manifest(content)
-        config_path = await self._fetch_blob(ref, manifest.config, creds, None)
-        config_bytes = await anyio.to_thread.run_sync(config_path.read_bytes)
-        config = parse_config(config_bytes)
-        metadata.append(manifest.config.digest)
-        if len(config.diff_ids) != len(manifest.layers):
-            raise InvalidArgument(
-                f"{ref}: the config lists {len(config.diff_ids)} diff IDs for "
-                f"{len(manifest.layers)} layers"
-            )
-        chains = chain_ids(config.diff_ids)
-        progress = _Progress(str(ref), list(manifest.layers), self.metrics)
-        semaphore = asyncio.Semaphore(MAX_PARALLEL_DOWNLOADS)
-
-        async def download(desc: Descriptor) -> Path:
-            async with semaphore:
-                return await self._fetch_blob(ref, desc, creds, progress)
-
-        downloads = [asyncio.create_task(download(d)) for d in manifest.layers]
+        # Manifests being stored, layers downloading and unpacking: all go on side by
+        # side, and all are done (every blob stored and durable) before the image
+        # record names them.
+        stores: list[asyncio.Task[Path]] = []
+        downloads: list[asyncio.Task[Path]] = []
         unpacks: list[asyncio.Task[None]] = []
         try:
+            top_digest, media_type, content = await self._fetch_document(ref, target, creds, stores)
+            metadata = [top_digest]
+            manifest_digest = top_digest
+            if media_type in INDEX_TYPES:
+                chosen = choose_from_index(content, self._platform)
+                manifest_digest, media_type, content = await self._fetch_document(
+                    ref, chosen.digest, creds, stores
+                )
+                metadata.append(manifest_digest)
+            if media_type not in MANIFEST_TYPES:
+                raise InvalidArgument(f"{ref}: unsupported manifest media type {media_type!r}")
+            manifest = parse_manifest(content)
+            progress = _Progress(str(ref), list(manifest.layers), self.metrics)
+            transfers = asyncio.Semaphore(MAX_PARALLEL_DOWNLOADS)
+            # The layers need only the manifest to start downloading; the config is
+            # fetched meanwhile.
+            downloads = [
+                asyncio.create_task(self._fetch_blob(ref, desc, creds, progress, transfers))
+                for desc in manifest.layers
+            ]
+            config_path = await self._fetch_blob(ref, manifest.config, creds, None, None)
+            config_bytes = await anyio.to_thread.run_sync(config_path.read_bytes)
+            config = parse_config(config_bytes)
+            metadata.append(manifest.config.digest)
+            if len(config.diff_ids) != len(manifest.layers):
+                raise InvalidArgument(
+                    f"{ref}: the config lists {len(config.diff_ids)} diff IDs for "
+                    f"{len(manifest.layers)} layers"
+                )
+            chains = chain_ids(config.diff_ids)
             parent: str | None = None
             for desc, diff_id, chain_id, task in zip(
                 manifest.layers, config.diff_ids, chains, downloads, strict=True
@@ -253,17 +260,17 @@ class ImageService:
                 below = unpacks[-1] if unpacks else None
                 unpacks.append(asyncio.create_task(self._unpack_pulled(layer, below, progress)))
                 parent = chain_id
-            await asyncio.wait(unpacks, return_when=asyncio.FIRST_EXCEPTION)
+            if unpacks:
+                await asyncio.wait(unpacks, return_when=asyncio.FIRST_EXCEPTION)
             for unpack in unpacks:
                 await unpack
-            # Every blob is stored (and durable) before the image record names it.
-            await asyncio.gather(*downloads)
+            await asyncio.gather(*downloads, *stores)
         finally:
             for unpack in unpacks:
                 unpack.cancel()
-            for task in downloads:
+            for task in (*downloads, *stores):
                 task.cancel()
-            await asyncio.gather(*unpacks, *downloads, return_exceptions=True)
+            await asyncio.gather(*unpacks, *downloads, *stores, return_exceptions=True)
         image = Image(
             id=manifest.config.digest,
             repo_tags=[] if ref.tag is None or ref.digest else [str(ref)],
@@ -292,10 +299,15 @@ class ImageService:
         return stored
 
     async def _fetch_blob(
-        self, ref: Reference, desc: Descriptor, creds: Credentials, progress: _Progress | None
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        creds: Credentials,
+        progress: _Progress | None,
+        transfers: asyncio.Semaphore | None,
     ) -> Path:
-        def source() -> AsyncIterator[bytes]:
-            return self._counted(self._registry.stream_blob(ref, desc.digest, creds), progress)
+        def source() -> AsyncGenerator[bytes, None]:
+            return self._transfer(ref, desc.digest, creds, progress, transfers)
 
         for attempt in range(1, BLOB_ATTEMPTS + 1):
             try:
@@ -306,14 +318,24 @@ class ImageService:
                 log.warning("%s: blob %s failed (%s); fetching it again", ref, desc.digest, exc)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    async def _counted(
-        chunks: AsyncIterator[bytes], progress: _Progress | None
-    ) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            if progress is not None:
-                progress.add(len(chunk))
-            yield chunk
+    async def _transfer(
+        self,
+        ref: Reference,
+        digest: str,
+        creds: Credentials,
+        progress: _Progress | None,
+        transfers: asyncio.Semaphore | None,
+    ) -> AsyncGenerator[bytes, None]:
+        """The blob's bytes as they arrive, counted. A slot of ``transfers`` is held while
+        they arrive, not while the content store writes the last ones down and syncs."""
+        async with (
+            transfers or contextlib.nullcontext(),
+            contextlib.aclosing(self._registry.stream_blob(ref, digest, creds)) as chunks,
+        ):
+            async for chunk in chunks:
+                if progress is not None:
+                    progress.add(len(chunk))
+                yield chunk
 
     async def _unpack_pulled(
         self, layer: _PulledLayer, below: asyncio.Task[None] | None, progress: _Progress
