@@ -13,7 +13,6 @@ from crishim.oci.build import (
 )
 from crishim.oci.opts import (
     BuildContext,
-    CgroupDriver,
     DeviceNode,
     DeviceStat,
     FileLoader,
@@ -37,7 +36,6 @@ __all__ = [
     "CONTAINER_OPTS",
     "INFRA_OPTS",
     "BuildContext",
-    "CgroupDriver",
     "DeviceNode",
     "DeviceStat",
     "FileLoader",

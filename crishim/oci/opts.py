@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
@@ -143,13 +142,6 @@ CONTAINER_TYPE_CONTAINER = "container"
 _IPC_SYSCTLS = ("kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced")
 _IPC_SYSCTL_PREFIXES = ("kernel.msg", "fs.mqueue.")
 _SEM_SYSCTL = "kernel.sem"
-
-
-class CgroupDriver(StrEnum):
-    """How cgroups are named: plain paths, or systemd scope units under a slice."""
-
-    CGROUPFS = "cgroupfs"
-    SYSTEMD = "systemd"
 
 
 @dataclass(frozen=True)
@@ -286,7 +278,7 @@ class BuildContext:
     rootfs: str = "rootfs"
     namespace_paths: dict[str, str | None] = field(default_factory=dict)
     target_pid: int | None = None
-    cgroup_driver: CgroupDriver = CgroupDriver.CGROUPFS
+    cgroups_path: str = ""
     min_oom_score_adj: int = -1000
     swap_available: bool = True
     host_lsms: frozenset[str] = frozenset()
@@ -895,18 +887,10 @@ def with_sysctls(spec: Spec, config: ContainerConfig, ctx: BuildContext) -> None
     _linux(spec).sysctl = result
 
 
-def cgroups_path(parent: str, container_id: str, driver: CgroupDriver) -> str:
-    """The cgroup of a container: a path under the pod's for cgroupfs, or
-    "slice:prefix:name" for systemd."""
-    if driver is CgroupDriver.SYSTEMD:
-        return f"{parent or 'system.slice'}:crishim:{container_id}"
-    return f"{parent.rstrip('/')}/crishim-{container_id}"
-
-
 def with_cgroups_path(spec: Spec, config: ContainerConfig, ctx: BuildContext) -> None:
-    """Place the container under the pod's cgroup parent."""
-    parent = ctx.sandbox.linux.cgroup_parent if ctx.sandbox.linux else ""
-    _linux(spec).cgroups_path = cgroups_path(parent, ctx.container_id, ctx.cgroup_driver)
+    """Place the container in the cgroup its pod's cgroup driver named for it."""
+    if ctx.cgroups_path:
+        _linux(spec).cgroups_path = ctx.cgroups_path
 
 
 def with_annotations(spec: Spec, config: ContainerConfig, ctx: BuildContext) -> None:

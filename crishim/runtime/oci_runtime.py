@@ -134,19 +134,17 @@ async def _drain(stream: asyncio.StreamReader | None, sink: bytearray, cap: int)
 class OciRuntime:
     """One OCI runtime binary with its state directory (``--root``)."""
 
-    def __init__(self, name: str, path: str, root: str, *, systemd_cgroup: bool = False) -> None:
+    def __init__(self, name: str, path: str, root: str, *, options: tuple[str, ...] = ()) -> None:
         self.name = name
         self.path = path
         self.root = root
-        self.systemd_cgroup = systemd_cgroup
+        #: global options after --root, such as the cgroup driver's ``--systemd-cgroup``
+        self.options = options
         os.makedirs(root, mode=0o700, exist_ok=True)
 
     def argv(self, *args: str) -> list[str]:
         """The command line for ``args`` with the global options; conmon uses it too."""
-        cmd = [self.path, "--root", self.root]
-        if self.systemd_cgroup:
-            cmd.append("--systemd-cgroup")
-        return [*cmd, *args]
+        return [self.path, "--root", self.root, *self.options, *args]
 
     def _is_missing(self, cid: str, message: str) -> bool:
         # runc: "container does not exist"; crun names the missing state file or directory.

@@ -33,7 +33,7 @@ from crishim.model import (
     SupplementalGroupsPolicy,
 )
 from crishim.oci import opts
-from crishim.oci.opts import BuildContext, CgroupDriver, DeviceNode, PasswdDb
+from crishim.oci.opts import BuildContext, DeviceNode, PasswdDb
 from crishim.oci.spec import Spec, base_spec, default_seccomp, dump_spec
 
 NS_PATHS: dict[str, str | None] = {
@@ -745,16 +745,14 @@ def test_sysctls_rejected(sysctls: dict[str, str], network: NamespaceMode) -> No
         apply(opts.with_sysctls, config(), context)
 
 
-@pytest.mark.parametrize(
-    ("driver", "parent", "expected"),
-    [
-        (CgroupDriver.CGROUPFS, "/kubepods/podu1", "/kubepods/podu1/crishim-c1"),
-        (CgroupDriver.SYSTEMD, "kubepods-podu1.slice", "kubepods-podu1.slice:crishim:c1"),
-    ],
-)
-def test_cgroups_path(driver: CgroupDriver, parent: str, expected: str) -> None:
-    context = ctx(sandbox=sandbox(cgroup_parent=parent), cgroup_driver=driver)
-    assert linux(apply(opts.with_cgroups_path, config(), context)).cgroups_path == expected
+@pytest.mark.parametrize("path", ["/kubepods/podu1/crishim-c1", "kubepods-podu1.slice:crishim:c1"])
+def test_cgroups_path_is_the_drivers(path: str) -> None:
+    context = ctx(sandbox=sandbox(cgroup_parent="/kubepods/podu1"), cgroups_path=path)
+    assert linux(apply(opts.with_cgroups_path, config(), context)).cgroups_path == path
+
+
+def test_no_cgroups_path_leaves_the_base_specs() -> None:
+    assert linux(apply(opts.with_cgroups_path, config(), ctx())).cgroups_path is None
 
 
 def test_annotations_name_container_pod_and_image() -> None:
