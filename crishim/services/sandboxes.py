@@ -179,6 +179,8 @@ class SandboxService:
         meta = config.metadata
         if meta is None or not meta.name or not meta.namespace or not meta.uid:
             raise InvalidArgument("sandbox config: metadata name, namespace and uid are required")
+        # A parent the cgroup driver cannot use is refused now, not at the first container.
+        self._cgroups.pod_cgroup(config.linux.cgroup_parent if config.linux else "")
         handler = runtime_handler or ""
         if handler and handler not in self._handlers:
             known = ", ".join(self._handlers)
