@@ -75,6 +75,7 @@ class SystemdManager:
         self._connecting: asyncio.Lock | None = None
         self._waiters: dict[str, asyncio.Future[str]] = {}
         self._results: OrderedDict[str, str] = OrderedDict()
+        self._via = ""
 
     # ---- calls ----------------------------------------------------------------------------
 
@@ -107,6 +108,11 @@ class SystemdManager:
             await self._call("ResetFailedUnit", "s", [name])
         except NotFound:
             return
+
+    async def ping(self) -> str:
+        """Connect (if not yet) and say how: "private socket" or "system bus"."""
+        await self._connection()
+        return self._via
 
     async def close(self) -> None:
         """Close the connection (at shutdown)."""
@@ -212,7 +218,8 @@ class SystemdManager:
         except BaseException:
             bus.disconnect()
             raise
-        log.debug("connected to systemd (%s)", "private socket" if direct else "system bus")
+        self._via = "private socket" if direct else "system bus"
+        log.debug("connected to systemd (%s)", self._via)
         return bus
 
     @staticmethod

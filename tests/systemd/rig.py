@@ -245,7 +245,9 @@ class SystemdRig:
         )
         found += [f"cgroup {line}" for line in cgroups.splitlines()]
         dropins = self.bed.run(
-            "sh", "-c", "ls -d /run/systemd/system.control/* /run/systemd/transient/* 2>/dev/null"
+            "sh",
+            "-c",
+            "ls -d /run/systemd/system.control/* /run/systemd/transient/* 2>/dev/null; true",
         )
         found += [f"unit file {line}" for line in dropins.splitlines() if "crishim" in line]
         found += [f"unit file {line}" for line in dropins.splitlines() if "kubepods" in line]
