@@ -11,7 +11,7 @@ from crishim.oci.build import (
     build_container_spec,
     build_sandbox_infra_spec,
 )
-from crishim.oci.opts import (
+from crishim.oci.context import (
     BuildContext,
     DeviceNode,
     DeviceStat,

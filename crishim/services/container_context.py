@@ -12,7 +12,7 @@ from crishim.images.rootfs import read_confined
 from crishim.model import Sandbox
 from crishim.model.specs import ContainerConfig, ImageConfigView, MountSpec, SandboxConfig
 from crishim.oci.build import BuildContext
-from crishim.oci.opts import DeviceNode, PasswdDb
+from crishim.oci.context import DeviceNode, PasswdDb
 from crishim.runtime.cgroup_driver import CgroupDriver
 from crishim.runtime.host import (
     HostDevice,

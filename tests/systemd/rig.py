@@ -251,8 +251,13 @@ class SystemdRig:
         )
         found += [f"unit file {line}" for line in dropins.splitlines() if "crishim" in line]
         found += [f"unit file {line}" for line in dropins.splitlines() if "kubepods" in line]
-        conmons = self.bed.run("sh", "-c", "pgrep -a conmon || true")
-        found += [f"process {line}" for line in conmons.splitlines()]
+        conmons = self.bed.run(
+            "sh",
+            "-c",
+            'for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = conmon ] && echo $p; '
+            "done; true",
+        )
+        found += [f"conmon {line}" for line in conmons.splitlines()]
         state = self.bed.run(
             "sh",
             "-c",

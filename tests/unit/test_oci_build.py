@@ -41,7 +41,7 @@ from crishim.oci import (
     dump_spec,
     spec_json,
 )
-from crishim.oci.opts import DEFAULT_CAPABILITIES, DEFAULT_MASKED_PATHS
+from crishim.oci.security import DEFAULT_CAPABILITIES, DEFAULT_MASKED_PATHS
 
 BUSYBOX = ImageConfigView(
     env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], cmd=["sh"]
