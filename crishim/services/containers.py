@@ -257,6 +257,9 @@ class ContainerService:
                 Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             parent = sandbox.cgroup_parent
             undo.push_async_callback(self._cgroups.release, parent, container_id)
+            # conmon makes the attach link (and may record an exit) before the runtime fails.
+            undo.push_async_callback(remove_tree, paths.attach / container_id)
+            undo.callback((paths.exits / container_id).unlink, missing_ok=True)
             pid = await create_container(
                 MonitorSpec(
                     container_id=container_id,

@@ -12,8 +12,9 @@ What the container gets (and why):
   the container's cgroup namespace (and everything systemd does inside) stays below it;
 - the init wrapper (writable v1 controllers, /proc/sys, /sys; see rootfs.INIT_SCRIPT) then
   systemd as PID 1, with ``--kill-signal=SIGRTMIN+3`` as ``-b`` would set;
-- ``--capability=all``: runtimes hand containers capabilities nspawn drops by default
-  (CAP_NET_ADMIN for CNI among them);
+- ``--capability=all`` and no seccomp filter (``SYSTEMD_SECCOMP=0``): runtimes hand
+  containers capabilities nspawn drops by default (CAP_NET_ADMIN for CNI among them), and
+  nspawn's filter refuses ``keyctl``, which runc and crun call for each container;
 - the host's network namespace: crishim pulls from the rig's registry on 127.0.0.1, and pods
   join the bed's own bridge and subnet (``crishim-sd0``, 10.88.221.0/24);
 - bind mounts from the test's directory: ``/run/crishim-cri`` (the CRI socket, reachable
@@ -241,7 +242,9 @@ class Bed:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "BED_PROCS": " ".join(procs)},
+                # No seccomp filter (nspawn's refuses keyctl, which runc and crun need to give
+                # each container its session keyring): a privileged container, as kind's.
+                env={**os.environ, "BED_PROCS": " ".join(procs), "SYSTEMD_SECCOMP": "0"},
                 start_new_session=True,
             )
         deadline = time.monotonic() + BOOT_TIMEOUT
