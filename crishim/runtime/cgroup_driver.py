@@ -67,6 +67,13 @@ class CgroupDriver(ABC):
     async def update_pod_resources(self, parent: str, resources: LinuxResources) -> None:
         """Apply CPU and memory limits (0: leave alone) to the pod's cgroup."""
 
+    async def settle_container_resources(
+        self, container_id: str, resources: LinuxResources
+    ) -> None:
+        """After the runtime created or updated a container with ``resources``: make sure
+        whoever manages its cgroup keeps them (nothing to do when that is the runtime)."""
+        return
+
     async def close(self) -> None:
         """Let go of what the driver holds (at shutdown)."""
         return

@@ -12,6 +12,8 @@ containerd and CRI-O do, only the last component names the unit.
   ``crio-conmon-<id>.scope``), started over D-Bus with conmon's pid while conmon waits on
   its start pipe, so everything it forks is born inside. It is not crishim.service's, so
   restarting crishim never touches it; systemd removes it once conmon exited.
+- Container limits: the runtime's, and the same as properties of the scope, so systemd
+  keeps them when it realizes the slice again.
 - Pod limits: properties of the slice set through systemd (``SetUnitProperties``, for this
   boot only), never by writing files behind systemd's back: it would write its own values
   back at the next ``daemon-reload``.
@@ -91,7 +93,8 @@ def _quota_per_second(quota: int, period: int) -> int:
 
 
 def slice_properties(resources: LinuxResources, layout: CgroupLayout) -> list[Property]:
-    """The unit properties for pod limits (0 leaves a value alone).
+    """The unit properties for CPU and memory limits of a slice or scope (0 leaves a value
+    alone).
 
     The v1 names (``CPUShares``, ``MemoryLimit``) where memory is a v1 controller, so the
     shares kubelet computed land unchanged; the v2 names (``CPUWeight``, ``MemoryMax``)
@@ -155,6 +158,15 @@ class SystemdDriver(CgroupDriver):
         await self._manager.stop_unit(monitor_scope(container_id))
         # A container scope that failed (an OOM kill) would stay listed until reset.
         await self._manager.reset_failed_unit(container_scope(container_id))
+
+    async def settle_container_resources(
+        self, container_id: str, resources: LinuxResources
+    ) -> None:
+        # runc also sets these on the scope; crun 1.8 on a v1 (hybrid) host only writes the
+        # files, which systemd puts back to its own values when it next realizes the slice.
+        props = slice_properties(resources, detect_layout())
+        if props:
+            await self._manager.set_unit_properties(container_scope(container_id), props)
 
     async def update_pod_resources(self, parent: str, resources: LinuxResources) -> None:
         if not parent.strip("/"):

@@ -280,6 +280,8 @@ class ContainerService:
                 place=lambda pid: self._cgroups.place_monitor(pid, parent, container_id),
             )
             undo.push_async_callback(runtime.delete, container_id, force=True)
+            if config.linux is not None and config.linux.resources is not None:
+                await self._cgroups.settle_container_resources(container_id, config.linux.resources)
             stop_signal = (
                 config.stop_signal or ImageConfigView.from_image_config(image_config).stop_signal
             )
@@ -581,6 +583,7 @@ class ContainerService:
         await self.runtime_for(container.runtime_handler).update(
             container.id, oci.model_dump(by_alias=True, exclude_none=True)
         )
+        await self._cgroups.settle_container_resources(container.id, resources)
 
     async def reopen_log(self, container_id: str) -> None:
         """Make conmon reopen the log file (after kubelet rotated it)."""

@@ -18,7 +18,6 @@ from grpclib.const import Status
 from crishim.api import v1
 from tests.systemd.rig import (
     SystemdRig,
-    kubelet_slice,
     srig_fixture,  # noqa: F401 - the per-test fixture ``srig``
     systemd_rig_fixture,  # noqa: F401 - the module-scoped fixture ``systemd_rig``
 )
@@ -203,7 +202,3 @@ async def test_stop_then_start(srig: SystemdRig) -> None:
     assert (await srig.status(cid)).state == v1.ContainerState.CONTAINER_RUNNING
     await srig.runtime.stop_container(v1.StopContainerRequest(container_id=cid, timeout=1))
     assert (await srig.status(cid)).state == v1.ContainerState.CONTAINER_EXITED
-
-
-def test_slice_names_follow_kubelet() -> None:
-    assert kubelet_slice("1a-2b") == "kubepods-burstable-pod1a_2b.slice"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from crishim.errors import InvalidArgument
@@ -15,7 +17,7 @@ from crishim.runtime.systemd_cgroups import (
     pod_slice,
     slice_properties,
 )
-from crishim.runtime.systemd_dbus import Property
+from crishim.runtime.systemd_dbus import Property, SystemdManager
 
 # What kubelet sends with cgroupDriver: systemd (the slice in cgroupfs form).
 KUBELET_PARENT = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1a_2b.slice"
@@ -104,3 +106,41 @@ def test_slice_quota_rounds_up_to_systemds_10ms_steps_and_minus_one_is_unlimited
 
 def test_nothing_asked_sets_nothing() -> None:
     assert slice_properties(LinuxResources(), HYBRID) == []
+
+
+class _Manager(SystemdManager):
+    """Records what the driver asks of systemd."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, list[Property]]] = []
+
+    async def set_unit_properties(self, name: str, properties: Sequence[Property]) -> None:
+        self.calls.append(("set", name, list(properties)))
+
+    async def stop_unit(self, name: str) -> None:
+        self.calls.append(("stop", name, []))
+
+    async def reset_failed_unit(self, name: str) -> None:
+        self.calls.append(("reset-failed", name, []))
+
+
+async def test_container_limits_are_kept_as_scope_properties() -> None:
+    manager = _Manager()
+    driver = SystemdDriver(manager)
+    await driver.settle_container_resources("c1", LinuxResources(memory_limit_in_bytes=1 << 20))
+    ((call, unit, props),) = manager.calls
+    assert (call, unit) == ("set", "crishim-c1.scope")
+    assert props[0].value == 1 << 20
+
+
+async def test_pod_limits_go_to_the_slice_and_release_stops_the_monitor() -> None:
+    manager = _Manager()
+    driver = SystemdDriver(manager)
+    await driver.update_pod_resources(KUBELET_PARENT, LinuxResources(cpu_shares=512))
+    await driver.release(KUBELET_PARENT, "c1")
+    assert [(c, u) for c, u, _ in manager.calls] == [
+        ("set", "kubepods-burstable-pod1a_2b.slice"),
+        ("stop", "crishim-conmon-c1.scope"),
+        ("reset-failed", "crishim-c1.scope"),
+    ]
