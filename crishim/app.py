@@ -64,8 +64,9 @@ class Stores:
 def open_stores(root: Path) -> Stores:
     """The stores of an instance whose durable state lives under ``root``; loaded."""
     stores = Stores(
-        sandboxes=ObjectStore(root / "sandboxes", "sandbox", Sandbox),
-        containers=ObjectStore(root / "containers", "container", Container),
+        # Not fsynced: reconciled at start, and recovery removes what a lost one leaves.
+        sandboxes=ObjectStore(root / "sandboxes", "sandbox", Sandbox, durable=False),
+        containers=ObjectStore(root / "containers", "container", Container, durable=False),
         images=ObjectStore(root / "images" / "records", "image", Image),
     )
     stores.sandboxes.load()

@@ -25,13 +25,13 @@ from typing import Any
 
 from crishim.errors import (
     DataLoss,
-    DeadlineExceeded,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
 from crishim.network.cni_result import CniResult, parse_result, version_tuple
 from crishim.network.netns import namespace_alive
+from crishim.util import proc
 
 log = logging.getLogger(__name__)
 
@@ -416,33 +416,17 @@ class CniManager:
             CNI_ARGS=call.args,
             CNI_PATH=":".join(self.bin_dirs),
         )
-        proc = await asyncio.create_subprocess_exec(
-            binary,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
+        done = await proc.run(
+            [binary], what=what, input=stdin.encode(), env=env, timeout=self.plugin_timeout
         )
-        try:
-            stdout, stderr = await asyncio.wait_for(
-                proc.communicate(stdin.encode()), self.plugin_timeout
-            )
-        except BaseException as exc:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            if isinstance(exc, TimeoutError):
-                raise DeadlineExceeded(
-                    f"{what}: no answer within {self.plugin_timeout:g}s, killed"
-                ) from None
-            raise
+        stdout, stderr = done.stdout, done.stderr
         output: object = None
         if stdout.strip():
             try:
                 output = json.loads(stdout)
             except ValueError:
                 # Garbage on a failed exit is reported with stderr below.
-                if proc.returncode == 0:
+                if done.returncode == 0:
                     raise Unavailable(f"{what}: output is not JSON: {stdout[:200]!r}") from None
         if isinstance(output, dict) and "code" in output and "msg" in output:
             code = output.get("code")
@@ -452,9 +436,9 @@ class CniManager:
             if code in _CONFIG_ERROR_CODES:
                 raise InvalidArgument(message)
             raise Unavailable(message)
-        if proc.returncode != 0:
+        if done.returncode != 0:
             detail = stderr.decode(errors="replace").strip() or stdout.decode(errors="replace")
-            raise Unavailable(f"{what} failed (exit {proc.returncode}): {detail.strip()}")
+            raise Unavailable(f"{what} failed (exit {done.returncode}): {detail.strip()}")
         if output is None:
             return None
         if not isinstance(output, dict):

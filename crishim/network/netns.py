@@ -1,87 +1,60 @@
 """Pod namespaces pinned by bind mounts, so a pod needs no infra container.
 
-A pod's network, IPC and UTS namespaces are created by ``unshare(1)``, which keeps each one
-alive by bind-mounting it onto a file ``<ns_dir>/<kind>/<sandbox_id>``. Containers then join
-the namespaces by path; removing the pod unmounts and deletes the files, and the kernel frees
-each namespace once its last process has left.
+A pod's network, IPC and UTS namespaces are created by a short-lived thread of crishim's
+that calls ``unshare(2)`` (these namespaces belong to a thread, not to the whole process) and
+keeps each one alive by bind-mounting ``/proc/thread-self/ns/<kind>`` onto a file
+``<ns_dir>/<kind>/<sandbox_id>``; the thread then ends, never to run anything else.
+Containers then join the namespaces by path; removing the pod unmounts and deletes the
+files, and the kernel frees each namespace once its last process has left.
 
 ``ns_dir`` is turned into a mount point of its own with private propagation (as ``ip netns``
 does for ``/run/netns``), so the bind mounts of namespace files never propagate into other
 mount namespaces, where they would keep namespaces alive behind crishim's back.
 
-The hostname and namespaced sysctls are set by a small helper that runs inside the new
-namespaces. Every value reaches it as its own argv entry (no shell), and sysctl names are
-validated by :mod:`crishim.network.sysctl` before anything is created.
+The same thread sets the hostname, brings ``lo`` up and writes the namespaced sysctls:
+``/proc/sys/net`` and the IPC sysctls answer for the namespaces of the thread that opens
+them. Sysctl names are validated by :mod:`crishim.network.sysctl` before anything is
+created. No process is started, which matters when dozens of pods start at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
 import os
 import re
-import sys
+import socket
+import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from crishim.errors import AlreadyExists, DeadlineExceeded, Internal, InvalidArgument
+from crishim.errors import AlreadyExists, Internal, InvalidArgument
 from crishim.network.sysctl import Sysctl, SysctlNamespace, parse_sysctl
+from crishim.util import syscalls
+from crishim.util.threads import in_own_thread
 
 log = logging.getLogger(__name__)
 
-HELPER_TIMEOUT = 30.0
 
 _SANDBOX_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Linux limits hostnames to 64 bytes (HOST_NAME_MAX).
 _HOSTNAME_MAX = 64
 
-_MS_BIND = 0x1000
-_MS_PRIVATE = 0x40000
-_MNT_DETACH = 2
 # ioctl(NS_GET_NSTYPE) from <linux/nsfs.h>: answers only on namespace files.
 _NS_GET_NSTYPE = 0xB703
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 # Serialises the check-then-mount of ns_dir: two pods created at once must not stack two
 # bind mounts. A threading lock (taken in a worker thread) works across event loops.
 _prepare_lock = threading.Lock()
 
-# Runs inside the new namespaces: argv is the hostname ("" = keep), "1"/"0" for bringing
-# lo up, then pairs of /proc/sys path and value. On a failed write it prints the pair's
-# index and the error and exits 3, so the caller can name the sysctl.
-_HELPER = r"""
-import fcntl, socket, struct, sys
-hostname, lo_up, *pairs = sys.argv[1:]
-if hostname:
-    socket.sethostname(hostname)
-if lo_up == "1":
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("16sH22x", b"lo", 0)
-        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, 0x8913, request))[1]
-        fcntl.ioctl(sock, 0x8914, struct.pack("16sH22x", b"lo", flags | 1))
-for index in range(0, len(pairs), 2):
-    try:
-        with open(pairs[index], "w") as file:
-            file.write(pairs[index + 1])
-    except OSError as exc:
-        sys.stderr.write(f"{index // 2} {exc.strerror}\n")
-        sys.exit(3)
-"""
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
 
 
 @dataclass(frozen=True)
@@ -191,8 +164,8 @@ def _prepare_ns_dir(ns_dir: Path) -> None:
         ns_dir.mkdir(parents=True, exist_ok=True)
         target = os.path.realpath(ns_dir)
         if not _is_mount_point(target):
-            _mount(target, target, _MS_BIND)
-        _mount("none", target, _MS_PRIVATE)
+            _mount(target, target, syscalls.MS_BIND)
+        _mount("none", target, syscalls.MS_PRIVATE)
 
 
 def _is_mount_point(path: str) -> bool:
@@ -207,18 +180,21 @@ def _is_mount_point(path: str) -> bool:
 
 
 def _mount(source: str, target: str, flags: int) -> None:
-    if _libc.mount(source.encode(), target.encode(), None, flags, None) != 0:
-        err = ctypes.get_errno()
-        raise Internal(f"mount {target} (flags {flags:#x}): {os.strerror(err)}")
+    try:
+        syscalls.mount(source, target, None, flags)
+    except OSError as exc:
+        raise Internal(f"mount {target} (flags {flags:#x}): {exc.strerror}") from None
 
 
 def _unmount_all(path: str) -> None:
     # Loops because a pin could carry stacked mounts; EINVAL means "no longer a mount point".
-    while _libc.umount2(path.encode(), _MNT_DETACH) == 0:
-        pass
-    err = ctypes.get_errno()
-    if err not in (errno.EINVAL, errno.ENOENT):
-        raise Internal(f"unmount {path}: {os.strerror(err)}")
+    while True:
+        try:
+            syscalls.umount(path, syscalls.MNT_DETACH)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT):
+                return
+            raise Internal(f"unmount {path}: {exc.strerror}") from None
 
 
 def _create_pin_file(path: Path) -> None:
@@ -230,39 +206,38 @@ def _create_pin_file(path: Path) -> None:
     os.close(fd)
 
 
-async def _unshare(pods: PodNamespaces, hostname: str, sysctls: list[Sysctl]) -> None:
-    argv = ["unshare"]
-    for option, path in (("--net", pods.network), ("--ipc", pods.ipc), ("--uts", pods.uts)):
-        if path is not None:
-            argv.append(f"{option}={path}")
-    # -I: the helper needs only the standard library and must ignore PYTHON* variables.
-    argv += ["--", sys.executable, "-I", "-c", _HELPER, hostname]
-    argv.append("1" if pods.network is not None else "0")
-    for sysctl in sysctls:
-        argv += [sysctl.path, sysctl.value]
-
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+def _enter_new_namespaces(pods: PodNamespaces, hostname: str, sysctls: list[Sysctl]) -> None:
+    """In a thread of its own: make the namespaces, pin them, set them up. The thread must
+    end afterwards (it lives in the pod's namespaces now)."""
+    flags = (
+        (syscalls.CLONE_NEWNET if pods.network else 0)
+        | (syscalls.CLONE_NEWIPC if pods.ipc else 0)
+        | (syscalls.CLONE_NEWUTS if pods.uts else 0)
     )
     try:
-        _, stderr = await asyncio.wait_for(proc.communicate(), HELPER_TIMEOUT)
-    except BaseException as exc:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        if isinstance(exc, TimeoutError):
-            raise DeadlineExceeded(
-                f"creating pod namespaces took longer than {HELPER_TIMEOUT:.0f}s"
-            ) from None
-        raise
-    message = stderr.decode(errors="replace").strip()
-    if proc.returncode == 3:
-        index, _, reason = message.partition(" ")
-        if index.isdigit() and int(index) < len(sysctls):
-            failed = sysctls[int(index)]
-            raise InvalidArgument(f"sysctl {failed.name}={failed.value!r}: {reason}")
-    if proc.returncode != 0:
-        raise Internal(f"creating pod namespaces failed (exit {proc.returncode}): {message}")
+        syscalls.unshare(flags)
+    except OSError as exc:
+        raise Internal(f"unshare of the pod namespaces: {exc.strerror}") from None
+    for kind, pin in (("net", pods.network), ("ipc", pods.ipc), ("uts", pods.uts)):
+        if pin is not None:
+            _mount(f"/proc/thread-self/ns/{kind}", pin, syscalls.MS_BIND)
+    if hostname:
+        socket.sethostname(hostname)
+    if pods.network:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            request = struct.pack("16sH22x", b"lo", 0)
+            flags = struct.unpack("16sH22x", fcntl.ioctl(sock, _SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+    for sysctl in sysctls:
+        try:
+            with open(sysctl.path, "w") as file:
+                file.write(sysctl.value)
+        except OSError as exc:
+            message = f"sysctl {sysctl.name}={sysctl.value!r}: {exc.strerror}"
+            raise InvalidArgument(message) from None
+
+
+async def _unshare(pods: PodNamespaces, hostname: str, sysctls: list[Sysctl]) -> None:
+    await in_own_thread(
+        "crishim-pod-namespaces", lambda: _enter_new_namespaces(pods, hostname, sysctls)
+    )

@@ -3,36 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import socket
-import threading
 
 from crishim.errors import Internal, Unavailable
-
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+from crishim.util import syscalls
+from crishim.util.threads import in_own_thread
 
 
 def _socket_in(netns: str) -> socket.socket:
-    """A TCP socket created inside ``netns`` (in this thread only, then switched back)."""
-    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    """A TCP socket created inside ``netns`` (by a thread of its own: it enters the
+    namespace and never runs anything else)."""
     target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(target)
-        try:
-            return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        finally:
-            _setns(own)
+        syscalls.setns(target, syscalls.CLONE_NEWNET)
     finally:
         os.close(target)
-        os.close(own)
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 
 
 async def connect_in_netns(
@@ -40,14 +27,14 @@ async def connect_in_netns(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection to 127.0.0.1:``port`` as seen from inside the pod's network namespace.
 
-    The socket is made in a worker thread that enters the namespace and leaves it again,
-    so no thread of the event loop ever changes namespace; a socket keeps the namespace it
-    was created in.
+    The socket is made by a thread of its own that enters the namespace, so no thread of
+    the event loop or of the worker pool ever changes namespace; a socket keeps the
+    namespace it was created in.
     """
     if not 0 < port < 65536:
         raise Unavailable(f"port {port} is out of range")
     try:
-        sock = await asyncio.to_thread(_socket_in, netns)
+        sock = await in_own_thread("crishim-port-forward", lambda: _socket_in(netns))
     except OSError as exc:
         raise Internal(f"entering network namespace {netns}: {exc.strerror}") from exc
     sock.setblocking(False)

@@ -9,14 +9,13 @@ The loopback interface is never reported (kubelet ignores it).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crishim.errors import DeadlineExceeded, Internal
+from crishim.errors import Internal
+from crishim.util import proc
 
 __all__ = [
     "InterfaceStats",
@@ -84,27 +83,15 @@ async def read_netns_interfaces(
 
     Raises Internal when the namespace cannot be entered, DeadlineExceeded after ``timeout``.
     """
-    process = await asyncio.create_subprocess_exec(
-        nsenter,
-        f"--net={netns_path}",
-        "cat",
-        "/proc/net/dev",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    done = await proc.run(
+        [nsenter, f"--net={netns_path}", "cat", "/proc/net/dev"],
+        what="nsenter (pod network statistics)",
+        timeout=timeout,
     )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
-        raise DeadlineExceeded(
-            f"reading the interfaces of {netns_path} took over {timeout}s"
-        ) from None
-    if process.returncode != 0:
-        message = err.decode(errors="replace").strip()
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip()
         raise Internal(f"cannot read the interfaces of {netns_path}: {message}")
+    out = done.stdout
     return parse_net_dev(out.decode())
 
 

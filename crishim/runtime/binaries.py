@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 from dataclasses import dataclass
+
+from crishim.errors import DeadlineExceeded, FailedPrecondition
+from crishim.util import proc
 
 
 @dataclass(frozen=True)
@@ -37,23 +39,13 @@ async def probe_binary(name_or_path: str, timeout: float = 5.0) -> BinaryInfo:
     if path is None:
         return BinaryInfo(name_or_path, None, error=f"{name_or_path}: not found")
     try:
-        proc = await asyncio.create_subprocess_exec(
-            path,
-            "--version",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    except OSError as exc:
-        return BinaryInfo(name_or_path, path, error=f"{path}: cannot run: {exc.strerror}")
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
+        done = await proc.run([path, "--version"], what=name_or_path, timeout=timeout)
+    except FailedPrecondition as exc:
+        return BinaryInfo(name_or_path, path, error=f"{path}: cannot run: {exc}")
+    except DeadlineExceeded:
         return BinaryInfo(name_or_path, path, error=f"{path} --version: no answer in {timeout}s")
-    lines = out.decode(errors="replace").strip().splitlines()
-    if proc.returncode != 0:
-        detail = lines[-1] if lines else f"exit status {proc.returncode}"
+    lines = (done.stdout + done.stderr).decode(errors="replace").strip().splitlines()
+    if done.returncode != 0:
+        detail = lines[-1] if lines else f"exit status {done.returncode}"
         return BinaryInfo(name_or_path, path, error=f"{path} --version failed: {detail}")
     return BinaryInfo(name_or_path, path, version=lines[0] if lines else "")

@@ -7,6 +7,11 @@ bound to v2 only; binding hugetlb to a v1 hierarchy first makes it work.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import signal
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -141,3 +146,50 @@ async def apply_cgroup_resources(
 ) -> None:
     """Set CPU and memory limits on an existing cgroup (v1 or v2); 0 leaves a value alone."""
     await anyio.to_thread.run_sync(_apply, parent, cpu_shares, cpu_quota, cpu_period, memory_limit)
+
+
+def _cgroup_mounts(proc_mounts: Path = Path("/proc/self/mounts")) -> list[Path]:
+    found = []
+    for line in proc_mounts.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] in ("cgroup", CGROUP_V2_MAGIC_TYPE):
+            found.append(Path(parts[1]))
+    return found
+
+
+def _remove_group(directory: Path) -> None:
+    for _ in range(50):
+        try:
+            directory.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise Internal(f"removing cgroup {directory}: {exc.strerror}") from None
+        # Processes are still inside (a runtime killed half-way through a create left them
+        # where no runtime knows them): the container is gone, so they go too.
+        try:
+            pids = (directory / "cgroup.procs").read_text().split()
+        except OSError:
+            pids = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.02)
+    raise Internal(f"removing cgroup {directory}: still busy")
+
+
+def _remove_cgroup(cgroups_path: str) -> None:
+    relative = cgroups_path.strip("/")
+    for mount in _cgroup_mounts():
+        _remove_group(mount / relative)
+
+
+async def remove_cgroup(cgroups_path: str) -> None:
+    """Remove a container's cgroup (``/parent/crishim-<id>``) from every hierarchy, killing
+    what is left inside; a missing one is fine. The runtime's delete does this for the
+    containers it knows; this is for those it never finished creating."""
+    if not cgroups_path.startswith("/"):
+        return  # a systemd unit (slice:prefix:name): systemd removes it with the unit
+    await anyio.to_thread.run_sync(_remove_cgroup, cgroups_path)

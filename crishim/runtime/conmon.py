@@ -39,6 +39,7 @@ from pathlib import Path
 
 from crishim.errors import DeadlineExceeded, FailedPrecondition, Internal
 from crishim.runtime.oci_runtime import OciRuntime, error_message
+from crishim.util import proc
 from crishim.util.fdio import read_line
 
 __all__ = [
@@ -231,11 +232,10 @@ async def _spawn(
     # conmon's stderr only matters until it detaches (it then points its stdio at
     # /dev/null): an anonymous file, never a pipe, so nothing can block on it.
     with tempfile.TemporaryFile() as early_errors:
-        proc = await asyncio.create_subprocess_exec(
-            *conmon_argv(spec, conmon),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=early_errors,
+        child = proc.spawn(
+            conmon_argv(spec, conmon),
+            what="conmon (the container monitor)",
+            stderr=early_errors.fileno(),
             pass_fds=pass_fds,
             env=env,
             # conmon writes its "oom" marker file into its working directory.
@@ -244,14 +244,14 @@ async def _spawn(
         try:
             if place is not None:
                 # conmon waits on the start pipe before forking: its children inherit this.
-                await place(proc.pid)
+                await place(child.pid)
         except BaseException:
             # Killed before the release: closing the start pipe must not let it go on.
-            proc.kill()
-            await asyncio.shield(proc.wait())
+            child.kill()
+            await child.wait()
             raise
         os.write(start_w, b"0")
-        status = await proc.wait()
+        status = await child.wait()
         if status != 0:
             early_errors.seek(0)
             detail = early_errors.read().decode(errors="replace").strip()

@@ -30,6 +30,7 @@ from typing import Protocol
 
 from crishim.errors import Internal
 from crishim.runtime.oci_runtime import OciRuntime
+from crishim.util import proc
 from crishim.util.fdio import read_chunk, write_all
 
 CHUNK = 32 * 1024
@@ -62,8 +63,10 @@ async def _pump_stdin(
         close()
 
 
-async def _pump_reader(reader: asyncio.StreamReader, out: Writer | None) -> None:
-    while data := await reader.read(CHUNK):
+async def _pump_pipe(child: proc.Process, fd: int | None, out: Writer | None) -> None:
+    if fd is None:
+        return
+    while data := await child.read(fd, CHUNK):
         if out is not None:
             await out.write(data)
 
@@ -81,52 +84,47 @@ async def exec_pipes(
     with tempfile.TemporaryDirectory(prefix="crishim-exec-") as tmp:
         spec = Path(tmp) / "process.json"
         spec.write_text(json.dumps({**process, "terminal": False}))
-        proc = await asyncio.create_subprocess_exec(
-            *runtime.argv(
-                "exec", "--pid-file", str(Path(tmp) / "pid"), "--process", str(spec), cid
-            ),
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        child = proc.spawn(
+            runtime.argv("exec", "--pid-file", str(Path(tmp) / "pid"), "--process", str(spec), cid),
+            what=runtime.what,
+            stdin=proc.PIPE if stdin is not None else proc.DEVNULL,
+            stdout=proc.PIPE,
+            stderr=proc.PIPE,
         )
-        assert proc.stdout is not None
-        assert proc.stderr is not None
         tasks = [
-            asyncio.create_task(_pump_reader(proc.stdout, stdout)),
-            asyncio.create_task(_pump_reader(proc.stderr, stderr)),
+            asyncio.create_task(_pump_pipe(child, child.stdout, stdout)),
+            asyncio.create_task(_pump_pipe(child, child.stderr, stderr)),
         ]
-        feeder = None
-        if stdin is not None and proc.stdin is not None:
-            pipe = proc.stdin
-
-            async def send(data: bytes) -> None:
-                pipe.write(data)
-                await pipe.drain()
-
-            feeder = asyncio.create_task(_pump_stdin(stdin, send, pipe.close))
+        if stdin is not None:
+            tasks.append(
+                asyncio.create_task(_pump_stdin(stdin, child.write_stdin, child.close_stdin))
+            )
         try:
-            code = await proc.wait()
+            code = await child.wait()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*tasks), DRAIN_SECONDS)
+                await asyncio.wait_for(asyncio.gather(*tasks[:2]), DRAIN_SECONDS)
             return code
         except BaseException:
-            _kill_exec(Path(tmp) / "pid", proc)
+            _kill_exec(Path(tmp) / "pid", child)
             raise
         finally:
-            for task in [*tasks, *([feeder] if feeder else [])]:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, *([feeder] if feeder else []), return_exceptions=True)
+            # Every task has stopped using the pipes before they are closed.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            child.close()
+            if child.returncode is None:
+                await child.wait()
 
 
-def _kill_exec(pid_file: Path, runtime_proc: asyncio.subprocess.Process) -> None:
+def _kill_exec(pid_file: Path, runtime_proc: proc.Process) -> None:
     """Kill an exec'd process whose client went away, then the runtime waiting for it.
 
     Killing only the runtime would leave the process running in the container.
     """
     with contextlib.suppress(OSError, ValueError):
         os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        runtime_proc.kill()
+    runtime_proc.kill()
 
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
@@ -158,8 +156,8 @@ async def exec_tty(
             # that arrives before would be echoed and edited by this pty's line discipline
             # instead of reaching the container's own terminal untouched.
             tty.setraw(slave)
-            proc = await asyncio.create_subprocess_exec(
-                *runtime.argv(
+            child = proc.spawn(
+                runtime.argv(
                     "exec",
                     "--tty",
                     "--pid-file",
@@ -168,6 +166,7 @@ async def exec_tty(
                     str(spec),
                     cid,
                 ),
+                what=runtime.what,
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
@@ -181,18 +180,17 @@ async def exec_tty(
 
         def apply(rows: int, cols: int) -> None:
             _set_winsize(master, rows, cols)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGWINCH)
+            child.send_signal(signal.SIGWINCH)
 
         try:
-            return await _serve_terminal(proc, master, stdin, stdout, resize, apply)
+            return await _serve_terminal(child, master, stdin, stdout, resize, apply)
         except BaseException:
-            _kill_exec(Path(tmp) / "pid", proc)
+            _kill_exec(Path(tmp) / "pid", child)
             raise
 
 
 async def _serve_terminal(
-    proc: asyncio.subprocess.Process,
+    child: proc.Process,
     master: int,
     stdin: Reader | None,
     stdout: Writer | None,
@@ -223,7 +221,7 @@ async def _serve_terminal(
     if resize is not None:
         tasks.append(asyncio.create_task(apply_resizes()))
     try:
-        code = await proc.wait()
+        code = await child.wait()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(tasks[0], DRAIN_SECONDS)
         return code

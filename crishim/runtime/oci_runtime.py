@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crishim.errors import Internal, NotFound
+from crishim.util import proc
 
 __all__ = ["MAX_EXEC_OUTPUT", "ExecResult", "OciRuntime", "RuntimeState", "error_message"]
 
@@ -118,15 +119,15 @@ def _kill_tree(pid: int) -> None:
             os.kill(victim, signal.SIGKILL)
 
 
-async def _drain(stream: asyncio.StreamReader | None, sink: bytearray, cap: int) -> None:
-    """Read ``stream`` to its end into ``sink``, keeping the first ``cap`` bytes.
+async def _drain(child: proc.Process, fd: int | None, sink: bytearray, cap: int) -> None:
+    """Read the pipe ``fd`` to its end into ``sink``, keeping the first ``cap`` bytes.
 
     The rest is read and dropped, so a chatty process never blocks on a full pipe. ``sink``
     belongs to the caller, so output read before a cancellation is kept.
     """
-    if stream is None:
+    if fd is None:
         return
-    while chunk := await stream.read(_READ_CHUNK):
+    while chunk := await child.read(fd, _READ_CHUNK):
         if len(sink) < cap:
             sink += chunk[: cap - len(sink)]
 
@@ -157,18 +158,19 @@ class OciRuntime:
         # runc: "container not running"; crun: "kill container: No such process".
         return "not running" in message or "No such process" in message
 
+    @property
+    def what(self) -> str:
+        """How errors name this runtime."""
+        return f"runtime handler {self.name!r}"
+
     async def _run(self, cid: str, *args: str, stdin: bytes | None = None) -> bytes:
         """Run a short runtime command; its stdout, or the error it reported."""
-        proc = await asyncio.create_subprocess_exec(
-            *self.argv("--log-format", "json", *args),
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        done = await proc.run(self.argv("--log-format", "json", *args), what=self.what, input=stdin)
+        if done.returncode == 0:
+            return done.stdout
+        message = error_message(done.stderr.decode(errors="replace")) or (
+            f"exit status {done.returncode}"
         )
-        out, err = await proc.communicate(stdin)
-        if proc.returncode == 0:
-            return out
-        message = error_message(err.decode(errors="replace")) or f"exit status {proc.returncode}"
         text = f"{self.name} {args[0]} {cid}: {message}"
         if self._is_missing(cid, message):
             raise NotFound(text)
@@ -245,44 +247,49 @@ class OciRuntime:
             pid_file = os.path.join(work, "pid")
             log_file = os.path.join(work, "log")
             Path(spec_file).write_text(json.dumps(process))
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv("--log", log_file, "--log-format", "json", "exec"),
-                "--process",
-                spec_file,
-                "--pid-file",
-                pid_file,
-                cid,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            child = proc.spawn(
+                [
+                    *self.argv("--log", log_file, "--log-format", "json", "exec"),
+                    "--process",
+                    spec_file,
+                    "--pid-file",
+                    pid_file,
+                    cid,
+                ],
+                what=self.what,
+                stdout=proc.PIPE,
+                stderr=proc.PIPE,
                 # Its own session: the runtime gets none of the signals sent to crishim's group.
                 start_new_session=True,
             )
             stdout, stderr = bytearray(), bytearray()
             readers = [
-                asyncio.ensure_future(_drain(proc.stdout, stdout, MAX_EXEC_OUTPUT)),
-                asyncio.ensure_future(_drain(proc.stderr, stderr, MAX_EXEC_OUTPUT)),
+                asyncio.ensure_future(_drain(child, child.stdout, stdout, MAX_EXEC_OUTPUT)),
+                asyncio.ensure_future(_drain(child, child.stderr, stderr, MAX_EXEC_OUTPUT)),
             ]
             timed_out = False
             # The deadline covers the pipes too: a child left in the background may hold them
             # after the process itself exited.
-            finished = asyncio.gather(proc.wait(), *readers)
+            finished = asyncio.gather(child.wait(), *readers)
             try:
                 await asyncio.wait_for(asyncio.shield(finished), timeout)
             except TimeoutError:
                 timed_out = True
-                await _kill_exec(pid_file, proc)
+                await _kill_exec(pid_file, child)
                 # Once the tree is dead the pipes close; something that escaped the kill may
                 # still hold them, so give up on the rest of the output after a grace period.
                 await asyncio.wait(readers, timeout=_DRAIN_GRACE)
             except asyncio.CancelledError:
                 # The caller gave up: leave nothing running behind it.
-                await asyncio.shield(_kill_exec(pid_file, proc))
+                await asyncio.shield(_kill_exec(pid_file, child))
                 raise
             finally:
                 finished.cancel()
                 for task in readers:
                     task.cancel()
+                # The readers have stopped watching the pipes before they are closed.
+                await asyncio.gather(*readers, return_exceptions=True)
+                child.close()
             if not timed_out and not os.path.exists(pid_file):
                 message = await asyncio.to_thread(_read_log, log_file)
                 text = (
@@ -291,13 +298,13 @@ class OciRuntime:
                 if self._is_missing(cid, text):
                     raise NotFound(text)
                 raise Internal(text)
-            assert proc.returncode is not None
-            return ExecResult(proc.returncode, bytes(stdout), bytes(stderr), timed_out)
+            code = await child.wait()
+            return ExecResult(code, bytes(stdout), bytes(stderr), timed_out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
-async def _kill_exec(pid_file: str, proc: asyncio.subprocess.Process) -> None:
+async def _kill_exec(pid_file: str, child: proc.Process) -> None:
     """Kill a timed-out exec and wait for the runtime to exit.
 
     First the process in the container with its children: the runtime, their parent, then
@@ -309,10 +316,10 @@ async def _kill_exec(pid_file: str, proc: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(OSError, ValueError):
         _kill_tree(int(Path(pid_file).read_text().strip()))
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(proc.wait()), _KILL_GRACE)
+        await asyncio.wait_for(child.wait(), _KILL_GRACE)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    await proc.wait()
+        os.killpg(child.pid, signal.SIGKILL)
+    await child.wait()
 
 
 def _read_log(path: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -39,7 +38,11 @@ from crishim.model.specs import (
 from crishim.oci.build import build_container_spec, build_sandbox_infra_spec
 from crishim.oci.opts import linux_resources
 from crishim.oci.spec import dump_spec
+from crishim.runtime.bundle import cgroups_path as bundle_cgroups_path
+from crishim.runtime.bundle import read_spec, write_spec
+from crishim.runtime.bundle import update_resources as update_bundle_resources
 from crishim.runtime.cgroup_driver import CgroupDriver
+from crishim.runtime.cgroups import remove_cgroup
 from crishim.runtime.conmon import (
     MonitorSpec,
     create_container,
@@ -122,6 +125,7 @@ class ContainerService:
         self._unclaimed: dict[tuple[str, str, int], str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._background = BackgroundTasks()
+        self._releasing = BackgroundTasks()
         self._watcher: asyncio.Task[None] | None = None
 
     # ---- queries ------------------------------------------------------------------------
@@ -223,7 +227,7 @@ class ContainerService:
             raise NotFound(f"image {config.image.image!r} not found; pull it first")
         container_id = secrets.token_hex(32)
         paths = self.paths(container_id)
-        runtime = self.runtime_for(sandbox.runtime_handler)
+        self.runtime_for(sandbox.runtime_handler)  # an unknown handler fails the create
         sandbox_config = SandboxConfig.model_validate(sandbox.config)
         snapshotter = self._images.snapshotter
         async with contextlib.AsyncExitStack() as undo:
@@ -252,36 +256,9 @@ class ContainerService:
             spec = build_container_spec(config, ctx)
             for warning in ctx.warnings:
                 log.warning("container %s: %s", container_id[:12], warning)
-            (paths.bundle / "config.json").write_text(json.dumps(dump_spec(spec)))
+            write_spec(paths.bundle, dump_spec(spec))
             if log_path:
                 Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            parent = sandbox.cgroup_parent
-            undo.push_async_callback(self._cgroups.release, parent, container_id)
-            # conmon makes the attach link (and may record an exit) before the runtime fails.
-            undo.push_async_callback(remove_tree, paths.attach / container_id)
-            undo.callback((paths.exits / container_id).unlink, missing_ok=True)
-            pid = await create_container(
-                MonitorSpec(
-                    container_id=container_id,
-                    name=f"{sandbox.metadata.namespace}_{sandbox.metadata.name}_"
-                    f"{config.metadata.name}_{config.metadata.attempt}",
-                    bundle=paths.bundle,
-                    runtime=runtime,
-                    log_path=Path(log_path) if log_path else paths.base / "container.log",
-                    exit_dir=paths.exits,
-                    socket_dir=paths.attach,
-                    pid_file=paths.pid_file,
-                    conmon_pid_file=paths.conmon_pid_file,
-                    stdin=config.stdin,
-                    stdin_once=config.stdin_once,
-                    tty=config.tty,
-                ),
-                conmon=self._conmon,
-                place=lambda pid: self._cgroups.place_monitor(pid, parent, container_id),
-            )
-            undo.push_async_callback(runtime.delete, container_id, force=True)
-            if config.linux is not None and config.linux.resources is not None:
-                await self._cgroups.settle_container_resources(container_id, config.linux.resources)
             stop_signal = (
                 config.stop_signal or ImageConfigView.from_image_config(image_config).stop_signal
             )
@@ -301,7 +278,7 @@ class ContainerService:
                 annotations=dict(config.annotations),
                 runtime_handler=sandbox.runtime_handler,
                 log_path=log_path,
-                pid=pid,
+                pid=0,
                 uid=spec.process.user.uid if spec.process else 0,
                 gid=spec.process.user.gid if spec.process else 0,
                 supplemental_groups=list(
@@ -354,7 +331,7 @@ class ContainerService:
         shutil.copy2(binary, rootfs / "catatonit")
         ctx = self._contexts.for_infra(sandbox, sandbox_config, rootfs)
         spec = build_sandbox_infra_spec(["/catatonit", "-P"], ctx)
-        (infra / "config.json").write_text(json.dumps(dump_spec(spec)))
+        write_spec(infra, dump_spec(spec))
         runtime = self.runtime_for(sandbox.runtime_handler)
         parent = sandbox.cgroup_parent
         try:
@@ -398,7 +375,13 @@ class ContainerService:
         return self._locks.setdefault(container_id, asyncio.Lock())
 
     async def start(self, container_id: str) -> None:
-        """Start a created container."""
+        """Start a created container: conmon runs ``<runtime> create``, then ``start``.
+
+        Like containerd, the runtime first hears of a container here, not at create: a
+        create is then only files and a record, and a container that is never started
+        costs no runtime work. A failed start leaves the container exited with reason
+        StartError, as containerd reports it.
+        """
         container = self.get(container_id)
         async with self._lock(container.id):
             container = self._store.get(container.id)
@@ -407,15 +390,96 @@ class ContainerService:
                     f"container {container.id} is {container.state.value}, not created"
                 )
             runtime = self.runtime_for(container.runtime_handler)
-            await runtime.start(container.id)
+            try:
+                pid = await self._create_in_runtime(container, runtime)
+                await runtime.start(container.id)
+            except BaseException as exc:
+                await asyncio.shield(self._start_failed(container, runtime, exc))
+                raise
             await self._store.update(
                 container.id,
                 lambda c: c.model_copy(
-                    update={"state": ContainerState.RUNNING, "started_at": time.time_ns()}
+                    update={
+                        "state": ContainerState.RUNNING,
+                        "started_at": time.time_ns(),
+                        "pid": pid,
+                    }
                 ),
             )
         self._events.publish(container.id, container.sandbox_id, EventType.STARTED)
         self._ensure_watcher()
+
+    def _monitor_spec(self, container: Container) -> MonitorSpec:
+        paths = self.paths(container.id)
+        sandbox = self._sandboxes.get(container.sandbox_id)
+        config = self.config_of(container)
+        return MonitorSpec(
+            container_id=container.id,
+            name=f"{sandbox.metadata.namespace}_{sandbox.metadata.name}_"
+            f"{container.metadata.name}_{container.metadata.attempt}",
+            bundle=paths.bundle,
+            runtime=self.runtime_for(container.runtime_handler),
+            log_path=Path(container.log_path)
+            if container.log_path
+            else paths.base / "container.log",
+            exit_dir=paths.exits,
+            socket_dir=paths.attach,
+            pid_file=paths.pid_file,
+            conmon_pid_file=paths.conmon_pid_file,
+            stdin=config.stdin,
+            stdin_once=config.stdin_once,
+            tty=config.tty,
+        )
+
+    async def _create_in_runtime(self, container: Container, runtime: OciRuntime) -> int:
+        """The container's init pid, created under a new conmon (or found from an attempt
+        that crishim did not see through: it died after conmon had created it)."""
+        paths = self.paths(container.id)
+        if paths.conmon_pid_file.exists():
+            state = await runtime.state(container.id)
+            if state is not None and state.status == "created":
+                return state.pid
+            # Gone or half-made: start over.
+            await runtime.delete(container.id, force=True)
+            for stale in (paths.conmon_pid_file, paths.pid_file, paths.exits / container.id):
+                stale.unlink(missing_ok=True)
+        sandbox = self._sandboxes.get(container.sandbox_id)
+        parent = sandbox.cgroup_parent
+        pid = await create_container(
+            self._monitor_spec(container),
+            conmon=self._conmon,
+            place=lambda pid: self._cgroups.place_monitor(pid, parent, container.id),
+        )
+        resources = self.config_of(container).linux
+        if resources is not None and resources.resources is not None:
+            await self._cgroups.settle_container_resources(container.id, resources.resources)
+        return pid
+
+    async def _start_failed(
+        self, container: Container, runtime: OciRuntime, exc: BaseException
+    ) -> None:
+        """Leave nothing running behind a failed start, and say why it failed."""
+        await runtime.delete(container.id, force=True)
+        pod = self._sandboxes.find(container.sandbox_id)
+        await self._cgroups.release(pod.cgroup_parent if pod else "", container.id)
+        if isinstance(exc, asyncio.CancelledError):
+            return  # kubelet's retry may start it again
+        finished = time.time_ns()
+        message = str(exc)
+        exited = await self._store.update(
+            container.id,
+            lambda c: c.model_copy(
+                update={
+                    "state": ContainerState.EXITED,
+                    "exit_code": 128,
+                    "started_at": finished,
+                    "finished_at": finished,
+                    "reason": "StartError",
+                    "message": message,
+                }
+            ),
+        )
+        self._events.publish(container.id, exited.sandbox_id, EventType.STOPPED)
 
     async def stop(self, container_id: str, timeout: float) -> None:
         """Signal the container, SIGKILL after ``timeout`` s; missing or stopped is fine."""
@@ -438,9 +502,9 @@ class ContainerService:
                 await runtime.kill(container.id, signal.SIGKILL, all_processes=True)
                 await self._wait_exit(container.id, 10.0)
         else:
-            # Created, never started: nothing runs yet; kill the init and reap via the runtime.
-            await runtime.kill(container.id, signal.SIGKILL)
-            await self._wait_exit(container.id, 10.0)
+            # Created, never started: nothing runs (the runtime has not heard of it yet), and
+            # it stays created, as on containerd.
+            return
         await self._record_exit(container.id)
 
     async def _wait_exit(self, container_id: str, timeout: float) -> bool:
@@ -494,8 +558,10 @@ class ContainerService:
         if self._watcher is None or self._watcher.done():
             self._watcher = self._background.spawn(self._watch_exits(), "the exit watcher")
 
-    async def close(self) -> None:
-        """Stop the background work (at shutdown)."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop the background work (at shutdown); releases under way get ``grace``
+        seconds to finish (what they leave, recovery removes at the next start)."""
+        await self._releasing.drain(grace)
         await self._background.close()
 
     async def _watch_exits(self) -> None:
@@ -527,15 +593,37 @@ class ContainerService:
                 await self._record_exit(container_id)
 
     async def refresh(self) -> None:
-        """After a restart: exits that happened meanwhile are recorded, watching resumes."""
+        """After a restart: exits that happened meanwhile are recorded, a start that crishim
+        did not see through is finished or undone, watching resumes."""
         for container in self._store.list():
-            if container.state not in (ContainerState.RUNNING, ContainerState.CREATED):
+            if container.state is ContainerState.CREATED:
+                await self._refresh_created(container)
+            if self._store.get(container.id).state is not ContainerState.RUNNING:
                 continue
             code = read_exit_code(self.paths(container.id).exits, container.id)
             runtime_state = await self.runtime_for(container.runtime_handler).state(container.id)
             if code is not None or runtime_state is None or runtime_state.status == "stopped":
                 await self._record_exit(container.id)
         self._ensure_watcher()
+
+    async def _refresh_created(self, container: Container) -> None:
+        """A created container whose start was under way when crishim stopped: running now
+        means the start happened; anything else is left to StartContainer, which starts
+        over from what is there."""
+        if not self.paths(container.id).conmon_pid_file.exists():
+            return  # never reached the runtime
+        state = await self.runtime_for(container.runtime_handler).state(container.id)
+        if state is not None and state.status in ("running", "stopped"):
+            await self._store.update(
+                container.id,
+                lambda c: c.model_copy(
+                    update={
+                        "state": ContainerState.RUNNING,
+                        "started_at": time.time_ns(),
+                        "pid": state.pid,
+                    }
+                ),
+            )
 
     # ---- remove -------------------------------------------------------------------------
 
@@ -551,19 +639,32 @@ class ContainerService:
                 raise FailedPrecondition(
                     f"container {container.id} did not stop after SIGKILL; not removing it"
                 )
-            runtime = self.runtime_for(container.runtime_handler)
-            await runtime.delete(container.id, force=True)
-            pod = self._sandboxes.find(container.sandbox_id)
-            await self._cgroups.release(pod.cgroup_parent if pod else "", container.id)
-            paths = self.paths(container.id)
-            await unmount(paths.rootfs)
-            await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)
-            (paths.exits / container.id).unlink(missing_ok=True)
-            await remove_tree(paths.base)
-            await remove_tree(paths.attach / container.id)
+            # The record goes first: from here the container no longer exists for kubelet,
+            # and what it leaves is released in the background. A crash before that is done
+            # leaves traces without a record, which recovery removes at the next start.
             await self._store.delete(container.id)
         self._events.publish(container.id, container.sandbox_id, EventType.DELETED)
         self._locks.pop(container.id, None)
+        pod = self._sandboxes.find(container.sandbox_id)
+        release = self._release(container, pod.cgroup_parent if pod else "")
+        self._releasing.spawn(release, f"releasing container {container.id[:12]}")
+
+    async def _release(self, container: Container, parent: str) -> None:
+        """Remove what a removed (stopped) container leaves: its runtime state, its
+        conmon's cgroup, root filesystem, snapshot and files."""
+        paths = self.paths(container.id)
+        if paths.conmon_pid_file.exists():  # else the runtime never heard of it
+            await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
+            await self._cgroups.release(parent, container.id)
+            # A create the runtime did not finish (crishim was killed) leaves its cgroup.
+            cgroup = await anyio.to_thread.run_sync(bundle_cgroups_path, paths.bundle)
+            if cgroup is not None:
+                await remove_cgroup(cgroup)
+        await unmount(paths.rootfs)
+        await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)
+        await remove_tree(paths.exits / container.id)
+        await remove_tree(paths.base)
+        await remove_tree(paths.attach / container.id)
 
     async def reap_sandbox(self, sandbox_id: str, remove: bool) -> None:
         """Stop (and with ``remove``, remove) every container of a sandbox."""
@@ -575,15 +676,24 @@ class ContainerService:
     # ---- update, logs, exec -------------------------------------------------------------
 
     async def update_resources(self, container_id: str, resources: LinuxResources) -> None:
-        """Apply new resource limits to a created or running container."""
+        """Apply new resource limits to a created or running container.
+
+        Before the runtime has created it (its start), the limits go into its bundle, so
+        that kubelet's updates between create and start (the CPU manager's) are kept.
+        """
         container = self.get(container_id)
         if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
             raise FailedPrecondition(f"container {container.id} is {container.state.value}")
-        oci = linux_resources(resources, swap_available=self._contexts.swap_available)
-        await self.runtime_for(container.runtime_handler).update(
-            container.id, oci.model_dump(by_alias=True, exclude_none=True)
+        oci = linux_resources(resources, swap_available=self._contexts.swap_available).model_dump(
+            by_alias=True, exclude_none=True
         )
-        await self._cgroups.settle_container_resources(container.id, resources)
+        async with self._lock(container.id):
+            paths = self.paths(container.id)
+            if not paths.conmon_pid_file.exists():
+                await anyio.to_thread.run_sync(update_bundle_resources, paths.bundle, oci)
+                return
+            await self.runtime_for(container.runtime_handler).update(container.id, oci)
+            await self._cgroups.settle_container_resources(container.id, resources)
 
     async def reopen_log(self, container_id: str) -> None:
         """Make conmon reopen the log file (after kubelet rotated it)."""
@@ -601,7 +711,7 @@ class ContainerService:
         container = self.get(container_id)
         if container.state is not ContainerState.RUNNING:
             raise FailedPrecondition(f"container {container.id} is not running")
-        spec = json.loads((self.paths(container.id).bundle / "config.json").read_text())
+        spec = await anyio.to_thread.run_sync(read_spec, self.paths(container.id).bundle)
         process = dict(spec["process"])
         process["args"] = cmd
         process["terminal"] = False

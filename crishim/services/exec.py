@@ -8,12 +8,14 @@ and ``network.portforward``.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
+
+import anyio.to_thread
 
 from crishim.errors import FailedPrecondition, InvalidArgument
 from crishim.model import ContainerState, SandboxState
 from crishim.network.portforward import connect_in_netns
+from crishim.runtime.bundle import read_spec
 from crishim.runtime.conmon import attach_socket_path
 from crishim.runtime.conmon import resize as resize_terminal
 from crishim.runtime.exec_stream import attach, exec_pipes, exec_tty
@@ -67,7 +69,7 @@ class ExecService:
         cid = self._running(container_id)
         container = self._containers.get(cid)
         bundle = self._containers.paths(cid).bundle
-        spec = json.loads(await asyncio.to_thread((bundle / "config.json").read_text))
+        spec = await anyio.to_thread.run_sync(read_spec, bundle)
         process = {**spec["process"], "args": list(cmd)}
         runtime = self._containers.runtime_for(container.runtime_handler)
         if tty:

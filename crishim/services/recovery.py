@@ -34,6 +34,8 @@ from crishim.errors import CrishimError
 from crishim.images.snapshots.base import Snapshotter
 from crishim.network.cni import CniManager
 from crishim.network.netns import PodNamespaces, namespace_alive, remove_pod_namespaces
+from crishim.runtime.bundle import cgroups_path as bundle_cgroups_path
+from crishim.runtime.cgroups import remove_cgroup
 from crishim.runtime.conmon import find_conmons, kill_conmon
 from crishim.runtime.mounts import unmount
 from crishim.runtime.oci_runtime import OciRuntime
@@ -145,6 +147,10 @@ class Recovery:
     async def _remove_container(self, cid: str, conmons: dict[str, int]) -> None:
         await self._stop_process(cid, conmons)
         base = self._state / "containers" / cid
+        # A runtime killed in the middle of its create leaves a cgroup no runtime knows.
+        cgroup = await anyio.to_thread.run_sync(bundle_cgroups_path, base / "bundle")
+        if cgroup is not None:
+            await remove_cgroup(cgroup)
         await unmount(base / "bundle" / "rootfs")
         await anyio.to_thread.run_sync(self._snapshotter.remove, cid)
         for path in (self._state / "exits" / cid, self._state / "attach" / cid, base):

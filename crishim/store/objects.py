@@ -3,6 +3,14 @@
 The store never calls a runtime or decides anything: it adds, gets, lists, updates and
 deletes. ``update(id, fn)`` applies ``fn`` to the current record and persists the result
 with ``revision`` one higher; if ``fn`` or the write fails, the record is left unchanged.
+Writes of one object are serialised; writes of different objects go on at once (dozens
+of pods starting together must not queue behind each other's disk writes).
+
+A ``durable`` store fsyncs every write (image records: a pull is expensive to repeat).
+Sandbox and container records are not fsynced: what they describe lives in /run and dies
+with the machine, crishim reconciles them with the runtime at start, and a record lost in
+a power loss only leaves traces that recovery removes (see services/recovery.py). A
+killed crishim loses nothing either way: the kernel still holds what it wrote.
 
 Layout: ``<dir>/<id>/<kind>.json``. The directory of an object may hold other files of its
 own (owned by other layers); delete removes the whole directory.
@@ -37,12 +45,16 @@ R = TypeVar("R", bound=Record)
 class ObjectStore(Generic[R]):
     """Records of one kind, held in memory and persisted under ``directory``."""
 
-    def __init__(self, directory: Path, kind: str, model: type[R]) -> None:
+    def __init__(self, directory: Path, kind: str, model: type[R], *, durable: bool = True) -> None:
         self._dir = directory
         self._kind = kind
         self._model = model
+        self._durable = durable
         self._items: dict[str, R] = {}
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, object_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(object_id, asyncio.Lock())
 
     @property
     def kind(self) -> str:
@@ -100,7 +112,7 @@ class ObjectStore(Generic[R]):
     async def add(self, item: R) -> R:
         """Persist a new record; AlreadyExists if the id is taken."""
         object_id = item.id
-        async with self._lock:
+        async with self._lock(object_id):
             if object_id in self._items:
                 raise AlreadyExists(f"{self._kind} {object_id!r} already exists")
             await self._persist(item)
@@ -109,7 +121,7 @@ class ObjectStore(Generic[R]):
 
     async def update(self, object_id: str, change: Callable[[R], R]) -> R:
         """Apply ``change`` to the record and persist it with the next revision."""
-        async with self._lock:
+        async with self._lock(object_id):
             current = self.get(object_id)
             changed = change(current)
             updated = changed.model_copy(update={"revision": current.revision + 1})
@@ -119,12 +131,15 @@ class ObjectStore(Generic[R]):
 
     async def delete(self, object_id: str) -> None:
         """Remove the record and its directory; a missing record is not an error."""
-        async with self._lock:
+        async with self._lock(object_id):
             directory = self._path(object_id).parent
             await anyio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
             self._items.pop(object_id, None)
+        self._locks.pop(object_id, None)
 
     async def _persist(self, item: R) -> None:
         path = self._path(item.id)
         data = item.model_dump(mode="json")
-        await anyio.to_thread.run_sync(write_record, path, self._kind, data)
+        await anyio.to_thread.run_sync(
+            lambda: write_record(path, self._kind, data, sync=self._durable)
+        )

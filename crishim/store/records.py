@@ -1,9 +1,11 @@
 """Versioned JSON records written atomically.
 
 A record file is ``{"version": N, "kind": "...", "object": {...}}``. It is written to a
-temporary file in the same directory, fsynced, renamed over the final name and the directory
-fsynced, so a reader (or crishim after a crash) sees the old record or the new one, never a
-mix. ``version`` is the record format; a reader refuses versions it does not know.
+temporary file in the same directory and renamed over the final name, so a reader (or
+crishim after it was killed) sees the old record or the new one, never a mix. With
+``sync`` the file and the directory are also fsynced before and after the rename, so the
+record survives a power loss too. ``version`` is the record format; a reader refuses
+versions it does not know.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class RecordError(Exception):
     """A record file is unreadable, corrupt or of an unknown version; names the file."""
 
 
-def write_record(path: Path, kind: str, obj: dict[str, Any]) -> None:
+def write_record(path: Path, kind: str, obj: dict[str, Any], *, sync: bool = True) -> None:
     """Atomically replace ``path`` with a record of ``kind`` holding ``obj``."""
     data = json.dumps(
         {"version": RECORD_VERSION, "kind": kind, "object": obj}, separators=(",", ":")
@@ -32,7 +34,8 @@ def write_record(path: Path, kind: str, obj: dict[str, Any]) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     try:
@@ -40,7 +43,8 @@ def write_record(path: Path, kind: str, obj: dict[str, Any]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -63,6 +63,13 @@ class BackgroundTasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    async def drain(self, timeout: float) -> None:
+        """Let the tasks finish for up to ``timeout`` seconds, then cancel the rest."""
+        tasks = list(self._tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        await self.close()
+
     async def close(self) -> None:
         """Cancel every task and wait until all have ended."""
         tasks = list(self._tasks)

@@ -1,296 +1,187 @@
-"""Benchmark: pod and container lifecycle latency, and memory per pod.
+"""Benchmark: pod and container lifecycle, step by step, crishim against containerd.
 
-Like critest's benchmark mode, each step is timed on its own through crishim's CRI socket:
-RunPodSandbox, StopPodSandbox, RemovePodSandbox for the pod lifecycle; CreateContainer,
-StartContainer, StopContainer, RemoveContainer for the container lifecycle (in one pod).
-For scale, the same container is run directly with ``runc run -d`` + kill + delete.
-Memory: crishim's RSS and conmon's RSS per container with 10 and 50 pods of one
-container each.
+Like critest's benchmark mode, each step is timed on its own through the CRI socket, one
+call at a time: RunPodSandbox, StopPodSandbox, RemovePodSandbox (a pod on the CNI
+network); CreateContainer, StartContainer, StopContainer, RemoveContainer (a busybox in
+one pod). The runtimes alternate in rounds (crishim first in even rounds, containerd in
+odd ones), so both see the same machine; the ratio of their medians is what counts.
+Memory: the runtime's own RSS and that of its per-container helpers (conmons for crishim,
+shims for containerd) with 10 and 50 pods of one container each.
 
-Run: ``python -m tests.bench.bench_lifecycle [--rounds 20] [--runtime runc|crun]``
+Run: ``python -m tests.bench.bench_lifecycle [--rounds 20] [--batches 2] [--runtime runc]``
+(``--only crishim`` skips containerd.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
-import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 
 from grpclib.client import Channel
 
 from crishim.api import v1
-from tests.rig.bundle import make_bundle
-from tests.rig.crishim_proc import CrishimProcess
-from tests.rig.oci_image import busybox_image, push
+from tests.bench.bench_concurrent import container_config, pod_config, prepare
+from tests.bench.runtimes import Containerd, Crishim, push_images
 from tests.rig.registry import Registry
 
-BRIDGE = "crishim-bn0"
-SUBNET = "10.88.216.0/24"
+Runtime = Crishim | Containerd
+Samples = dict[str, list[float]]
+POD_STEPS = ["pod: run", "pod: stop", "pod: remove"]
+CONTAINER_STEPS = ["container: create", "container: start", "container: stop", "container: remove"]
 
 
-def conflist(ipam_dir: Path) -> str:
-    return json.dumps(
-        {
-            "cniVersion": "1.0.0",
-            "name": "crishim-bench",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": BRIDGE,
-                    "isGateway": False,
-                    "ipMasq": False,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": SUBNET}]],
-                        "dataDir": str(ipam_dir),
-                    },
-                },
-                {"type": "loopback"},
-            ],
-        }
-    )
-
-
-def pod_config(name: str, logs: Path) -> v1.PodSandboxConfig:
-    uid = str(uuid.uuid4())
-    return v1.PodSandboxConfig(
-        metadata=v1.PodSandboxMetadata(name=name, uid=uid, namespace="bench", attempt=0),
-        hostname=name,
-        log_directory=str(logs / uid),
-        linux=v1.LinuxPodSandboxConfig(
-            security_context=v1.LinuxSandboxSecurityContext(
-                namespace_options=v1.NamespaceOption(
-                    network=v1.NamespaceMode.POD,
-                    pid=v1.NamespaceMode.CONTAINER,
-                    ipc=v1.NamespaceMode.POD,
-                )
-            )
-        ),
-    )
-
-
-def container_config(name: str, image: str) -> v1.ContainerConfig:
-    return v1.ContainerConfig(
-        metadata=v1.ContainerMetadata(name=name),
-        image=v1.ImageSpec(image=image),
-        command=["sleep", "3600"],
-        log_path=f"{name}.log",
-    )
-
-
-async def timed(samples: dict[str, list[float]], key: str, call: Awaitable[object]) -> object:
+async def timed(samples: Samples, key: str, call: Awaitable[object]) -> object:
     start = time.perf_counter()
     result = await call
     samples.setdefault(key, []).append((time.perf_counter() - start) * 1000)
     return result
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def conmon_rss_kib(root_marker: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"conmon .*{root_marker}"], capture_output=True, text=True)
-    return [rss_kib(int(p)) for p in out.stdout.split()]
-
-
 async def lifecycle(
-    proc: CrishimProcess, image: str, rounds: int, logs: Path
-) -> dict[str, list[float]]:
-    channel = Channel(path=str(proc.socket))
-    runtime = v1.RuntimeServiceStub(channel)
-    samples: dict[str, list[float]] = {}
+    runtime: Runtime, image: str, rounds: int, logs: Path, samples: Samples
+) -> None:
+    channel = Channel(path=str(runtime.socket))
+    cri = v1.RuntimeServiceStub(channel)
     try:
         for i in range(rounds):
             config = pod_config(f"pod-{i}", logs)
             reply = await timed(
-                samples,
-                "pod: run",
-                runtime.run_pod_sandbox(v1.RunPodSandboxRequest(config=config)),
+                samples, "pod: run", cri.run_pod_sandbox(v1.RunPodSandboxRequest(config=config))
             )
             pod_id = reply.pod_sandbox_id  # type: ignore[attr-defined]
-            await timed(
-                samples,
-                "pod: stop",
-                runtime.stop_pod_sandbox(v1.StopPodSandboxRequest(pod_sandbox_id=pod_id)),
-            )
-            await timed(
-                samples,
-                "pod: remove",
-                runtime.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id=pod_id)),
-            )
+            stop = v1.StopPodSandboxRequest(pod_sandbox_id=pod_id)
+            await timed(samples, "pod: stop", cri.stop_pod_sandbox(stop))
+            remove = v1.RemovePodSandboxRequest(pod_sandbox_id=pod_id)
+            await timed(samples, "pod: remove", cri.remove_pod_sandbox(remove))
         config = pod_config("ctr-pod", logs)
-        pod_id = (
-            await runtime.run_pod_sandbox(v1.RunPodSandboxRequest(config=config))
-        ).pod_sandbox_id
-        for i in range(rounds):
-            ctr = container_config(f"c{i}", image)
-            made = await timed(
-                samples,
-                "container: create",
-                runtime.create_container(
-                    v1.CreateContainerRequest(
-                        pod_sandbox_id=pod_id, config=ctr, sandbox_config=config
-                    )
-                ),
+        pod_id = (await cri.run_pod_sandbox(v1.RunPodSandboxRequest(config=config))).pod_sandbox_id
+        for _ in range(rounds):
+            create = v1.CreateContainerRequest(
+                pod_sandbox_id=pod_id, config=container_config(image), sandbox_config=config
             )
+            made = await timed(samples, "container: create", cri.create_container(create))
             cid = made.container_id  # type: ignore[attr-defined]
-            await timed(
-                samples,
-                "container: start",
-                runtime.start_container(v1.StartContainerRequest(container_id=cid)),
-            )
-            await timed(
-                samples,
-                "container: stop",
-                runtime.stop_container(v1.StopContainerRequest(container_id=cid, timeout=0)),
-            )
-            await timed(
-                samples,
-                "container: remove",
-                runtime.remove_container(v1.RemoveContainerRequest(container_id=cid)),
-            )
-        await runtime.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+            start = v1.StartContainerRequest(container_id=cid)
+            await timed(samples, "container: start", cri.start_container(start))
+            stop_ctr = v1.StopContainerRequest(container_id=cid, timeout=0)
+            await timed(samples, "container: stop", cri.stop_container(stop_ctr))
+            remove_ctr = v1.RemoveContainerRequest(container_id=cid)
+            await timed(samples, "container: remove", cri.remove_container(remove_ctr))
+        await cri.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
     finally:
         channel.close()
-    return samples
 
 
-async def memory(proc: CrishimProcess, image: str, pods: int, logs: Path) -> tuple[int, float]:
-    """crishim RSS (KiB) and mean conmon RSS per container (KiB) with ``pods`` pods running."""
-    channel = Channel(path=str(proc.socket))
-    runtime = v1.RuntimeServiceStub(channel)
+async def memory(runtime: Runtime, image: str, pods: int, logs: Path) -> tuple[int, int]:
+    """(the runtime's RSS, its helpers' RSS), KiB, with ``pods`` pods of one container."""
+    channel = Channel(path=str(runtime.socket))
+    cri = v1.RuntimeServiceStub(channel)
     ids = []
     try:
         for i in range(pods):
             config = pod_config(f"mem-{pods}-{i}", logs)
             pod_id = (
-                await runtime.run_pod_sandbox(v1.RunPodSandboxRequest(config=config))
+                await cri.run_pod_sandbox(v1.RunPodSandboxRequest(config=config))
             ).pod_sandbox_id
             ids.append(pod_id)
-            cid = (
-                await runtime.create_container(
-                    v1.CreateContainerRequest(
-                        pod_sandbox_id=pod_id,
-                        config=container_config("app", image),
-                        sandbox_config=config,
-                    )
-                )
-            ).container_id
-            await runtime.start_container(v1.StartContainerRequest(container_id=cid))
+            create = v1.CreateContainerRequest(
+                pod_sandbox_id=pod_id, config=container_config(image), sandbox_config=config
+            )
+            cid = (await cri.create_container(create)).container_id
+            await cri.start_container(v1.StartContainerRequest(container_id=cid))
         await asyncio.sleep(1)
-        assert proc.proc is not None
-        conmons = conmon_rss_kib(str(proc.state))
-        return rss_kib(proc.proc.pid), statistics.mean(conmons) if conmons else 0.0
+        return runtime.memory_kib()
     finally:
         for pod_id in ids:
-            await runtime.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
+            await cri.stop_pod_sandbox(v1.StopPodSandboxRequest(pod_sandbox_id=pod_id))
+            await cri.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id=pod_id))
         channel.close()
 
 
-async def pull(socket: Path, ref: str) -> None:
-    """PullImage through crishim's socket."""
-    channel = Channel(path=str(socket))
-    try:
-        await v1.ImageServiceStub(channel).pull_image(
-            v1.PullImageRequest(image=v1.ImageSpec(image=ref))
-        )
-    finally:
-        channel.close()
+def line(name: str, ours: list[float], theirs: list[float] | None) -> str:
+    text = f"{name:<20} crishim {statistics.median(ours):7.1f} ms"
+    if theirs:
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        text += f"   containerd {statistics.median(theirs):7.1f} ms   ratio {ratio:5.2f}"
+    return text
 
 
-def raw_runc(base: Path, rounds: int) -> list[float]:
-    """`runc run -d` + kill + delete of the same busybox, as a floor."""
-    bundle = make_bundle(base / "raw", ["sleep", "3600"])
-    times = []
-    for i in range(rounds):
-        cid = f"crishim-bench-raw-{i}"
-        start = time.perf_counter()
-        subprocess.run(
-            ["runc", "--root", str(base / "runc-root"), "run", "-d", "--bundle", str(bundle), cid],
-            check=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        subprocess.run(["runc", "--root", str(base / "runc-root"), "kill", cid, "KILL"], check=True)
-        while (
-            json.loads(
-                subprocess.run(
-                    ["runc", "--root", str(base / "runc-root"), "state", cid],
-                    capture_output=True,
-                    check=True,
-                ).stdout
-            )["status"]
-            != "stopped"
-        ):
-            time.sleep(0.005)
-        subprocess.run(["runc", "--root", str(base / "runc-root"), "delete", cid], check=True)
-        times.append((time.perf_counter() - start) * 1000)
-    return times
-
-
-def line(name: str, values: list[float]) -> str:
-    ordered = sorted(values)
-    p95 = ordered[max(0, int(len(ordered) * 0.95) - 1)]
-    return f"{name:<20} median {statistics.median(ordered):7.1f} ms   p95 {p95:7.1f} ms"
+def totals(samples: Samples, steps: list[str]) -> list[float]:
+    return [sum(v) for v in zip(*(samples[k] for k in steps), strict=True)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="pod/container lifecycle benchmark")
-    parser.add_argument("--rounds", type=int, default=20)
+    parser = argparse.ArgumentParser(description="pod/container lifecycle, side by side")
+    parser.add_argument("--rounds", type=int, default=20, help="lifecycles per batch")
+    parser.add_argument("--batches", type=int, default=2, help="alternating batches each")
     parser.add_argument("--runtime", default="runc", choices=["runc", "crun"])
+    parser.add_argument("--only", choices=["crishim"], help="measure crishim alone")
+    parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
     with Registry() as registry, tempfile.TemporaryDirectory(prefix="crishim-bench-") as tmp:
         base = Path(tmp)
-        image = busybox_image()
-        push(registry.url, "bench/busybox", "1", image)
-        ref = f"{registry.host}/bench/busybox:1"
-        (base / "ipam").mkdir()
-        proc = CrishimProcess(
-            base / "crishim",
-            config=f'default_runtime = "{args.runtime}"\n',
-        )
-        proc.cni_conf_dir.mkdir(parents=True)
-        (proc.cni_conf_dir / "10-bench.conflist").write_text(conflist(base / "ipam"))
-        proc.start()
+        images = push_images(registry)
+        runtimes: list[Runtime] = [Crishim(base, args.runtime)]
+        if args.only is None:
+            if not Containerd.available():
+                raise SystemExit("containerd is not installed (apt-get install containerd)")
+            runtimes.append(Containerd(base, registry.host, images.pause))
+        samples: dict[str, Samples] = {r.name: {} for r in runtimes}
+        mem: dict[str, list[tuple[int, int, int]]] = {r.name: [] for r in runtimes}
         try:
-            asyncio.run(pull(proc.socket, ref))
-            samples = asyncio.run(lifecycle(proc, ref, args.rounds, base / "logs"))
-            mem10 = asyncio.run(memory(proc, ref, 10, base / "logs"))
-            mem50 = asyncio.run(memory(proc, ref, 50, base / "logs"))
+            for runtime in runtimes:
+                runtime.start()
+                asyncio.run(prepare(runtime, images.busybox))
+            for batch in range(args.batches):
+                order = runtimes if batch % 2 == 0 else runtimes[::-1]
+                for runtime in order:
+                    asyncio.run(
+                        lifecycle(
+                            runtime,
+                            images.busybox,
+                            args.rounds,
+                            base / "logs",
+                            samples[runtime.name],
+                        )
+                    )
+            if not args.no_memory:
+                for runtime in runtimes:
+                    for pods in (10, 50):
+                        own, helpers = asyncio.run(
+                            memory(runtime, images.busybox, pods, base / "logs")
+                        )
+                        mem[runtime.name].append((pods, own, helpers))
         finally:
-            proc.terminate()
-            proc.unmount_all()
-            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
-        raw = raw_runc(base, args.rounds)
-    print(f"runtime {args.runtime}, {args.rounds} rounds each")
-    for key, values in samples.items():
-        print(line(key, values))
-    pod_total = [
-        sum(v)
-        for v in zip(samples["pod: run"], samples["pod: stop"], samples["pod: remove"], strict=True)
-    ]
-    ctr_keys = ["container: create", "container: start", "container: stop", "container: remove"]
-    ctr_total = [sum(v) for v in zip(*(samples[k] for k in ctr_keys), strict=True)]
-    print(line("pod lifecycle", pod_total))
-    print(line("container lifecycle", ctr_total))
-    print(line("raw runc run/kill/rm", raw))
-    for pods, (crishim_kib, conmon_kib) in ((10, mem10), (50, mem50)):
-        print(
-            f"memory with {pods} pods: crishim RSS {crishim_kib / 1024:.1f} MiB, "
-            f"conmon {conmon_kib / 1024:.2f} MiB per container"
+            for runtime in runtimes:
+                runtime.stop()
+    ours = samples["crishim"]
+    theirs = samples.get("containerd")
+    print(f"{args.runtime}, {args.batches} batches x {args.rounds} rounds, medians:")
+    for key in [*POD_STEPS, *CONTAINER_STEPS]:
+        print(line(key, ours[key], theirs[key] if theirs else None))
+    print(
+        line(
+            "pod lifecycle", totals(ours, POD_STEPS), totals(theirs, POD_STEPS) if theirs else None
         )
+    )
+    print(
+        line(
+            "container lifecycle",
+            totals(ours, CONTAINER_STEPS),
+            totals(theirs, CONTAINER_STEPS) if theirs else None,
+        )
+    )
+    for name, rows in mem.items():
+        for pods, own, helpers in rows:
+            print(
+                f"memory {name:<10} {pods:>3} pods: own RSS {own / 1024:6.1f} MiB, helpers "
+                f"{helpers / 1024:6.1f} MiB, total {(own + helpers) / 1024:6.1f} MiB"
+            )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Benchmark: crishim's CPU cost under kubelet-like polling with many pods.
+"""Benchmark: CPU cost under kubelet-like polling with many pods, crishim and containerd.
 
 Starts N pods (default 100) of one container each, then for a measured period polls the
 way kubelet does in steady state: ListPodSandbox + ListContainers every second, and every
-10 s ListContainerStats, ListPodSandboxStats and ImageFsInfo. Reports crishim's CPU
-seconds (user + system, from /proc) per minute and as a share of one core.
+10 s ListContainerStats, ListPodSandboxStats and ImageFsInfo. Reports the CPU seconds
+(user + system, from /proc) per minute of the runtime and of its per-container helpers
+(conmons; containerd's shims), and as a share of one core. containerd goes second when
+installed (``--only crishim`` skips it).
 
 Run: ``python -m tests.bench.bench_steady [--pods 100] [--seconds 60]``
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -21,18 +22,35 @@ from pathlib import Path
 from grpclib.client import Channel
 
 from crishim.api import v1
-from tests.bench.bench_lifecycle import BRIDGE, conflist, container_config, pod_config, pull
-from tests.rig.crishim_proc import CrishimProcess
-from tests.rig.oci_image import busybox_image, push
+from tests.bench.bench_concurrent import container_config, pod_config, prepare
+from tests.bench.runtimes import Containerd, Crishim, pids_whose_cmdline_has, push_images
 from tests.rig.registry import Registry
+
+Runtime = Crishim | Containerd
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU time of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def helper_pids(runtime: Runtime) -> list[int]:
+    """The runtime's per-container helpers: conmons, or containerd's shims."""
+    if isinstance(runtime, Crishim):
+        return pids_whose_cmdline_has(str(runtime.proc.state), "conmon")
+    return pids_whose_cmdline_has(str(runtime.base), "containerd-shim")
+
+
+def runtime_pid(runtime: Runtime) -> int:
+    process = runtime.proc.proc if isinstance(runtime, Crishim) else runtime.proc
+    assert process is not None
+    return process.pid
 
 
 async def start_pods(socket: Path, image: str, pods: int, logs: Path) -> list[str]:
@@ -49,7 +67,7 @@ async def start_pods(socket: Path, image: str, pods: int, logs: Path) -> list[st
                 await runtime.create_container(
                     v1.CreateContainerRequest(
                         pod_sandbox_id=pod_id,
-                        config=container_config("app", image),
+                        config=container_config(image),
                         sandbox_config=config,
                     )
                 )
@@ -96,44 +114,49 @@ async def remove_pods(socket: Path, ids: list[str]) -> None:
         channel.close()
 
 
+def measure(runtime: Runtime, image: str, pods: int, seconds: float, logs: Path) -> str:
+    asyncio.run(prepare(runtime, image))
+    started = time.monotonic()
+    ids = asyncio.run(start_pods(runtime.socket, image, pods, logs))
+    took = time.monotonic() - started
+    helpers = helper_pids(runtime)
+    own_before = cpu_seconds(runtime_pid(runtime))
+    helpers_before = sum(cpu_seconds(p) for p in helpers)
+    wall = time.monotonic()
+    calls = asyncio.run(poll(runtime.socket, seconds))
+    elapsed = time.monotonic() - wall
+    own = (cpu_seconds(runtime_pid(runtime)) - own_before) / elapsed * 60
+    helper = (sum(cpu_seconds(p) for p in helpers) - helpers_before) / elapsed * 60
+    asyncio.run(remove_pods(runtime.socket, ids))
+    return (
+        f"{runtime.name:<10} {len(ids)} pods started one by one in {took:.1f} s; {calls} RPCs "
+        f"in {elapsed:.0f} s; CPU s per minute: own {own:.2f} ({own / 60 * 100:.1f} % of a "
+        f"core), helpers {helper:.2f}, total {(own + helper) / 60 * 100:.1f} % of a core"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="steady-state CPU benchmark")
     parser.add_argument("--pods", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--only", choices=["crishim"], help="measure crishim alone")
     args = parser.parse_args()
     with Registry() as registry, tempfile.TemporaryDirectory(prefix="crishim-bench-") as tmp:
         base = Path(tmp)
-        push(registry.url, "bench/busybox", "1", busybox_image())
-        ref = f"{registry.host}/bench/busybox:1"
-        (base / "ipam").mkdir()
-        proc = CrishimProcess(base / "crishim", config='log_level = "info"\n')
-        proc.cni_conf_dir.mkdir(parents=True)
-        (proc.cni_conf_dir / "10-bench.conflist").write_text(conflist(base / "ipam"))
-        proc.start()
-        try:
-            asyncio.run(pull(proc.socket, ref))
-            started = time.monotonic()
-            ids = asyncio.run(start_pods(proc.socket, ref, args.pods, base / "logs"))
-            print(
-                f"{len(ids)} pods with one container each started in "
-                f"{time.monotonic() - started:.1f} s"
-            )
-            assert proc.proc is not None
-            before = cpu_seconds(proc.proc.pid)
-            wall = time.monotonic()
-            calls = asyncio.run(poll(proc.socket, args.seconds))
-            used = cpu_seconds(proc.proc.pid) - before
-            elapsed = time.monotonic() - wall
-            asyncio.run(remove_pods(proc.socket, ids))
-        finally:
-            proc.terminate()
-            proc.unmount_all()
-            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
-    per_minute = used / elapsed * 60
-    print(
-        f"{calls} RPCs in {elapsed:.0f} s; crishim used {used:.2f} CPU s: "
-        f"{per_minute:.2f} CPU s per minute = {per_minute / 60 * 100:.1f} % of one core"
-    )
+        images = push_images(registry)
+        runtimes: list[Runtime] = [Crishim(base)]
+        if args.only is None and Containerd.available():
+            runtimes.append(Containerd(base, registry.host, images.pause))
+        reports = []
+        for runtime in runtimes:
+            runtime.start()
+            try:
+                reports.append(
+                    measure(runtime, images.busybox, args.pods, args.seconds, base / "logs")
+                )
+            finally:
+                runtime.stop()
+    print("\n".join(reports))
 
 
 if __name__ == "__main__":

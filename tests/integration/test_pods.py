@@ -517,6 +517,47 @@ async def test_update_container_resources(rig: PodRig) -> None:
     assert inside == f"{64 * 1024 * 1024}\n"
 
 
+async def test_the_runtime_hears_of_a_container_at_its_start(rig: PodRig) -> None:
+    pod = await rig.run_pod("deferred")
+    cid = await rig.create_container(pod, "main", SLEEP)
+    runtime_root = str(rig.proc.state / "runtimes" / rig.runtime_name)
+    assert cid not in run(rig.runtime_name, "--root", runtime_root, "list")
+    # Limits set between create and start (kubelet's CPU manager does) are kept.
+    await rig.runtime.update_container_resources(
+        v1.UpdateContainerResourcesRequest(
+            container_id=cid,
+            linux=v1.LinuxContainerResources(cpu_period=100000, cpu_quota=30000),
+        )
+    )
+    # Stopping a container that never started leaves it created (as on containerd).
+    await rig.runtime.stop_container(v1.StopContainerRequest(container_id=cid, timeout=0))
+    assert (await rig.status(cid)).state == v1.ContainerState.CONTAINER_CREATED
+    await rig.runtime.start_container(v1.StartContainerRequest(container_id=cid))
+    assert cid in run(rig.runtime_name, "--root", runtime_root, "list")
+    pid = await container_pid(rig, cid)
+    assert int(host_cgroup_file(pid, "cpu", "cpu.cfs_quota_us").read_text()) == 30000
+    # A created container that is removed never reaches the runtime.
+    other = await rig.create_container(pod, "never-started", SLEEP)
+    await rig.runtime.remove_container(v1.RemoveContainerRequest(container_id=other))
+    assert await containers_matching(rig, v1.ContainerFilter(pod_sandbox_id=pod)) == {cid}
+
+
+async def test_a_failed_start_leaves_the_container_exited_with_start_error(rig: PodRig) -> None:
+    pod = await rig.run_pod("start-error")
+    cid = await rig.create_container(pod, "main", ["/no/such/program"])
+    error = await grpc_error(
+        rig, rig.runtime.start_container(v1.StartContainerRequest(container_id=cid))
+    )
+    assert "/no/such/program" in (error.message or ""), error
+    status = await rig.status(cid)
+    assert status.state == v1.ContainerState.CONTAINER_EXITED, rig.log_tail()
+    assert (status.reason, status.exit_code) == ("StartError", 128)
+    assert "/no/such/program" in status.message
+    runtime_root = str(rig.proc.state / "runtimes" / rig.runtime_name)
+    assert cid not in run(rig.runtime_name, "--root", runtime_root, "list")
+    await rig.runtime.remove_container(v1.RemoveContainerRequest(container_id=cid))
+
+
 async def test_reopen_container_log(rig: PodRig) -> None:
     pod = await rig.run_pod("reopen")
     cid = await rig.start_container(pod, "main", TICKER)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,21 @@ def test_a_corrupt_record_is_set_aside_not_fatal(tmp_path: Path) -> None:
     assert "bad/sandbox.json" in problems[0]
     assert [s.id for s in store.list()] == ["good"]
     assert (tmp_path / "bad" / "sandbox.json.corrupt").exists()
+
+
+@pytest.mark.parametrize("durable", [True, False])
+async def test_concurrent_updates_of_one_object_lose_nothing(tmp_path: Path, durable: bool) -> None:
+    store = ObjectStore(tmp_path, "sandbox", Sandbox, durable=durable)
+    await store.add(make("a"))
+    await store.add(make("b"))
+
+    def relabel(name: str) -> Callable[[Sandbox], Sandbox]:
+        return lambda s: s.model_copy(update={"labels": {**s.labels, name: "x"}})
+
+    updates = [store.update(sid, relabel(f"l{i}")) for i in range(20) for sid in ("a", "b")]
+    await asyncio.gather(*updates)
+    again = ObjectStore(tmp_path, "sandbox", Sandbox)
+    assert again.load() == []
+    for sid in ("a", "b"):
+        assert again.get(sid).revision == 20
+        assert sorted(again.get(sid).labels) == sorted(f"l{i}" for i in range(20))

@@ -181,6 +181,19 @@ def test_close_cancels_the_background_tasks(
     assert run(loop_factory, main())
 
 
+def test_drain_lets_quick_tasks_finish_and_cancels_the_slow(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    async def main() -> tuple[bool, bool]:
+        tasks = BackgroundTasks()
+        quick = tasks.spawn(asyncio.sleep(0.01), "quick")
+        slow = tasks.spawn(asyncio.sleep(3600), "slow")
+        await tasks.drain(0.2)
+        return quick.cancelled(), slow.cancelled()
+
+    assert run(loop_factory, main()) == (False, True)
+
+
 def test_shared_work_outlives_a_cancelled_caller_and_its_failure_is_logged(
     loop_factory: type[asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,14 +8,14 @@ container that uses them.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 from pathlib import Path
 
-from crishim.errors import ConfigError
+from crishim.errors import ConfigError, FailedPrecondition
 from crishim.images.snapshots.base import Mount, Snapshotter
 from crishim.images.unpack import LayerResult, WhiteoutStyle, apply_layer
+from crishim.util import proc
 
 __all__ = ["OverlaySnapshotter", "overlay_supported", "probe_overlay_mount"]
 
@@ -91,15 +91,9 @@ async def probe_overlay_mount(parent: Path) -> str:
 
 async def _run(*argv: str) -> str:
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except OSError as exc:
-        return f"{argv[0]}: {exc.strerror}"
-    _, err = await proc.communicate()
-    if proc.returncode:
-        return err.decode(errors="replace").strip() or f"{argv[0]} exited {proc.returncode}"
+        done = await proc.run(argv, what="the overlay mount probe")
+    except FailedPrecondition as exc:
+        return str(exc)
+    if done.returncode:
+        return done.stderr.decode(errors="replace").strip() or f"{argv[0]} exited {done.returncode}"
     return ""
