@@ -155,8 +155,11 @@ class OciRuntime:
 
     @staticmethod
     def _is_not_running(message: str) -> bool:
-        # runc: "container not running"; crun: "kill container: No such process".
-        return "not running" in message or "No such process" in message
+        # runc: "container not running"; crun: "kill container: No such process". runc 1.1
+        # under --systemd-cgroup on a v1 host, once the container exited and systemd removed
+        # its scope: "lstat /sys/fs/cgroup/devices/<slice>/<scope>: no such file or directory".
+        cgroup_gone = "/sys/fs/cgroup/" in message and "no such file or directory" in message
+        return "not running" in message or "No such process" in message or cgroup_gone
 
     @property
     def what(self) -> str:

@@ -5,9 +5,10 @@ pids), stop a unit, set properties of a unit at run time, and reset a failed uni
 call that queues a job waits for the job's ``JobRemoved`` signal, so when it returns the
 unit is in place (or gone) and its cgroup exists (or not).
 
-The connection: systemd's private socket (``/run/systemd/private``, root only, needs no
-dbus-daemon) when it takes a client that says Hello, else the system bus; made on first
-use and made again after systemd or the bus went away (``daemon-reexec``). The library is
+The connection: the system bus, else systemd's private socket (``/run/systemd/private``,
+root only, for nodes without dbus-daemon; systemd does not reliably answer the Hello a bus
+client sends there first); made on first use and made again after systemd or the bus went
+away (``daemon-reexec``). The library is
 dbus-fast (asyncio, maintained, used by Home Assistant); the wire format stays behind this
 module.
 
@@ -40,6 +41,9 @@ PRIVATE_SOCKET = "/run/systemd/private"
 # How long a queued job may take; systemd's own default start timeout is longer, but a scope
 # or a property change is done in milliseconds unless systemd is stuck.
 JOB_TIMEOUT = 30.0
+# How long connecting may take. systemd's own socket does not always answer the Hello every
+# bus client sends first (dbus-fast cannot skip it), so that one is only the fallback.
+CONNECT_TIMEOUT = 5.0
 # Results of jobs nobody waits for (yet): the signal can arrive before the reply is read.
 _KEPT_RESULTS = 512
 _JOB_REMOVED_RULE = (
@@ -187,21 +191,21 @@ class SystemdManager:
 
     async def _connect(self) -> MessageBus:
         problems: list[str] = []
+        try:
+            return await self._subscribe(MessageBus(bus_type=BusType.SYSTEM), direct=False)
+        except Exception as exc:
+            problems.append(f"system bus: {exc!r}")
         if os.geteuid() == 0 and os.path.exists(self._private_socket):
             try:
                 return await self._subscribe(
                     MessageBus(bus_address=f"unix:path={self._private_socket}"), direct=True
                 )
-            except (OSError, Exception) as exc:
-                problems.append(f"{self._private_socket}: {exc}")
-        try:
-            return await self._subscribe(MessageBus(bus_type=BusType.SYSTEM), direct=False)
-        except (OSError, Exception) as exc:
-            problems.append(f"system bus: {exc}")
+            except Exception as exc:
+                problems.append(f"{self._private_socket}: {exc!r}")
         raise Unavailable("cannot reach systemd over D-Bus: " + "; ".join(problems))
 
     async def _subscribe(self, bus: MessageBus, *, direct: bool) -> MessageBus:
-        await asyncio.wait_for(bus.connect(), JOB_TIMEOUT)
+        await asyncio.wait_for(bus.connect(), CONNECT_TIMEOUT)
         try:
             bus.add_message_handler(self._on_message)
             if not direct:

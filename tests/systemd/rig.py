@@ -74,7 +74,7 @@ class SystemdRig:
         return self.cri.runtime
 
     def journal(self) -> str:
-        return "\n--- crishim.service journal ---\n" + self.bed.journal()
+        return "\n--- crishim.service journal ---\n" + self.bed.journal(lines=300)
 
     # -- kubelet's part --
 
@@ -315,7 +315,8 @@ async def srig_fixture(systemd_rig: SystemdRig) -> AsyncIterator[SystemdRig]:
             await systemd_rig.wait_serving()
         await asyncio.wait_for(systemd_rig.remove_all_pods(), 60)
         await asyncio.to_thread(systemd_rig.remove_slices)
-    deadline = time.monotonic() + 5
+    # RemoveContainer releases what a container leaves in the background: a moment.
+    deadline = time.monotonic() + 10
     left = systemd_rig.leftovers()
     while left and time.monotonic() < deadline:
         await asyncio.sleep(0.2)

@@ -96,6 +96,17 @@ async def test_containers_are_scopes_in_the_pods_slice_with_their_limits(
     assert units.strip() == ""
 
 
+@pytest.mark.parametrize("handler", RUNTIMES)
+async def test_stopping_a_pod_whose_container_just_exited(srig: SystemdRig, handler: str) -> None:
+    # systemd removes the scope as soon as the container exits, before crishim notices.
+    pod, _ = await srig.run_pod(f"exited-{handler}", handler)
+    cid = await srig.start_container(pod, "brief", ["true"])
+    await srig.runtime.stop_pod_sandbox(v1.StopPodSandboxRequest(pod_sandbox_id=pod))
+    status = await srig.status(cid)
+    assert status.state == v1.ContainerState.CONTAINER_EXITED
+    assert status.exit_code in (0, 137)  # 137: stopped before it ran
+
+
 async def test_pod_resources_are_slice_properties(srig: SystemdRig) -> None:
     pod, parent = await srig.run_pod("podres", "runc")
     slice_name = parent.rsplit("/", 1)[-1]
