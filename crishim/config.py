@@ -10,6 +10,7 @@ that introduced it, the key and the problem.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +27,9 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 CgroupDriver = Literal["cgroupfs", "systemd"]
 
 
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
 class _Section(BaseModel):
     """A config table: unknown keys are errors, values are checked on assignment."""
 
@@ -34,15 +38,23 @@ class _Section(BaseModel):
 
 def _host_port(value: str) -> str:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # ASCII digits only: str.isdigit() takes "²" (int() refuses it) and "١٢" (int() reads 12).
+    if not sep or not host or not _PORT_RE.fullmatch(port) or int(port) > 65535:
         raise ValueError(f"must be host:port with a port from 0 to 65535, got {value!r}")
+    return value
+
+
+def _no_nul(value: str) -> str:
+    # The OS takes paths as C strings: a NUL would fail every call that uses one.
+    if "\0" in value:
+        raise ValueError(f"must not contain a NUL character, got {value!r}")
     return value
 
 
 def _absolute(value: str) -> str:
     if not value.startswith("/"):
         raise ValueError(f"must be an absolute path, got {value!r}")
-    return value
+    return _no_nul(value)
 
 
 def _seconds(value: object) -> object:
@@ -66,7 +78,7 @@ class RuntimeHandlerConfig(_Section):
     def _path_not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must name a binary")
-        return value
+        return _no_nul(value)
 
     @field_validator("root")
     @classmethod
@@ -264,8 +276,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
 
@@ -300,6 +314,9 @@ def load_config(main: Path | None = None, overrides: Mapping[str, Any] | None = 
     return _validate(data, "command line")
 
 
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -308,7 +325,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        # JSON's escapes are TOML's, but for two: JSON writes characters beyond the BMP as
+        # surrogate pairs, which TOML refuses, and leaves DEL raw, which TOML must escape.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot render {type(value).__name__} as TOML")
@@ -326,7 +345,10 @@ def _render_table(model: BaseModel, header: str, comments: bool, out: list[str])
             tables.append((f"{prefix}{name}", value, (value.__doc__ or "").strip()))
         elif isinstance(value, dict):
             for index, (key, item) in enumerate(value.items()):
-                tables.append((f"{prefix}{name}.{key}", item, None if index else field.description))
+                header_key = key if _BARE_KEY_RE.fullmatch(key) else _toml_value(key)
+                tables.append(
+                    (f"{prefix}{name}.{header_key}", item, None if index else field.description)
+                )
         else:
             if comments and field.description:
                 out.append(f"# {field.description}")

@@ -27,6 +27,7 @@ apply to the next pull without a restart.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+import httpx
 
 from crishim.errors import ConfigError, InvalidArgument
 
@@ -54,7 +57,11 @@ _HOST_KEYS = frozenset(
 )
 _TOP_LEVEL_KEYS = _HOST_KEYS | {"server", "host"}
 
+# Host names in ASCII; "_" too, as container networks name hosts with it.
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# RFC 9110's field-value in ASCII: visible characters, spaces and tabs only between them.
+_HEADER_VALUE_RE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
 # Go's time.ParseDuration units; both micro signs are accepted, as Go does.
 _GO_DURATION_UNITS = {
     "ns": 1e-9,
@@ -70,6 +77,8 @@ _GO_DURATION_PART = r"(\d+\.?\d*|\.\d+)({})".format(
     "|".join(sorted(_GO_DURATION_UNITS, key=len, reverse=True))  # "ms" before "m"
 )
 _GO_DURATION_RE = re.compile(f"(?:{_GO_DURATION_PART})+")
+# Go keeps a duration in an int64 of nanoseconds and refuses a longer one (~292 years).
+_GO_DURATION_MAX = (2**63 - 1) * 1e-9
 _GO_DURATION_PART_RE = re.compile(_GO_DURATION_PART)
 
 
@@ -120,8 +129,13 @@ def _host_dir(config_path: Path, domain: str) -> Path | None:
         candidates.insert(0, f"{host}_{port}_")
     for name in candidates:
         path = config_path / name
-        if path.is_dir():
-            return path
+        try:
+            if path.is_dir():
+                return path
+        except OSError as exc:
+            # A name longer than the file system allows names no folder: try the next one.
+            if exc.errno != errno.ENAMETOOLONG:
+                raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     return None
 
 
@@ -214,6 +228,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(f"{path}: not valid TOML: arrays or tables nested too deeply") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
 
@@ -324,6 +340,12 @@ class _Table:
             # A line break in a value would smuggle another header into every request.
             if any(ch in item for item in values for ch in "\r\n\0"):
                 raise self.error(key, "a header value must not contain line breaks")
+            # The HTTP client sends values as ASCII and refuses one it cannot put on the wire.
+            if not all(_HEADER_VALUE_RE.fullmatch(item) for item in values):
+                raise self.error(
+                    key,
+                    "a header value must be printable ASCII, with spaces or tabs only inside it",
+                )
             headers[name] = values
         return headers
 
@@ -345,11 +367,16 @@ class _Table:
         """A file path; relative ones are relative to the hosts.toml folder."""
         if not text:
             raise self.error(key, "empty file path")
+        if "\0" in text:
+            raise self.error(key, "a file path must not contain a NUL character")
         return os.path.abspath(os.path.join(self.file.parent, text))
 
 
 def _endpoint(text: str, *, override_path: bool) -> tuple[str, str]:
     """The normalised URL and API base of a host; ValueError names what is wrong."""
+    # urlsplit would silently drop some of them; the HTTP client refuses the others.
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise ValueError(f"a URL must not contain control characters, got {json.dumps(text)}")
     # As in containerd, a bare host[:port][/path] means HTTPS.
     parts = urlsplit(text if "://" in text else f"https://{text}")
     scheme = parts.scheme.lower()
@@ -357,6 +384,11 @@ def _endpoint(text: str, *, override_path: bool) -> tuple[str, str]:
         raise ValueError(f'unsupported URL scheme "{parts.scheme}": use http or https')
     if not parts.hostname or parts.username is not None or parts.query or parts.fragment:
         raise ValueError(f'expected scheme://host[:port][/path], got "{text}"')
+    # A DNS name or an IPv4 address; an IPv6 one ("[...]", with ":") urlsplit checks itself.
+    if ":" not in parts.hostname and not (
+        _HOST_NAME_RE.fullmatch(parts.hostname) and _idna_decodes(parts.hostname)
+    ):
+        raise ValueError(f'invalid host name "{parts.hostname}" in "{text}"')
     try:
         port = parts.port
     except ValueError as exc:
@@ -372,6 +404,15 @@ def _endpoint(text: str, *, override_path: bool) -> tuple[str, str]:
     return url, url + "/v2"
 
 
+def _idna_decodes(host: str) -> bool:
+    """Whether the HTTP client can decode the IDNA labels ("xn--...") of ``host``: it does so
+    on every request, and a malformed label makes each one fail with UnicodeError."""
+    try:
+        return bool(httpx.URL(f"http://{host}/").host)
+    except (httpx.InvalidURL, UnicodeError):
+        return False
+
+
 def _parse_go_duration(text: str) -> float | None:
     """Seconds of a non-negative Go duration ("300ms", "1m30s"), or None if invalid."""
     body = text.removeprefix("+")
@@ -379,10 +420,11 @@ def _parse_go_duration(text: str) -> float | None:
         return 0.0
     if not _GO_DURATION_RE.fullmatch(body):
         return None
-    return sum(
+    seconds = sum(
         float(number) * _GO_DURATION_UNITS[unit]
         for number, unit in _GO_DURATION_PART_RE.findall(body)
     )
+    return seconds if seconds <= _GO_DURATION_MAX else None
 
 
 def _toml_type(value: object) -> str:

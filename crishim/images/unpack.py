@@ -21,6 +21,7 @@ This is what containerd's ``archive.Apply`` does, with the image treated as host
   and are never followed while extracting.
 - ``trusted.overlay.*`` xattrs from the image are dropped: they are overlayfs' own
   bookkeeping, and in an overlay upper dir the kernel would act on them.
+- GNU sparse files (old and PAX forms) are refused, as OCI recommends not to use them.
 
 Whiteouts become overlayfs whiteouts (:attr:`WhiteoutStyle.OVERLAY`) or deletions
 (:attr:`WhiteoutStyle.DELETE`, for a target that already holds the layers below).
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, NoReturn, Protocol, Self
 
 import zstandard
 
@@ -60,6 +61,9 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: the kernel's own limit on symlinks followed in one lookup
 _MAX_SYMLINKS = 40
+#: directories below the root a lookup may hold open at once: each is a descriptor, and
+#: a layer's names (or links) could otherwise nest them until the process runs out
+_MAX_DEPTH = 256
 _COPY_CHUNK = 1 << 20
 _WHITEOUT_PREFIX = ".wh."
 _WHITEOUT_META_PREFIX = ".wh..wh."
@@ -67,6 +71,8 @@ _OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _OVERLAY_XATTR_PREFIX = "trusted.overlay."
 _PAX_XATTR_PREFIX = "SCHILY.xattr."
+#: decimal digits before the point of a PAX time that can still be a file time (int64 ns)
+_PAX_TIME_DIGITS_MAX = 18
 #: failures of the host rather than of the image: reported as Internal, not InvalidArgument
 _HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM})
 
@@ -81,10 +87,43 @@ _GZIP_INPUT_CHUNK = 256 * 1024
 _GZIP_MAX_OUTPUT = 4 * 1024 * 1024
 # tarfile reads the stream in pieces of this size (its default, 10 KiB, costs many calls).
 _TAR_BUFFER = 1 << 20
+#: headers that hold the next entry's long name or link, or PAX records; Go's archive/tar
+#: (containerd's reader) refuses them past 1 MiB too
+_EXTENDED_HEADER_TYPES = frozenset(
+    (
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+    )
+)
+_EXTENDED_HEADER_MAX = 1 << 20
+#: global PAX records a layer may set (``git archive`` writes one); each costs time on
+#: every later entry
+_GLOBAL_PAX_RECORDS_MAX = 128
+#: error messages are cut to about this many characters
+_MESSAGE_MAX = 1000
 
 
 class UnpackError(InvalidArgument):
     """The layer is damaged or hostile; the message names the entry and the problem."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_readable(message))
+
+
+def _readable(message: str) -> str:
+    """A message quoting entry names, made fit to send: names come from the layer.
+
+    A name may be a MiB long (both ends are kept: the start of the name and the problem),
+    and its bytes that are not UTF-8 are surrogate escapes, which gRPC cannot encode
+    (they are spelled out as ``\\udcNN``).
+    """
+    if len(message) > _MESSAGE_MAX:
+        half = _MESSAGE_MAX // 2
+        message = f"{message[:half]}...{message[-half:]}"
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class WhiteoutStyle(Enum):
@@ -304,17 +343,49 @@ class _StrictTarInfo(tarfile.TarInfo):
     """Tells a damaged header from the end of the archive.
 
     ``TarFile.next()`` takes any bad header after the first one for the end of the
-    archive; only an empty read or a zero block really is one.
+    archive; only an empty read or a zero block really is one. And tarfile lets the
+    ValueErrors of parsing a damaged PAX header escape as they are (a ``hdrcharset`` that
+    is not UTF-8, a record length of thousands of digits): those are damage too.
     """
 
     @classmethod
     def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
         try:
-            return super().frombuf(buf, encoding, errors)
+            info = super().frombuf(buf, encoding, errors)
         except tarfile.HeaderError as exc:
             if buf.count(0) == len(buf):
                 raise  # nothing, or zeros: the end of the archive
             raise _CorruptStream(f"bad tar header: {exc}") from exc
+        if info.type == tarfile.GNUTYPE_SPARSE:
+            _refuse_sparse(info)
+        # tarfile reads an extended header whole into memory, whatever size it declares.
+        if info.type in _EXTENDED_HEADER_TYPES and info.size > _EXTENDED_HEADER_MAX:
+            raise UnpackError(
+                f"layer holds a tar extended header of {info.size} bytes "
+                f"(at most {_EXTENDED_HEADER_MAX} are read)"
+            )
+        return info
+
+    # tarfile's hooks for the PAX forms of GNU sparse files (formats 0.0, 0.1 and 1.0),
+    # called with the entry the PAX header describes, before 1.0 reads its map.
+    def _proc_gnusparse_00(self, entry: tarfile.TarInfo, *rest: object) -> None:
+        _refuse_sparse(entry)
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(archive)
+        except ValueError as exc:  # UnicodeDecodeError is one too
+            raise _CorruptStream(f"bad extended tar header: {exc}") from exc
+
+
+def _refuse_sparse(entry: tarfile.TarInfo) -> NoReturn:
+    # OCI asks images not to use them. tarfile reads a sparse map with no bound on its
+    # length (a small compressed layer can hold billions of entries) and writes the holes
+    # out as zeros (a "file" of terabytes), so they are refused before either happens.
+    raise UnpackError(f'layer entry "{entry.name}": sparse files are not supported')
 
 
 # --- names --------------------------------------------------------------------------------
@@ -368,9 +439,14 @@ def _pax_time_ns(member: tarfile.TarInfo, key: str) -> int | None:
     if text is None:
         return None
     try:
-        return int(Decimal(text) * 1_000_000_000)
-    except (InvalidOperation, ValueError):
+        seconds = Decimal(text)
+    except InvalidOperation:
         return None
+    # Beyond any file time ("1e999999" overflows the multiplication, and int() of
+    # "1e999990" takes half a minute): left to the header's value, which is checked later.
+    if not seconds.is_finite() or seconds.adjusted() > _PAX_TIME_DIGITS_MAX:
+        return None
+    return int(seconds * 1_000_000_000)
 
 
 def _times_ns(member: tarfile.TarInfo) -> tuple[int, int]:
@@ -397,7 +473,7 @@ def _entry_error(entry: str, exc: Exception) -> Exception:
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
         if exc.errno in _HOST_ERRNOS:
-            return Internal(f'unpacking layer entry "{entry}": {exc.strerror}{where}')
+            return Internal(_readable(f'unpacking layer entry "{entry}": {exc.strerror}{where}'))
         return UnpackError(f'layer entry "{entry}": {exc.strerror or exc}{where}')
     return UnpackError(f'layer entry "{entry}": {exc}')
 
@@ -439,6 +515,12 @@ class _Extractor:
         ) as tar:
             while (member := tar.next()) is not None:
                 count += 1
+                # tarfile applies every global PAX record to every later entry, one by one.
+                if len(tar.pax_headers) > _GLOBAL_PAX_RECORDS_MAX:
+                    raise UnpackError(
+                        f"layer holds {len(tar.pax_headers)} global PAX records "
+                        f"(at most {_GLOBAL_PAX_RECORDS_MAX})"
+                    )
                 try:
                     self._apply(tar, member)
                 except (OSError, ValueError, OverflowError) as exc:
@@ -456,10 +538,12 @@ class _Extractor:
         parts = _clean(entry, entry, "path")
         if not parts:
             log.debug('layer entry "%s" ignored: it names the root', entry)
+            _skip_data(tar, member)
             return
         base = parts[-1]
         if base.startswith(_WHITEOUT_PREFIX):
             self._whiteout(parts, entry)
+            _skip_data(tar, member)
             return
         if member.islnk():
             self._hardlink(parts, member)
@@ -711,6 +795,11 @@ class _Extractor:
                     return None
                 if isinstance(step, int):
                     stack.append((step, name))
+                    if len(stack) > _MAX_DEPTH:
+                        raise UnpackError(
+                            f'layer entry "{entry}": path is nested deeper than '
+                            f"{_MAX_DEPTH} directories"
+                        )
                     continue
                 links += 1
                 if links > _MAX_SYMLINKS:
@@ -780,6 +869,20 @@ class _Extractor:
             if final:
                 return found
         return None
+
+
+def _skip_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    """Read past the data of a regular entry that is not extracted.
+
+    tarfile would skip it itself, but in a stream its seek reads block after block for
+    the whole declared size even once the stream has ended: an entry declaring 2**62
+    bytes would never finish. Read here, a missing end is a ReadError at once.
+    """
+    if member.isreg() and member.size:
+        source = tar.extractfile(member)
+        assert source is not None  # always a file object for a regular entry
+        while source.read(_COPY_CHUNK):
+            pass
 
 
 def _lookup_in_lower(lower_fd: int, where: Parts) -> tuple[_LowerEntry | None, bool]:

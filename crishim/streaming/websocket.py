@@ -127,7 +127,9 @@ def encode_frame(
 
 def encode_close(code: int, reason: str = "") -> bytes:
     """A CLOSE frame with a status code and a reason (cut to fit 125 bytes)."""
-    raw_reason = reason.encode()[:123]
+    # Cut at a character boundary: the peer fails the connection on a reason that is not
+    # UTF-8 (RFC 6455 §5.5.1), and only the character cut in two can be invalid here.
+    raw_reason = reason.encode()[:123].decode("utf-8", "ignore").encode()
     return encode_frame(Opcode.CLOSE, struct.pack(">H", code) + raw_reason)
 
 

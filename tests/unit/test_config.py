@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from crishim.config import Config, load_config, render_config
+from crishim.config import Config, RuntimeHandlerConfig, load_config, render_config
 from crishim.errors import ConfigError
 
 
@@ -86,9 +86,15 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
     [
         ('log_level = "loud"', "log_level: Input should be 'debug', 'info', 'warning' or 'error'"),
         ('root = "relative/dir"', "root: must be an absolute path, got 'relative/dir'"),
+        ('socket = "/run/\\u0000.sock"', "socket: must not contain a NUL character"),
+        ('[runtimes.runc]\npath = "runc\\u0000"', "runtimes.runc.path: must not contain a NUL"),
+        ('[cni]\nbin_dirs = ["/a", "/\\u0000"]', "cni.bin_dirs: must not contain a NUL"),
         ('default_runtime = "nope"', "default_runtime 'nope' is not a configured runtime"),
         ("[cni]\nbin_dirs = []", "cni.bin_dirs: must name at least one directory"),
         ('[streaming]\naddress = "localhost"', "streaming.address: must be host:port"),
+        ('[streaming]\naddress = "localhost:\u0661\u0662"', "streaming.address: must be host:port"),
+        ('[metrics]\naddress = "localhost:\u00b2"', "metrics.address: must be host:port"),
+        (f'[metrics]\naddress = "localhost:{"9" * 5000}"', "metrics.address: must be host:port"),
         ('[runtimes.x]\nroot = "/r"', "runtimes.x.path: Field required"),
         ("cgroup_driver = 1", "cgroup_driver: Input should be 'cgroupfs' or 'systemd'"),
         (
@@ -159,6 +165,22 @@ def test_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
         load_config(main)
 
 
+def test_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    main = tmp_path / "crishim.toml"
+    main.write_bytes(b'root = "/\xff"\n')
+    with pytest.raises(ConfigError, match=r"crishim\.toml: not valid TOML: 'utf-8' codec"):
+        load_config(main)
+
+
+@pytest.mark.parametrize(
+    "text", ["a = " + "[" * 5000 + "]" * 5000, "cni = " + "{a = " * 2000 + "1" + "}" * 2000]
+)
+def test_file_nested_too_deeply_names_the_file(tmp_path: Path, text: str) -> None:
+    main = write(tmp_path / "crishim.toml", text + "\n")
+    with pytest.raises(ConfigError, match=r"crishim\.toml: not valid TOML: .* nested too deeply"):
+        load_config(main)
+
+
 def test_bad_flag_is_blamed_on_the_command_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="command line: socket: must be an absolute path"):
         load_config(write(tmp_path / "c.toml", ""), {"socket": "rel.sock"})
@@ -178,3 +200,19 @@ def test_effective_config_round_trips(tmp_path: Path) -> None:
     )
     config = load_config(main)
     assert Config.model_validate(tomllib.loads(render_config(config, comments=False))) == config
+
+
+def test_strings_of_any_character_render_as_valid_toml() -> None:
+    config = Config(root='/caf\u00e9/\U0001f600/\x7f\x01"\\')
+    assert Config.model_validate(tomllib.loads(render_config(config, comments=False))) == config
+
+
+def test_runtime_names_that_are_not_bare_keys_are_quoted() -> None:
+    runtimes = {
+        "runc": RuntimeHandlerConfig(path="runc"),
+        'my.rt "x"': RuntimeHandlerConfig(path="k"),
+    }
+    config = Config(runtimes=runtimes)
+    text = render_config(config, comments=False)
+    assert '[runtimes."my.rt \\"x\\""]' in text
+    assert Config.model_validate(tomllib.loads(text)) == config

@@ -253,7 +253,14 @@ def test_capabilities(tmp_path: Path, value: str, expected: frozenset[str]) -> N
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [('"5s"', 5.0), ('"1m30s"', 90.0), ('"1.5h"', 5400.0), ('"250ms"', 0.25), ('""', None)],
+    [
+        ('"5s"', 5.0),
+        ('"1m30s"', 90.0),
+        ('"1.5h"', 5400.0),
+        ('"250ms"', 0.25),
+        ('""', None),
+        ('"2562047h"', 2562047 * 3600.0),  # Go's longest duration is 2562047h47m16.85s
+    ],
 )
 def test_dial_timeout_is_a_go_duration(tmp_path: Path, value: str, seconds: float | None) -> None:
     write_hosts(tmp_path, "x.io", f"dial_timeout = {value}\n")
@@ -306,6 +313,17 @@ def test_domain_must_not_leave_the_config_dir(tmp_path: Path, domain: str) -> No
         load_hosts(str(tmp_path), domain)
 
 
+@pytest.mark.parametrize("domain", ["a" * 300, "a" * 252 + ":5000"])
+def test_domain_too_long_for_a_folder_name_falls_back_to_default(
+    tmp_path: Path, domain: str
+) -> None:
+    write_hosts(tmp_path, "_default", '[host."https://mirror.example"]\n')
+    assert urls(load_hosts(str(tmp_path), domain)) == [
+        "https://mirror.example",
+        f"https://{domain}",
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
@@ -318,6 +336,8 @@ def test_domain_must_not_leave_the_config_dir(tmp_path: Path, domain: str) -> No
         ("ca = 5\n", "ca: expected a string or an array of strings, got an integer"),
         ("ca = ['a', 1]\n", "ca: expected a string or an array of strings, got an array of"),
         ("ca = ''\n", "ca: empty file path"),
+        ('ca = "a\\u0000.crt"\n', "ca: a file path must not contain a NUL character"),
+        ('client = [["c", "k\\u0000"]]\n', "client: a file path must not contain a NUL"),
         ("client = [['a']]\n", "client: expected a file or a [cert, key] pair, got an array of"),
         ("client = [['a', 'b', 'c']]\n", "client: expected a file or a [cert, key] pair"),
         ("client = 1\n", "client: expected a file or [cert, key] pairs, got an integer"),
@@ -327,8 +347,13 @@ def test_domain_must_not_leave_the_config_dir(tmp_path: Path, domain: str) -> No
         ("header = { X-A = 1 }\n", 'header."X-A": expected a string or an array of strings'),
         ("header = { 'X A' = 'b' }\n", 'header."X A": not a valid HTTP header name'),
         ('header = { X-A = "b\\r\\nX-B: c" }\n', 'header."X-A": a header value must not'),
+        ('header = { X-A = "caf\u00e9" }\n', 'header."X-A": a header value must be printable'),
+        ('header = { X-A = ["a", "\\u0007"] }\n', 'header."X-A": a header value must be printable'),
+        ('header = { X-A = " padded " }\n', 'header."X-A": a header value must be printable'),
         ("dial_timeout = '5'\n", 'dial_timeout: expected a duration such as "5s"'),
         ("dial_timeout = '-1s'\n", "dial_timeout: expected a duration"),
+        ("dial_timeout = '2562048h'\n", "dial_timeout: expected a duration"),
+        (f"dial_timeout = '{'9' * 400}s'\n", "dial_timeout: expected a duration"),
         ("dial_timeout = 5\n", "dial_timeout: expected a string, got an integer"),
         ("host = 'https://m'\n", "host: expected a table of hosts, got a string"),
         ("host = { 'https://m' = 1 }\n", 'host."https://m": expected a table, got an integer'),
@@ -338,8 +363,15 @@ def test_domain_must_not_leave_the_config_dir(tmp_path: Path, domain: str) -> No
         ('[host."https://u:p@m"]\n', "expected scheme://host[:port][/path]"),
         ('[host."https://m?x=1"]\n', "expected scheme://host[:port][/path]"),
         ('[host."https://m:http"]\n', 'host."https://m:http": invalid port'),
+        ('server = "https://\\u0080"\n', 'server: invalid host name "\x80"'),
+        ('server = "https://a%20b"\n', 'server: invalid host name "a%20b"'),
+        ('[host."https://xn--a.example"]\n', 'host."https://xn--a.example": invalid host'),
+        ('server = "https://x.io/\\u001f"\n', "server: a URL must not contain control characters"),
+        ('server = "https://x.io\\n"\n', "server: a URL must not contain control characters"),
         ("server = [\n", "not valid TOML"),
         ("a = 1\na = 2\n", "not valid TOML"),
+        ("a = " + "[" * 5000 + "]" * 5000 + "\n", "not valid TOML: arrays or tables nested"),
+        ("header = " + "{a = " * 2000 + "1" + "}" * 2000, "not valid TOML: arrays or tables"),
     ],
 )
 def test_bad_files_name_file_key_and_problem(tmp_path: Path, text: str, problem: str) -> None:

@@ -84,6 +84,12 @@ def test_close_frame_with_code() -> None:
     assert ws.parse_close(b"\x0b\xb8") == (3000, "")  # registered range
 
 
+def test_long_close_reason_is_cut_at_a_character_boundary() -> None:
+    wire = ws.encode_close(1011, "\u00e9" * 100)
+    assert len(wire) == 2 + 2 + 122
+    assert ws.parse_close(wire[2:]) == (1011, "\u00e9" * 61)
+
+
 @pytest.mark.parametrize(
     "payload",
     [b"\x03", b"\x03\xed", b"\x03\xeefoo", b"\x03\xe7", b"\x03\xe8\xff"],
