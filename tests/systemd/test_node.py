@@ -42,6 +42,7 @@ async def test_the_service_is_ready_and_reports_the_systemd_driver(srig: Systemd
         "KillMode": "process",
         "Delegate": "yes",
     }
+    srig.bed.run("systemd-analyze", "verify", "/etc/systemd/system/crishim.service")
     status = await srig.runtime.status(v1.StatusRequest())
     assert all(c.status for c in (status.status.conditions if status.status else []))
     config = await srig.runtime.runtime_config(v1.RuntimeConfigRequest())
