@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,9 @@ from crishim.images.snapshots.overlay import (
 from crishim.model import Container, Image, Sandbox
 from crishim.network.cni import CniManager
 from crishim.runtime.binaries import resolve_binary
+from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
 from crishim.runtime.oci_runtime import OciRuntime
+from crishim.runtime.systemd_cgroups import SystemdDriver
 from crishim.services.containers import ContainerService
 from crishim.services.events import EventBus
 from crishim.services.exec import ExecService
@@ -41,6 +44,7 @@ from crishim.services.sandboxes import SandboxService
 from crishim.services.stats import StatsService
 from crishim.store import ObjectStore
 from crishim.streaming import StreamingLimits, StreamingServer
+from crishim.util.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +99,24 @@ class Services:
     metrics: CrishimMetrics
     registry: RegistryClient
     recovery: Recovery
+    cgroups: CgroupDriver
 
 
-def oci_runtimes(config: Config) -> dict[str, OciRuntime]:
+def cgroup_driver(config: Config) -> CgroupDriver:
+    """The cgroup driver kubelet's ``cgroupDriver`` names."""
+    if config.cgroup_driver == "systemd":
+        return SystemdDriver()
+    return CgroupfsDriver()
+
+
+def oci_runtimes(config: Config, cgroups: CgroupDriver) -> dict[str, OciRuntime]:
     """One OciRuntime per configured runtime handler."""
     return {
         name: OciRuntime(
             name,
             resolve_binary(handler.path) or handler.path,
             config.runtime_root(name),
-            systemd_cgroup=config.cgroup_driver == "systemd",
+            options=cgroups.runtime_options,
         )
         for name, handler in config.runtimes.items()
     }
@@ -119,10 +131,16 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
     registry = RegistryClient(config.registry.config_path)
     images = ImageService(stores.images, content, snapshotter, registry, host_platform())
     cni = CniManager(config.cni.conf_dir, config.cni.bin_dirs, root / "cni-cache")
-    runtimes = oci_runtimes(config)
+    cgroups = cgroup_driver(config)
+    runtimes = oci_runtimes(config, cgroups)
     events = EventBus()
     sandboxes = SandboxService(
-        stores.sandboxes, state_dir=state, cni=cni, runtime_handlers=tuple(runtimes), events=events
+        stores.sandboxes,
+        state_dir=state,
+        cni=cni,
+        runtime_handlers=tuple(runtimes),
+        events=events,
+        cgroups=cgroups,
     )
     containers = ContainerService(
         stores.containers,
@@ -131,7 +149,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         images=images,
         runtimes=runtimes,
         default_runtime=config.default_runtime,
-        cgroup_driver=config.cgroup_driver,
+        cgroups=cgroups,
         events=events,
     )
     sandboxes.reap_containers = containers.reap_sandbox
@@ -143,12 +161,13 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         containers=containers,
         images=images,
         exec=ExecService(containers, sandboxes),
-        stats=StatsService(containers, sandboxes, images.snapshotter),
+        stats=StatsService(containers, sandboxes, images.snapshotter, cgroups=cgroups),
         metrics=CrishimMetrics(pulls=images.metrics, sandboxes=sandboxes, containers=containers),
         registry=registry,
         recovery=Recovery(
             state_dir=state, runtimes=runtimes.values(), snapshotter=snapshotter, cni=cni
         ),
+        cgroups=cgroups,
     )
 
 
@@ -185,7 +204,12 @@ def prepare_directories(config: Config) -> None:
 
 
 async def serve(config: Config) -> None:
-    """Run crishim until SIGTERM or SIGINT, then shut down cleanly."""
+    """Run crishim until SIGTERM or SIGINT, then shut down cleanly.
+
+    Under systemd (``Type=notify``) it says READY=1 once the socket is served and STOPPING=1
+    when it begins to shut down.
+    """
+    notifier = Notifier.from_environment()
     prepare_directories(config)
     stores = open_stores(Path(config.root))
     snapshotter = await choose_snapshotter(Path(config.root) / "images")
@@ -226,10 +250,12 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    notifier.notify("READY=1", f"STATUS=serving CRI on {config.socket}", f"MAINPID={os.getpid()}")
     try:
         await stop.wait()
         log.info("shutting down: finishing in-flight calls")
     finally:
+        notifier.notify("STOPPING=1", "STATUS=shutting down")
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await server.stop(SHUTDOWN_GRACE_SECONDS)
@@ -238,4 +264,5 @@ async def serve(config: Config) -> None:
         await streaming.close()
         await services.containers.close()
         await services.registry.close()
+        await services.cgroups.close()
     log.info("crishim stopped")

@@ -1,4 +1,4 @@
-"""The ``crishim`` command: serve, version, doctor, config."""
+"""The ``crishim`` command: serve, version, doctor, config, unit."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument(
         "--default", action="store_true", help="print the commented default config instead"
     )
+    sub.add_parser("unit", help="print the systemd unit (crishim.service) for this crishim")
     return parser
 
 
@@ -102,6 +103,13 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unit(args: argparse.Namespace) -> int:
+    from crishim.node.unit import crishim_executable, render_unit, unit_path
+
+    print(render_unit(unit_path().read_text(), crishim_executable()), end="")
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     print(
         f"{RUNTIME_NAME} {__version__} (CRI {RUNTIME_API_VERSION}, Python {sys.version.split()[0]})"
@@ -112,7 +120,13 @@ def _version(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``crishim`` command."""
     args = build_parser().parse_args(argv)
-    commands = {"serve": _serve, "version": _version, "doctor": _doctor, "config": _config}
+    commands = {
+        "serve": _serve,
+        "version": _version,
+        "doctor": _doctor,
+        "config": _config,
+        "unit": _unit,
+    }
     try:
         return commands[args.command](args)
     except CrishimError as exc:

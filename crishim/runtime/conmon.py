@@ -33,12 +33,11 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio.to_thread
-
-from crishim.errors import DeadlineExceeded, FailedPrecondition, Internal, Unimplemented
+from crishim.errors import DeadlineExceeded, FailedPrecondition, Internal
 from crishim.runtime.oci_runtime import OciRuntime, error_message
 from crishim.util import proc
 from crishim.util.fdio import read_line
@@ -46,25 +45,26 @@ from crishim.util.fdio import read_line
 __all__ = [
     "CTL_REOPEN_LOG",
     "CTL_RESIZE",
+    "MonitorPlacement",
     "MonitorSpec",
     "attach_socket_path",
     "conmon_alive",
     "conmon_argv",
-    "conmon_cgroup_dirs",
     "create_container",
     "find_conmons",
     "kill_conmon",
     "oom_killed",
     "read_exit_code",
-    "remove_conmon_cgroup",
     "reopen_log",
     "resize",
 ]
 
 CTL_RESIZE = 1
 CTL_REOPEN_LOG = 2
-_CGROUP_FS_TYPES = frozenset({"cgroup", "cgroup2"})
 _POLL_INTERVAL = 0.01
+
+#: Moves a conmon (by pid) into its cgroup before it forks anything (the cgroup driver's).
+MonitorPlacement = Callable[[int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,7 @@ class MonitorSpec:
     """Everything conmon needs to create and watch one container.
 
     ``pid_file`` receives the container's init pid (written by the runtime) and
-    ``conmon_pid_file`` the pid of the monitor itself. ``cgroup_parent`` (cgroupfs form,
-    ``/a/b``) puts conmon in ``<cgroup_parent>/crishim-conmon-<id>`` in every hierarchy, so
-    its memory is charged to the pod.
+    ``conmon_pid_file`` the pid of the monitor itself.
     """
 
     container_id: str
@@ -89,7 +87,6 @@ class MonitorSpec:
     stdin: bool = False
     stdin_once: bool = False
     tty: bool = False
-    cgroup_parent: str | None = None
     log_size_max: int | None = None
 
 
@@ -142,53 +139,6 @@ def conmon_argv(spec: MonitorSpec, conmon: str = "conmon") -> list[str]:
     return argv
 
 
-def _cgroup_mounts(proc_mounts: Path = Path("/proc/self/mounts")) -> list[Path]:
-    mounts: list[Path] = []
-    for line in proc_mounts.read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] in _CGROUP_FS_TYPES:
-            mounts.append(Path(parts[1]))
-    return mounts
-
-
-def conmon_cgroup_dirs(cgroup_parent: str, cid: str) -> list[Path]:
-    """The cgroup directories (one per hierarchy) that hold the conmon of ``cid``."""
-    rel = Path(cgroup_parent.strip("/")) / f"crishim-conmon-{cid}"
-    return [mount / rel for mount in _cgroup_mounts()]
-
-
-def _make_cgroup(path: Path) -> None:
-    """mkdir -p for a cgroup; new v1 cpuset cgroups inherit cpus/mems from their parent.
-
-    A v1 cpuset cgroup starts with empty ``cpuset.cpus``/``cpuset.mems`` and refuses tasks
-    until they are set.
-    """
-    missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for directory in reversed(missing):
-        directory.mkdir(exist_ok=True)
-        for name in ("cpuset.cpus", "cpuset.mems"):
-            mine = directory / name
-            if mine.exists() and not mine.read_text().strip():
-                mine.write_text((directory.parent / name).read_text())
-
-
-def _move_to_cgroup(pid: int, cgroup_parent: str, cid: str) -> None:
-    for directory in conmon_cgroup_dirs(cgroup_parent, cid):
-        _make_cgroup(directory)
-        (directory / "cgroup.procs").write_text(str(pid))
-
-
-def remove_conmon_cgroup(cgroup_parent: str, cid: str) -> None:
-    """Remove conmon's cgroups once it exited (a cgroup with live processes stays)."""
-    for directory in conmon_cgroup_dirs(cgroup_parent, cid):
-        with contextlib.suppress(FileNotFoundError):
-            directory.rmdir()
-
-
 def _kill_conmon(pid_file: Path) -> None:
     # The runtime child of conmon has PDEATHSIG=SIGKILL, so it dies with it.
     with contextlib.suppress(OSError, ValueError):
@@ -226,16 +176,20 @@ def kill_conmon(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-async def create_container(spec: MonitorSpec, conmon: str = "conmon", timeout: float = 60) -> int:
+async def create_container(
+    spec: MonitorSpec,
+    conmon: str = "conmon",
+    timeout: float = 60,
+    place: MonitorPlacement | None = None,
+) -> int:
     """Create the container under a new conmon and return its init pid.
 
-    The container is left ``created``: :meth:`OciRuntime.start` runs its process. On failure,
-    timeout or cancellation, conmon is killed and the runtime's record removed.
+    ``place`` moves conmon into its cgroup while it waits, so the runtime and the monitor
+    are born there. The container is left ``created``: :meth:`OciRuntime.start` runs its
+    process. On failure, timeout or cancellation, conmon is killed and the runtime's record
+    removed (the caller releases the cgroup it placed conmon in).
     """
     cid = spec.container_id
-    if spec.cgroup_parent is not None and spec.runtime.systemd_cgroup:
-        # A systemd parent needs a transient scope over D-Bus, not directory writes.
-        raise Unimplemented(f"container {cid}: conmon cgroup under a systemd slice")
     # conmon fails silently (after forking) when these are missing.
     for directory in (spec.exit_dir, spec.socket_dir, spec.log_path.parent):
         directory.mkdir(parents=True, exist_ok=True)
@@ -248,7 +202,7 @@ async def create_container(spec: MonitorSpec, conmon: str = "conmon", timeout: f
     }
     try:
         try:
-            await _spawn(spec, conmon, env, (sync_w, start_r), start_w)
+            await _spawn(spec, conmon, env, (sync_w, start_r), start_w, place)
         finally:
             # Only conmon holds these now; ours would hide its exit from the read below.
             for fd in (sync_w, start_r, start_w):
@@ -267,7 +221,12 @@ async def create_container(spec: MonitorSpec, conmon: str = "conmon", timeout: f
 
 
 async def _spawn(
-    spec: MonitorSpec, conmon: str, env: dict[str, str], pass_fds: tuple[int, ...], start_w: int
+    spec: MonitorSpec,
+    conmon: str,
+    env: dict[str, str],
+    pass_fds: tuple[int, ...],
+    start_w: int,
+    place: MonitorPlacement | None,
 ) -> None:
     """Run conmon until it detached: its first process exits once the monitor forked."""
     # conmon's stderr only matters until it detaches (it then points its stdio at
@@ -283,11 +242,9 @@ async def _spawn(
             cwd=spec.bundle,
         )
         try:
-            if spec.cgroup_parent is not None:
+            if place is not None:
                 # conmon waits on the start pipe before forking: its children inherit this.
-                await anyio.to_thread.run_sync(
-                    _move_to_cgroup, child.pid, spec.cgroup_parent, spec.container_id
-                )
+                await place(child.pid)
         except BaseException:
             # Killed before the release: closing the start pipe must not let it go on.
             child.kill()

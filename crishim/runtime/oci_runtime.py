@@ -135,19 +135,17 @@ async def _drain(child: proc.Process, fd: int | None, sink: bytearray, cap: int)
 class OciRuntime:
     """One OCI runtime binary with its state directory (``--root``)."""
 
-    def __init__(self, name: str, path: str, root: str, *, systemd_cgroup: bool = False) -> None:
+    def __init__(self, name: str, path: str, root: str, *, options: tuple[str, ...] = ()) -> None:
         self.name = name
         self.path = path
         self.root = root
-        self.systemd_cgroup = systemd_cgroup
+        #: global options after --root, such as the cgroup driver's ``--systemd-cgroup``
+        self.options = options
         os.makedirs(root, mode=0o700, exist_ok=True)
 
     def argv(self, *args: str) -> list[str]:
         """The command line for ``args`` with the global options; conmon uses it too."""
-        cmd = [self.path, "--root", self.root]
-        if self.systemd_cgroup:
-            cmd.append("--systemd-cgroup")
-        return [*cmd, *args]
+        return [self.path, "--root", self.root, *self.options, *args]
 
     def _is_missing(self, cid: str, message: str) -> bool:
         # runc: "container does not exist"; crun names the missing state file or directory.
@@ -157,8 +155,11 @@ class OciRuntime:
 
     @staticmethod
     def _is_not_running(message: str) -> bool:
-        # runc: "container not running"; crun: "kill container: No such process".
-        return "not running" in message or "No such process" in message
+        # runc: "container not running"; crun: "kill container: No such process". runc 1.1
+        # under --systemd-cgroup on a v1 host, once the container exited and systemd removed
+        # its scope: "lstat /sys/fs/cgroup/devices/<slice>/<scope>: no such file or directory".
+        cgroup_gone = "/sys/fs/cgroup/" in message and "no such file or directory" in message
+        return "not running" in message or "No such process" in message or cgroup_gone
 
     @property
     def what(self) -> str:

@@ -26,23 +26,22 @@ from pathlib import Path
 import anyio.to_thread
 
 from crishim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from crishim.images.rootfs import read_confined
 from crishim.model import Container, ContainerFilter, ContainerMetadata, ContainerState, Sandbox
 from crishim.model.events import EventType
 from crishim.model.specs import (
     ContainerConfig,
     ImageConfigView,
     LinuxResources,
-    MountSpec,
     NamespaceMode,
     SandboxConfig,
 )
-from crishim.oci.build import BuildContext, build_container_spec, build_sandbox_infra_spec
-from crishim.oci.opts import CgroupDriver, DeviceNode, PasswdDb, linux_resources
+from crishim.oci.build import build_container_spec, build_sandbox_infra_spec
+from crishim.oci.opts import linux_resources
 from crishim.oci.spec import dump_spec
 from crishim.runtime.bundle import cgroups_path as bundle_cgroups_path
 from crishim.runtime.bundle import read_spec, write_spec
 from crishim.runtime.bundle import update_resources as update_bundle_resources
+from crishim.runtime.cgroup_driver import CgroupDriver
 from crishim.runtime.cgroups import remove_cgroup
 from crishim.runtime.conmon import (
     MonitorSpec,
@@ -51,16 +50,9 @@ from crishim.runtime.conmon import (
     read_exit_code,
     reopen_log,
 )
-from crishim.runtime.host import (
-    HostDevice,
-    capability_bounding_mask,
-    host_lsms,
-    list_devices,
-    stat_device,
-    swap_accounting,
-)
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.runtime.oci_runtime import ExecResult, OciRuntime
+from crishim.services.container_context import SpecContexts
 from crishim.services.events import EventBus
 from crishim.services.images import ImageService
 from crishim.services.sandboxes import SandboxService
@@ -100,14 +92,6 @@ class ContainerPaths:
         return self.bundle / "conmon.pid"
 
 
-def own_oom_score_adj() -> int:
-    """crishim's own oom_score_adj: containers may not go below it (no CAP_SYS_RESOURCE)."""
-    try:
-        return int(Path("/proc/self/oom_score_adj").read_text())
-    except (OSError, ValueError):
-        return 0
-
-
 class ContainerService:
     """Containers as kubelet sees them."""
 
@@ -120,7 +104,7 @@ class ContainerService:
         images: ImageService,
         runtimes: dict[str, OciRuntime],
         default_runtime: str,
-        cgroup_driver: str,
+        cgroups: CgroupDriver,
         conmon: str = "conmon",
         catatonit: str = "catatonit",
         events: EventBus | None = None,
@@ -131,7 +115,8 @@ class ContainerService:
         self._images = images
         self._runtimes = runtimes
         self._default_runtime = default_runtime
-        self._cgroup_driver = cgroup_driver
+        self._cgroups = cgroups
+        self._contexts = SpecContexts(cgroups)
         self._conmon = conmon
         self._catatonit = catatonit
         self._events = events or EventBus()
@@ -139,10 +124,6 @@ class ContainerService:
         # Containers whose create finished after its caller gave up, by (sandbox, name, attempt).
         self._unclaimed: dict[tuple[str, str, int], str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._min_oom = own_oom_score_adj()
-        self._swap = swap_accounting()
-        self._lsms = host_lsms()
-        self._cap_mask = capability_bounding_mask()
         self._background = BackgroundTasks()
         self._releasing = BackgroundTasks()
         self._watcher: asyncio.Task[None] | None = None
@@ -262,8 +243,15 @@ class ContainerService:
             undo.push_async_callback(unmount, paths.rootfs)
             image_config = self._images.config(image)
             log_path = self._log_path(sandbox, config)
-            ctx = self._build_context(
-                container_id, sandbox, sandbox_config, config, image_config, paths
+            ctx = self._contexts.for_container(
+                container_id,
+                sandbox,
+                sandbox_config,
+                config,
+                image_config,
+                paths.rootfs,
+                self._sandboxes.paths(sandbox.id),
+                self._target_pid(config),
             )
             spec = build_container_spec(config, ctx)
             for warning in ctx.warnings:
@@ -304,63 +292,16 @@ class ContainerService:
         self._events.publish(container.id, sandbox.id, EventType.CREATED)
         return container
 
-    def _build_context(
-        self,
-        container_id: str,
-        sandbox: Sandbox,
-        sandbox_config: SandboxConfig,
-        config: ContainerConfig,
-        image_config: dict[str, object],
-        paths: ContainerPaths,
-    ) -> BuildContext:
-        rootfs = paths.rootfs
-        users = PasswdDb.parse(
-            read_confined(rootfs, "etc/passwd") or "", read_confined(rootfs, "etc/group") or ""
-        )
-        pod = self._sandboxes.paths(sandbox.id)
-        extra = [
-            MountSpec(container_path="/etc/hosts", host_path=str(pod.hosts)),
-            MountSpec(container_path="/etc/resolv.conf", host_path=str(pod.resolv_conf)),
-            MountSpec(container_path="/etc/hostname", host_path=str(pod.hostname)),
-            MountSpec(
-                container_path="/dev/shm",
-                host_path="/dev/shm" if sandbox.host_ipc else str(pod.shm),
-            ),
-        ]
+    def _target_pid(self, config: ContainerConfig) -> int | None:
+        """The pid whose PID namespace the container joins (namespace mode TARGET)."""
         security = config.security_context
         ns = security.namespace_options if security else None
-        target_pid = None
-        if ns is not None and ns.pid is NamespaceMode.TARGET:
-            target = self.get(ns.target_id)
-            if target.state is not ContainerState.RUNNING:
-                raise FailedPrecondition(f"target container {ns.target_id} is not running")
-            target_pid = target.pid
-        return BuildContext(
-            container_id=container_id,
-            sandbox_id=sandbox.id,
-            sandbox=sandbox_config,
-            image=ImageConfigView.from_image_config(image_config),
-            image_name=config.image.image,
-            rootfs=str(rootfs),
-            namespace_paths={
-                "network": sandbox.netns or None,
-                "ipc": sandbox.ipcns or None,
-                "uts": sandbox.utsns or None,
-                "pid": f"/proc/{sandbox.infra_pid}/ns/pid" if sandbox.infra_pid else None,
-            },
-            target_pid=target_pid,
-            cgroup_driver=CgroupDriver(self._cgroup_driver),
-            min_oom_score_adj=self._min_oom,
-            swap_available=self._swap,
-            host_lsms=self._lsms,
-            node_hostname=os.uname().nodename,
-            passwd=users,
-            stat_device=_device_node,
-            host_devices=lambda: [_as_node(d) for d in list_devices()],
-            load_file=lambda path: Path(path).read_bytes(),
-            extra_mounts=extra,
-            host_capability_mask=self._cap_mask,
-        )
+        if ns is None or ns.pid is not NamespaceMode.TARGET:
+            return None
+        target = self.get(ns.target_id)
+        if target.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"target container {ns.target_id} is not running")
+        return target.pid
 
     @staticmethod
     def _log_path(sandbox: Sandbox, config: ContainerConfig) -> str:
@@ -388,53 +329,43 @@ class ContainerService:
         rootfs = infra / "rootfs"
         rootfs.mkdir(parents=True, exist_ok=True)
         shutil.copy2(binary, rootfs / "catatonit")
-        ctx = BuildContext(
-            container_id=sandbox.id,
-            sandbox_id=sandbox.id,
-            sandbox=sandbox_config,
-            rootfs=str(rootfs),
-            namespace_paths={
-                "network": sandbox.netns or None,
-                "ipc": sandbox.ipcns or None,
-                "uts": sandbox.utsns or None,
-            },
-            cgroup_driver=CgroupDriver(self._cgroup_driver),
-            min_oom_score_adj=self._min_oom,
-            swap_available=self._swap,
-            host_lsms=self._lsms,
-            node_hostname=os.uname().nodename,
-            load_file=lambda path: Path(path).read_bytes(),
-            host_capability_mask=self._cap_mask,
-        )
+        ctx = self._contexts.for_infra(sandbox, sandbox_config, rootfs)
         spec = build_sandbox_infra_spec(["/catatonit", "-P"], ctx)
         write_spec(infra, dump_spec(spec))
         runtime = self.runtime_for(sandbox.runtime_handler)
-        pid = await create_container(
-            MonitorSpec(
-                container_id=sandbox.id,
-                name=f"{sandbox.metadata.namespace}_{sandbox.metadata.name}_infra",
-                bundle=infra,
-                runtime=runtime,
-                log_path=infra / "infra.log",
-                exit_dir=self._state / "exits",
-                socket_dir=self._state / "attach",
-                pid_file=infra / "pidfile",
-                conmon_pid_file=infra / "conmon.pid",
-            ),
-            conmon=self._conmon,
-        )
+        parent = sandbox.cgroup_parent
         try:
+            pid = await create_container(
+                MonitorSpec(
+                    container_id=sandbox.id,
+                    name=f"{sandbox.metadata.namespace}_{sandbox.metadata.name}_infra",
+                    bundle=infra,
+                    runtime=runtime,
+                    log_path=infra / "infra.log",
+                    exit_dir=self._state / "exits",
+                    socket_dir=self._state / "attach",
+                    pid_file=infra / "pidfile",
+                    conmon_pid_file=infra / "conmon.pid",
+                ),
+                conmon=self._conmon,
+                place=lambda pid: self._cgroups.place_monitor(pid, parent, sandbox.id),
+            )
             await runtime.start(sandbox.id)
         except BaseException:
-            await runtime.delete(sandbox.id, force=True)
+            await asyncio.shield(self._undo_infra(runtime, parent, sandbox.id))
             raise
         return pid
+
+    async def _undo_infra(self, runtime: OciRuntime, parent: str, sandbox_id: str) -> None:
+        await runtime.delete(sandbox_id, force=True)
+        await self._cgroups.release(parent, sandbox_id)
 
     async def stop_infra(self, sandbox: Sandbox) -> None:
         """Kill and delete the infra process; gone already is fine."""
         runtime = self.runtime_for(sandbox.runtime_handler)
         await runtime.kill(sandbox.id, signal.SIGKILL)
         await runtime.delete(sandbox.id, force=True)
+        await self._cgroups.release(sandbox.cgroup_parent, sandbox.id)
         (self._state / "exits" / sandbox.id).unlink(missing_ok=True)
         await remove_tree(self._state / "attach" / sandbox.id)
 
@@ -512,13 +443,25 @@ class ContainerService:
             await runtime.delete(container.id, force=True)
             for stale in (paths.conmon_pid_file, paths.pid_file, paths.exits / container.id):
                 stale.unlink(missing_ok=True)
-        return await create_container(self._monitor_spec(container), conmon=self._conmon)
+        sandbox = self._sandboxes.get(container.sandbox_id)
+        parent = sandbox.cgroup_parent
+        pid = await create_container(
+            self._monitor_spec(container),
+            conmon=self._conmon,
+            place=lambda pid: self._cgroups.place_monitor(pid, parent, container.id),
+        )
+        resources = self.config_of(container).linux
+        if resources is not None and resources.resources is not None:
+            await self._cgroups.settle_container_resources(container.id, resources.resources)
+        return pid
 
     async def _start_failed(
         self, container: Container, runtime: OciRuntime, exc: BaseException
     ) -> None:
         """Leave nothing running behind a failed start, and say why it failed."""
         await runtime.delete(container.id, force=True)
+        pod = self._sandboxes.find(container.sandbox_id)
+        await self._cgroups.release(pod.cgroup_parent if pod else "", container.id)
         if isinstance(exc, asyncio.CancelledError):
             return  # kubelet's retry may start it again
         finished = time.time_ns()
@@ -702,14 +645,17 @@ class ContainerService:
             await self._store.delete(container.id)
         self._events.publish(container.id, container.sandbox_id, EventType.DELETED)
         self._locks.pop(container.id, None)
-        self._releasing.spawn(self._release(container), f"releasing container {container.id[:12]}")
+        pod = self._sandboxes.find(container.sandbox_id)
+        release = self._release(container, pod.cgroup_parent if pod else "")
+        self._releasing.spawn(release, f"releasing container {container.id[:12]}")
 
-    async def _release(self, container: Container) -> None:
-        """Remove what a removed (stopped) container leaves: its runtime state, root
-        filesystem, snapshot and files."""
+    async def _release(self, container: Container, parent: str) -> None:
+        """Remove what a removed (stopped) container leaves: its runtime state, its
+        conmon's cgroup, root filesystem, snapshot and files."""
         paths = self.paths(container.id)
         if paths.conmon_pid_file.exists():  # else the runtime never heard of it
             await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
+            await self._cgroups.release(parent, container.id)
             # A create the runtime did not finish (crishim was killed) leaves its cgroup.
             cgroup = await anyio.to_thread.run_sync(bundle_cgroups_path, paths.bundle)
             if cgroup is not None:
@@ -738,7 +684,7 @@ class ContainerService:
         container = self.get(container_id)
         if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
             raise FailedPrecondition(f"container {container.id} is {container.state.value}")
-        oci = linux_resources(resources, swap_available=self._swap).model_dump(
+        oci = linux_resources(resources, swap_available=self._contexts.swap_available).model_dump(
             by_alias=True, exclude_none=True
         )
         async with self._lock(container.id):
@@ -747,6 +693,7 @@ class ContainerService:
                 await anyio.to_thread.run_sync(update_bundle_resources, paths.bundle, oci)
                 return
             await self.runtime_for(container.runtime_handler).update(container.id, oci)
+            await self._cgroups.settle_container_resources(container.id, resources)
 
     async def reopen_log(self, container_id: str) -> None:
         """Make conmon reopen the log file (after kubelet rotated it)."""
@@ -770,22 +717,6 @@ class ContainerService:
         process["terminal"] = False
         runtime = self.runtime_for(container.runtime_handler)
         return await runtime.exec_sync(container.id, process, timeout if timeout > 0 else None)
-
-
-def _as_node(device: HostDevice) -> DeviceNode:
-    return DeviceNode(
-        type=device.type,
-        major=device.major,
-        minor=device.minor,
-        file_mode=device.file_mode,
-        uid=device.uid,
-        gid=device.gid,
-        path=device.path,
-    )
-
-
-def _device_node(path: str) -> DeviceNode:
-    return _as_node(stat_device(path))
 
 
 def _signal_number(name: str) -> int:

@@ -12,10 +12,12 @@ from enum import StrEnum
 from pathlib import Path
 
 from crishim.config import Config
+from crishim.errors import CrishimError
 from crishim.images.snapshots.overlay import overlay_supported, probe_overlay_mount
 from crishim.network.cni import find_network_config, find_plugin
 from crishim.runtime.binaries import probe_binary
 from crishim.runtime.cgroups import CgroupMode, detect_layout
+from crishim.runtime.systemd_dbus import SystemdManager
 from crishim.services.runtime_info import CONMON
 from crishim.util.sockets import unix_socket_answers
 
@@ -98,6 +100,20 @@ def _cgroups(config: Config) -> Finding:
     return Finding(Level.OK, "cgroups", f"{detail}; runc and crun both work")
 
 
+async def _cgroup_driver(config: Config) -> Finding:
+    subject = f"cgroup driver {config.cgroup_driver}"
+    if config.cgroup_driver != "systemd":
+        return Finding(Level.OK, subject, "cgroups as directories; kubelet's must be cgroupfs")
+    manager = SystemdManager()
+    try:
+        via = await manager.ping()
+    except CrishimError as exc:
+        return Finding(Level.FAIL, subject, f"{exc}; pods need systemd to make their scopes")
+    finally:
+        await manager.close()
+    return Finding(Level.OK, subject, f"systemd answers on its {via}; kubelet's must be systemd")
+
+
 async def _overlay(config: Config) -> Finding:
     if not overlay_supported():
         return Finding(
@@ -177,6 +193,7 @@ async def run_checks(config: Config) -> list[Finding]:
     """Every check, in the order they are printed."""
     findings = await _runtimes(config)
     findings.append(_cgroups(config))
+    findings.append(await _cgroup_driver(config))
     findings.append(await _overlay(config))
     findings.extend(_cni(config))
     findings.append(await _socket(config))

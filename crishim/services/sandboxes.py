@@ -35,7 +35,7 @@ from crishim.network.netns import (
     namespace_alive,
     remove_pod_namespaces,
 )
-from crishim.runtime.cgroups import apply_cgroup_resources
+from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.services.events import EventBus
 from crishim.store import ObjectStore
@@ -88,12 +88,14 @@ class SandboxService:
         cni: CniManager | None = None,
         runtime_handlers: tuple[str, ...] = ("runc", "crun"),
         events: EventBus | None = None,
+        cgroups: CgroupDriver | None = None,
     ) -> None:
         self._store = store
         self._state = state_dir
         self._cni = cni
         self._handlers = runtime_handlers
         self._events = events or EventBus()
+        self._cgroups = cgroups or CgroupfsDriver()
         self._pod_cidr = ""
         self._creating: dict[tuple[str, str, str, int], asyncio.Task[Sandbox]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -142,7 +144,8 @@ class SandboxService:
         log.info("pod CIDR set to %s", cidr or "(none)")
 
     async def update_resources(self, sandbox_id: str, resources: LinuxResources | None) -> None:
-        """Apply pod-level resources to the pod's cgroup (its cgroup parent)."""
+        """Apply pod-level resources to the pod's cgroup (its cgroup parent), through the
+        cgroup driver."""
         sandbox = self.get(sandbox_id)
         if resources is None:
             return
@@ -150,13 +153,7 @@ class SandboxService:
             raise FailedPrecondition(
                 f"pod sandbox {sandbox.id} has no cgroup parent to apply pod resources to"
             )
-        await apply_cgroup_resources(
-            sandbox.cgroup_parent,
-            cpu_shares=resources.cpu_shares,
-            cpu_quota=resources.cpu_quota,
-            cpu_period=resources.cpu_period,
-            memory_limit=resources.memory_limit_in_bytes,
-        )
+        await self._cgroups.update_pod_resources(sandbox.cgroup_parent, resources)
 
     def paths(self, sandbox_id: str) -> SandboxPaths:
         """The sandbox's files."""
@@ -182,6 +179,8 @@ class SandboxService:
         meta = config.metadata
         if meta is None or not meta.name or not meta.namespace or not meta.uid:
             raise InvalidArgument("sandbox config: metadata name, namespace and uid are required")
+        # A parent the cgroup driver cannot use is refused now, not at the first container.
+        self._cgroups.pod_cgroup(config.linux.cgroup_parent if config.linux else "")
         handler = runtime_handler or ""
         if handler and handler not in self._handlers:
             known = ", ".join(self._handlers)

@@ -84,6 +84,7 @@ def test_doctor_reports_each_check(tmp_path: Path) -> None:
         "catatonit",
         "conmon",
         "cgroups",
+        "cgroup driver cgroupfs",
         "overlayfs",
         "cni config",
         "cni plugins",
