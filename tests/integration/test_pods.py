@@ -381,8 +381,11 @@ async def test_exec_sync_output_exit_code_and_timeout(rig: PodRig) -> None:
 
 async def test_stop_after_timeout_kills(rig: PodRig) -> None:
     pod = await rig.run_pod("stop")
-    trapping = ["sh", "-c", "trap 'echo got-term' TERM; while :; do sleep 0.1; done"]
+    trapping = ["sh", "-c", "trap 'echo got-term' TERM; echo trapping; while :; do sleep 0.1; done"]
     cid = await rig.start_container(pod, "main", trapping)
+    # A SIGTERM that came before the shell set its trap would be ignored (it is pid 1).
+    log_path = Path((await rig.status(cid)).log_path)
+    await rig.until(lambda: _count(log_path, 1), "the trap to be set")
     started = time.monotonic()
     await rig.runtime.stop_container(v1.StopContainerRequest(container_id=cid, timeout=2))
     elapsed = time.monotonic() - started
@@ -667,8 +670,15 @@ async def test_a_create_that_outlives_the_deadline_is_handed_to_the_retry(rig: P
     assert pod.linux.namespaces is not None
     config = rig.container_config("slowpoke", ["sleep", "100"], pod.linux.namespaces.options)
     request = v1.CreateContainerRequest(pod_sandbox_id=pod_id, config=config)
+    offset = len(rig.proc.log())
     with pytest.raises((GRPCError, asyncio.TimeoutError)):
-        await rig.runtime.create_container(request, timeout=0.01)
+        # Far below what a create takes (about 15 ms), so the deadline passes mid-create.
+        await rig.runtime.create_container(request, timeout=0.001)
+
+    async def cancelled_in_crishim() -> bool:
+        return "CreateContainer failed: CANCELLED" in rig.proc.log()[offset:]
+
+    await rig.until(cancelled_in_crishim, "crishim to see the create's deadline pass")
     await asyncio.sleep(3)  # the create goes on after its caller gave up
     retried = await rig.runtime.create_container(request)
     rig.created.add(retried.container_id)
