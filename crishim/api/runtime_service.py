@@ -156,19 +156,7 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         self, message: v1.ContainerStatusRequest
     ) -> v1.ContainerStatusResponse:
         container = self._containers.get(message.container_id)
-        config = self._containers.config_of(container)
-        mounts = [
-            v1.Mount(
-                container_path=m.container_path,
-                host_path=m.host_path,
-                readonly=m.readonly,
-                selinux_relabel=m.selinux_relabel,
-                propagation=v1.MountPropagation(int(m.propagation)),
-                recursive_read_only=m.recursive_read_only,
-            )
-            for m in config.mounts
-        ]
-        status = convert.container_status(container, mounts)
+        status = convert.container_status(container)
         info: dict[str, str] = {}
         if message.verbose:
             info["info"] = json.dumps(
@@ -251,7 +239,7 @@ class RuntimeServicer(v1.RuntimeServiceBase):
             created_at=event.created_at,
             pod_sandbox_status=convert.pod_sandbox_status(sandbox) if sandbox else None,
             containers_statuses=[
-                convert.container_status(c, []) for c in members if c.sandbox_id == event.sandbox_id
+                convert.container_status(c) for c in members if c.sandbox_id == event.sandbox_id
             ],
         )
 

@@ -1,0 +1,146 @@
+"""What kubelet's evented PLEG reads, through the real servicers in memory (ChannelFor).
+
+A container's status is one message wherever kubelet reads it: ContainerStatus, and with
+the EventedPLEG gate PodSandboxStatus' ``containers_statuses`` and the GetContainerEvents
+replies (kuberuntime_container.go toKubeContainerStatus reads every field of it).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from crishim.api import convert, v1
+from crishim.model import (
+    Container,
+    ContainerMetadata,
+    ContainerState,
+    PodMetadata,
+    Sandbox,
+    SandboxState,
+)
+from tests.rig.crishim_fixtures import InMemoryApi
+
+IMAGE_ID = "sha256:" + "1" * 64
+MOUNTS = [
+    {
+        "container_path": "/dev/termination-log",
+        "host_path": "/var/lib/kubelet/pods/u0/containers/app/1234",
+        "propagation": 0,
+    },
+    {
+        "container_path": "/data",
+        "host_path": "/srv/data",
+        "readonly": True,
+        "selinux_relabel": True,
+        "propagation": 2,
+        "recursive_read_only": True,
+    },
+    {
+        "container_path": "/models",
+        "image": {"image": IMAGE_ID, "user_specified_image": "models:v1"},
+        "image_sub_path": "weights",
+    },
+]
+
+
+def sandbox(sandbox_id: str, uid: str) -> Sandbox:
+    return Sandbox(
+        id=sandbox_id,
+        metadata=PodMetadata(name=f"pod-{uid}", uid=uid, namespace="ns", attempt=1),
+        state=SandboxState.READY,
+        created_at=100,
+        ips=["10.88.0.7"],
+        labels={"io.kubernetes.pod.uid": uid},
+    )
+
+
+def container(container_id: str, sandbox_id: str, created_at: int, **extra: object) -> Container:
+    values: dict[str, object] = {
+        "id": container_id,
+        "sandbox_id": sandbox_id,
+        "metadata": ContainerMetadata(name=container_id, attempt=2),
+        "image": IMAGE_ID,
+        "user_specified_image": "busybox",
+        "image_ref": "registry/busybox@sha256:" + "2" * 64,
+        "image_id": IMAGE_ID,
+        "state": ContainerState.RUNNING,
+        "created_at": created_at,
+        "started_at": created_at + 1,
+        "labels": {"io.kubernetes.container.name": container_id},
+        "annotations": {"io.kubernetes.container.restartCount": "2"},
+        "log_path": f"/logs/{container_id}.log",
+        "config": {"mounts": MOUNTS},
+        **extra,
+    }
+    return Container.model_validate(values)
+
+
+async def seed(api: InMemoryApi) -> None:
+    """Pod sb0 with an exited init container and two running ones; pod sb1 with one."""
+    await api.stores.sandboxes.add(sandbox("sb0", "u0"))
+    await api.stores.sandboxes.add(sandbox("sb1", "u1"))
+    init = {"state": ContainerState.EXITED, "exit_code": 0, "reason": "Completed"}
+    await api.stores.containers.add(container("init", "sb0", 200, finished_at=260, **init))
+    await api.stores.containers.add(container("app", "sb0", 300, stop_signal="SIGRTMIN+3"))
+    await api.stores.containers.add(container("side", "sb0", 250, stop_signal="SIGQUIT"))
+    await api.stores.containers.add(container("other", "sb1", 220))
+
+
+async def status_of(api: InMemoryApi, container_id: str) -> v1.ContainerStatus:
+    reply = await api.client.runtime.container_status(
+        v1.ContainerStatusRequest(container_id=container_id)
+    )
+    assert reply.status is not None
+    return reply.status
+
+
+async def test_container_status_reports_its_mounts(api: InMemoryApi) -> None:
+    """kubelet reads the termination message from the host file of the mount at
+    terminationMessagePath (kuberuntime_container.go getTerminationMessage)."""
+    await seed(api)
+    status = await status_of(api, "init")
+    assert status.mounts == [
+        v1.Mount(
+            container_path="/dev/termination-log",
+            host_path="/var/lib/kubelet/pods/u0/containers/app/1234",
+            propagation=v1.MountPropagation.PROPAGATION_PRIVATE,
+        ),
+        v1.Mount(
+            container_path="/data",
+            host_path="/srv/data",
+            readonly=True,
+            selinux_relabel=True,
+            propagation=v1.MountPropagation.PROPAGATION_BIDIRECTIONAL,
+            recursive_read_only=True,
+        ),
+        v1.Mount(
+            container_path="/models",
+            image=v1.ImageSpec(image=IMAGE_ID, user_specified_image="models:v1"),
+            image_sub_path="weights",
+        ),
+    ]
+
+
+async def test_container_status_reports_the_effective_stop_signal(api: InMemoryApi) -> None:
+    await seed(api)
+    assert (await status_of(api, "app")).stop_signal is v1.Signal.SIGRTMINPLUS3
+    assert (await status_of(api, "side")).stop_signal is v1.Signal.SIGQUIT
+    assert (await status_of(api, "init")).stop_signal is v1.Signal.SIGTERM  # none named
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("", v1.Signal.SIGTERM),
+        ("SIGKILL", v1.Signal.SIGKILL),
+        ("TERM", v1.Signal.SIGTERM),
+        ("sigusr1", v1.Signal.SIGUSR1),
+        ("15", v1.Signal.SIGTERM),
+        ("SIGRTMIN+3", v1.Signal.SIGRTMINPLUS3),
+        ("SIGRTMAX-2", v1.Signal.SIGRTMAXMINUS2),
+        ("SIGBOGUS", v1.Signal.RUNTIME_DEFAULT),
+        ("99", v1.Signal.RUNTIME_DEFAULT),
+    ],
+)
+def test_stop_signal_names_map_to_the_cri_enum(name: str, expected: v1.Signal) -> None:
+    assert convert.status_stop_signal(name) is expected
