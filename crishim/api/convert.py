@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import signal
+from collections.abc import Iterable
 from typing import Any, TypeVar, cast
 
 import betterproto2
@@ -212,6 +213,14 @@ def container_status(item: model.Container) -> v1.ContainerStatus:
         ),
         stop_signal=status_stop_signal(item.stop_signal),
     )
+
+
+def container_statuses(items: Iterable[model.Container]) -> list[v1.ContainerStatus]:
+    """The statuses of a pod's containers, newest first: kubelet takes the first status of
+    a name as that container's current one, and does not sort PodSandboxStatus' list
+    before it looks (kuberuntime_manager.go GetPodStatus; FindContainerStatusByName)."""
+    newest_first = sorted(items, key=lambda c: c.created_at, reverse=True)
+    return [container_status(c) for c in newest_first]
 
 
 def _status_mounts(item: model.Container) -> list[v1.Mount]:

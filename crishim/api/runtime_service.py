@@ -121,12 +121,19 @@ class RuntimeServicer(v1.RuntimeServiceBase):
     async def pod_sandbox_status(
         self, message: v1.PodSandboxStatusRequest
     ) -> v1.PodSandboxStatusResponse:
+        # kubelet's evented PLEG takes the pod's containers from this reply and caches them
+        # under ``timestamp`` (nanoseconds): no await between the stamp and the reading.
+        timestamp = time.time_ns()
         sandbox = self._sandboxes.get(message.pod_sandbox_id)
+        members = self._containers.matching(ContainerFilter(sandbox_id=sandbox.id))
         info: dict[str, str] = {}
         if message.verbose:
             info["info"] = sandbox.model_dump_json()
         return v1.PodSandboxStatusResponse(
-            status=convert.pod_sandbox_status(sandbox), info=info, timestamp=time.time_ns()
+            status=convert.pod_sandbox_status(sandbox),
+            info=info,
+            containers_statuses=convert.container_statuses(members),
+            timestamp=timestamp,
         )
 
     # ---- containers ---------------------------------------------------------------------
@@ -238,9 +245,7 @@ class RuntimeServicer(v1.RuntimeServiceBase):
             container_event_type=v1.ContainerEventType(int(event.type)),
             created_at=event.created_at,
             pod_sandbox_status=convert.pod_sandbox_status(sandbox) if sandbox else None,
-            containers_statuses=[
-                convert.container_status(c) for c in members if c.sandbox_id == event.sandbox_id
-            ],
+            containers_statuses=convert.container_statuses(members),
         )
 
     async def stream_pod_sandboxes(

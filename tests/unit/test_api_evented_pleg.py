@@ -2,10 +2,14 @@
 
 A container's status is one message wherever kubelet reads it: ContainerStatus, and with
 the EventedPLEG gate PodSandboxStatus' ``containers_statuses`` and the GetContainerEvents
-replies (kuberuntime_container.go toKubeContainerStatus reads every field of it).
+replies (kuberuntime_container.go toKubeContainerStatus reads every field of it). With
+that gate kubelet takes a pod's containers from PodSandboxStatus whenever ``timestamp`` is
+set, and caches them under that time in nanoseconds (kuberuntime_manager.go GetPodStatus).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -92,6 +96,33 @@ async def status_of(api: InMemoryApi, container_id: str) -> v1.ContainerStatus:
     )
     assert reply.status is not None
     return reply.status
+
+
+async def test_pod_sandbox_status_lists_every_container_as_container_status_does(
+    api: InMemoryApi,
+) -> None:
+    await seed(api)
+    reply = await api.client.runtime.pod_sandbox_status(
+        v1.PodSandboxStatusRequest(pod_sandbox_id="sb0")
+    )
+    # Only this sandbox's containers, newest first: kubelet does not sort this list and
+    # takes the first container of a name for the current one (its restart count too).
+    assert [s.id for s in reply.containers_statuses] == ["app", "side", "init"]
+    for listed in reply.containers_statuses:
+        assert listed == await status_of(api, listed.id)
+
+
+async def test_pod_sandbox_status_timestamp_is_when_it_was_read_in_nanoseconds(
+    api: InMemoryApi,
+) -> None:
+    await seed(api)
+    before = time.time_ns()
+    reply = await api.client.runtime.pod_sandbox_status(
+        v1.PodSandboxStatusRequest(pod_sandbox_id="sb1")
+    )
+    after = time.time_ns()
+    assert before <= reply.timestamp <= after
+    assert [s.id for s in reply.containers_statuses] == ["other"]
 
 
 async def test_container_status_reports_its_mounts(api: InMemoryApi) -> None:
