@@ -237,15 +237,17 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         async for event in self._containers.events.subscribe():
             yield self._event_response(event)
 
-    def _event_response(self, event: LifecycleEvent) -> v1.ContainerEventResponse:
-        sandbox = self._sandboxes.find(event.sandbox_id)
-        members = self._containers.matching(ContainerFilter(sandbox_id=event.sandbox_id))
+    @staticmethod
+    def _event_response(event: LifecycleEvent) -> v1.ContainerEventResponse:
+        """The event with the pod's state it was published with (not today's)."""
         return v1.ContainerEventResponse(
             container_id=event.container_id,
             container_event_type=v1.ContainerEventType(int(event.type)),
             created_at=event.created_at,
-            pod_sandbox_status=convert.pod_sandbox_status(sandbox) if sandbox else None,
-            containers_statuses=convert.container_statuses(members),
+            pod_sandbox_status=(
+                convert.pod_sandbox_status(event.sandbox) if event.sandbox is not None else None
+            ),
+            containers_statuses=convert.container_statuses(event.containers),
         )
 
     async def stream_pod_sandboxes(

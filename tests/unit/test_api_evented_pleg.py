@@ -1,15 +1,20 @@
 """What kubelet's evented PLEG reads, through the real servicers in memory (ChannelFor).
 
-A container's status is one message wherever kubelet reads it: ContainerStatus, and with
-the EventedPLEG gate PodSandboxStatus' ``containers_statuses`` and the GetContainerEvents
-replies (kuberuntime_container.go toKubeContainerStatus reads every field of it). With
-that gate kubelet takes a pod's containers from PodSandboxStatus whenever ``timestamp`` is
-set, and caches them under that time in nanoseconds (kuberuntime_manager.go GetPodStatus).
+With the EventedPLEG gate kubelet takes a pod's containers from PodSandboxStatus'
+``containers_statuses`` whenever ``timestamp`` is set, and caches them under that time in
+nanoseconds (kuberuntime_manager.go GetPodStatus); each GetContainerEvents reply replaces
+the cached pod with its ``pod_sandbox_status`` and ``containers_statuses`` under
+``created_at`` (pleg/evented.go), and a CONTAINER_DELETED_EVENT whose container id is the
+sandbox's drops the pod from the cache, but only when ``pod_sandbox_status`` is set.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from asyncio import Queue
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -22,6 +27,7 @@ from crishim.model import (
     Sandbox,
     SandboxState,
 )
+from crishim.model.events import EventType
 from tests.rig.crishim_fixtures import InMemoryApi
 
 IMAGE_ID = "sha256:" + "1" * 64
@@ -175,3 +181,87 @@ async def test_container_status_reports_the_effective_stop_signal(api: InMemoryA
 )
 def test_stop_signal_names_map_to_the_cri_enum(name: str, expected: v1.Signal) -> None:
     assert convert.status_stop_signal(name) is expected
+
+
+@contextlib.asynccontextmanager
+async def container_events(api: InMemoryApi) -> AsyncIterator[Queue[v1.ContainerEventResponse]]:
+    """GetContainerEvents' replies, from once the stream is open."""
+    received: Queue[v1.ContainerEventResponse] = Queue()
+
+    async def listen() -> None:
+        async for event in api.client.runtime.get_container_events(v1.GetEventsRequest()):
+            received.put_nowait(event)
+
+    listener = asyncio.create_task(listen())
+    for _ in range(200):
+        if api.services.containers.events.subscribers:
+            break
+        await asyncio.sleep(0.01)
+    try:
+        yield received
+    finally:
+        listener.cancel()
+
+
+async def next_event(stream: Queue[v1.ContainerEventResponse]) -> v1.ContainerEventResponse:
+    return await asyncio.wait_for(stream.get(), 2)
+
+
+async def test_events_carry_the_pod_as_it_was_when_they_happened(api: InMemoryApi) -> None:
+    await seed(api)
+    bus = api.services.containers.events
+    async with container_events(api) as received:
+        before = time.time_ns()
+        bus.publish("app", "sb0", EventType.STARTED)
+        after = time.time_ns()
+        running = [await status_of(api, c) for c in ("app", "side", "init")]
+        await api.stores.containers.update(
+            "app",
+            lambda c: c.model_copy(
+                update={"state": ContainerState.EXITED, "exit_code": 2, "reason": "Error"}
+            ),
+        )
+        bus.publish("app", "sb0", EventType.STOPPED)
+        exited = [await status_of(api, c) for c in ("app", "side", "init")]
+
+        started = await next_event(received)
+        assert started.container_id == "app"
+        assert started.container_event_type is v1.ContainerEventType.CONTAINER_STARTED_EVENT
+        assert before <= started.created_at <= after
+        assert started.pod_sandbox_status is not None
+        assert started.pod_sandbox_status.metadata == v1.PodSandboxMetadata(
+            name="pod-u0", uid="u0", namespace="ns", attempt=1
+        )
+        # The state at the event, with every field ContainerStatus has (mounts too),
+        # though the container exited before the reply was sent.
+        assert started.containers_statuses == running
+        stopped = await next_event(received)
+        assert stopped.containers_statuses == exited
+        assert stopped.created_at > started.created_at
+
+
+async def test_removing_a_sandbox_is_an_event_with_its_last_status(api: InMemoryApi) -> None:
+    """Without ``pod_sandbox_status`` kubelet ignores the event and keeps the pod cached."""
+    await api.stores.sandboxes.add(sandbox("lonely", "u9"))
+    async with container_events(api) as received:
+        runtime = api.client.runtime
+        await runtime.stop_pod_sandbox(v1.StopPodSandboxRequest(pod_sandbox_id="lonely"))
+        await runtime.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id="lonely"))
+        stopped = await next_event(received)
+        deleted = await next_event(received)
+    kinds = v1.ContainerEventType
+    assert (stopped.container_id, stopped.container_event_type) == (
+        "lonely",
+        kinds.CONTAINER_STOPPED_EVENT,
+    )
+    assert stopped.pod_sandbox_status is not None
+    assert stopped.pod_sandbox_status.state is v1.PodSandboxState.SANDBOX_NOTREADY
+    assert (deleted.container_id, deleted.container_event_type) == (
+        "lonely",
+        kinds.CONTAINER_DELETED_EVENT,
+    )
+    assert deleted.pod_sandbox_status is not None
+    assert deleted.pod_sandbox_status.id == "lonely"
+    assert deleted.pod_sandbox_status.metadata is not None
+    assert deleted.pod_sandbox_status.metadata.uid == "u9"
+    assert deleted.containers_statuses == []
