@@ -27,7 +27,7 @@ from crishim.images.snapshots.overlay import (
     overlay_supported,
     probe_overlay_mount,
 )
-from crishim.model import Container, Image, Sandbox
+from crishim.model import Container, ContainerFilter, Image, Sandbox
 from crishim.network.cni import CniManager
 from crishim.runtime.binaries import resolve_binary
 from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
@@ -151,6 +151,10 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         default_runtime=config.default_runtime,
         cgroups=cgroups,
         events=events,
+    )
+    events.pod_state = lambda sandbox_id: (
+        sandboxes.find(sandbox_id),
+        containers.matching(ContainerFilter(sandbox_id=sandbox_id)),
     )
     sandboxes.reap_containers = containers.reap_sandbox
     sandboxes.start_infra = containers.start_infra

@@ -488,6 +488,8 @@ class ContainerService:
         except NotFound:
             return
         async with self._lock(container.id):
+            if self._store.find(container.id) is None:
+                return  # removed while this call waited for the lock
             await self._stop_locked(container.id, timeout)
 
     async def _stop_locked(self, container_id: str, timeout: float) -> None:
@@ -634,6 +636,8 @@ class ContainerService:
         except NotFound:
             return
         async with self._lock(container.id):
+            if self._store.find(container.id) is None:
+                return  # a concurrent removal (kubelet's GC and its pod cleanup race) did it
             await self._stop_locked(container.id, 0)
             if not self._store.get(container.id).can_remove():
                 raise FailedPrecondition(

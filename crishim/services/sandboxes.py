@@ -412,4 +412,4 @@ class SandboxService:
             await remove_tree(self.paths(sandbox.id).base)
             await self._store.delete(sandbox.id)
         self._locks.pop(sandbox.id, None)
-        self._events.publish(sandbox.id, sandbox.id, EventType.DELETED)
+        self._events.publish(sandbox.id, sandbox.id, EventType.DELETED, removed_sandbox=sandbox)

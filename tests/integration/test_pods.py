@@ -735,6 +735,11 @@ async def test_container_events_follow_the_lifecycle_in_order(rig: PodRig) -> No
     assert started.pod_sandbox_status is not None
     assert started.pod_sandbox_status.id == pod_id
     assert [s.id for s in started.containers_statuses] == [cid]
+    # Each event shows the pod as it was when it happened; the pod's removal still carries
+    # the pod's status (kubelet drops the pod from its cache on that, and only with it).
+    assert started.containers_statuses[0].state is v1.ContainerState.CONTAINER_RUNNING
+    deleted = [e for e in events if e.container_event_type is kinds.CONTAINER_DELETED_EVENT]
+    assert [e.pod_sandbox_status.id for e in deleted if e.pod_sandbox_status] == [pod_id, pod_id]
 
 
 async def test_pod_resources_reach_the_pod_cgroup(rig: PodRig) -> None:

@@ -16,7 +16,7 @@ from grpclib.testing import ChannelFor
 from crishim.api import v1
 from crishim.api.codec import CriCodec
 from crishim.api.instrument import CallTracker
-from crishim.app import Stores, build_servicers, build_services, open_stores
+from crishim.app import Services, Stores, build_servicers, build_services, open_stores
 from crishim.config import Config
 from crishim.images.snapshots.copy import CopySnapshotter
 from tests.rig.crishim_proc import CrishimProcess
@@ -65,6 +65,7 @@ class InMemoryApi:
     client: CriClient
     stores: Stores
     tracker: CallTracker
+    services: Services
 
 
 @pytest.fixture
@@ -82,7 +83,7 @@ async def api(tmp_path: Path) -> AsyncIterator[InMemoryApi]:
     async with ChannelFor(servicers, codec=CriCodec()) as channel:
         client = CriClient(channel, v1.RuntimeServiceStub(channel), v1.ImageServiceStub(channel))
         try:
-            yield InMemoryApi(config, client, stores, tracker)
+            yield InMemoryApi(config, client, stores, tracker, services)
         finally:
             await services.registry.close()
 

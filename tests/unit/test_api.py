@@ -381,3 +381,19 @@ async def test_writes_of_one_loop_turn_leave_together() -> None:
     assert real.writes[-1] == b"last"
     assert real.closed
     assert corked.get_extra_info("peername") == "info:peername"
+
+
+async def test_concurrent_removals_of_one_container_all_succeed(api: InMemoryApi) -> None:
+    """kubelet's container garbage collector and its pod cleanup can remove the same
+    container at once; RemoveContainer and StopContainer of a gone container are no-ops."""
+    await seed(api)
+    runtime = api.client.runtime
+    remove = v1.RemoveContainerRequest(container_id="ct1")
+    stop = v1.StopContainerRequest(container_id="ct1", timeout=0)
+    await asyncio.gather(
+        runtime.remove_container(remove),
+        runtime.remove_container(remove),
+        runtime.stop_container(stop),
+    )
+    listed = await runtime.list_containers(v1.ListContainersRequest())
+    assert [c.id for c in listed.containers] == ["ct2", "ct0"]
