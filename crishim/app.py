@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from crishim import __version__
+from crishim.api.admin_service import AdminServicer
 from crishim.api.image_service import ImageServicer
 from crishim.api.instrument import CallTracker
 from crishim.api.metrics_http import MetricsServer
@@ -178,7 +179,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
 def build_servicers(
     services: Services, tracker: CallTracker, streaming: StreamingServer | None = None
 ) -> list[Any]:
-    """The RuntimeService and ImageService servicers."""
+    """The CRI's RuntimeService and ImageService servicers, and crishim's Admin service."""
     runtime = RuntimeServicer(
         services.runtime_info,
         services.sandboxes,
@@ -188,7 +189,11 @@ def build_servicers(
         services.exec,
         streaming,
     )
-    return [runtime, ImageServicer(services.images, services.stats, tracker)]
+    return [
+        runtime,
+        ImageServicer(services.images, services.stats, tracker),
+        AdminServicer(services.images, tracker),
+    ]
 
 
 def streaming_limits(config: StreamingConfig) -> StreamingLimits:
