@@ -109,3 +109,13 @@ def test_doctor_fails_on_missing_cni_plugins(tmp_path: Path) -> None:
     out = crishim("doctor", "--config", str(main))
     assert out.returncode == 1
     assert "FAIL  cni plugins: no-such-plugin not found in /usr/lib/cni" in out.stdout
+
+
+def test_images_import_without_a_running_crishim_says_so(tmp_path: Path) -> None:
+    archive = tmp_path / "archive.tar"
+    archive.write_bytes(b"")
+    socket = tmp_path / "absent.sock"
+    out = crishim("images", "import", "--socket", str(socket), str(archive))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"crishim: cannot reach crishim on {socket} (")
+    assert "is `crishim serve` running" in out.stderr
