@@ -83,6 +83,8 @@ class ChunkReader(io.RawIOBase):
         self._next_chunk = next_chunk
         self._pending = memoryview(b"")
         self._ended = False
+        #: bytes received so far
+        self.size = 0
 
     def readable(self) -> bool:
         return True
@@ -93,6 +95,7 @@ class ChunkReader(io.RawIOBase):
             chunk = self._next_chunk()
             if chunk:
                 self._pending = memoryview(chunk)
+                self.size += len(chunk)
             else:
                 self._ended = True
         count = min(len(target), len(self._pending))

@@ -277,6 +277,7 @@ class ImageService:
                 reader = ChunkReader(_chunks_from_loop(chunks))
                 contents = await anyio.to_thread.run_sync(read_archive, reader, staging)
                 plan = await anyio.to_thread.run_sync(plan_import, contents, self._platform)
+                read = time.monotonic() - started
                 for planned in plan.images:
                     await self._unpack_planned(planned)
                 images = await anyio.to_thread.run_sync(self._adopt, staging, plan)
@@ -286,7 +287,13 @@ class ImageService:
             self._imports -= 1
         for image in stored:
             log.info("imported %s as %s", ", ".join(image.repo_tags) or "an image", image.id)
-        log.info("imported %d image(s) in %.2fs", len(stored), time.monotonic() - started)
+        log.info(
+            "imported %d image(s) from %.1f MB in %.2fs (%.2fs reading the archive)",
+            len(stored),
+            reader.size / 1e6,
+            time.monotonic() - started,
+            read,
+        )
         return ImportResult(stored, plan.notes)
 
     async def _unpack_planned(self, planned: PlannedImage) -> None:
