@@ -36,6 +36,12 @@ LAYER_TYPES = (
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    # Not in the schema 2 spec, but what moby and containerd write for layers they store
+    # uncompressed (docker save since Docker 25, images imported from docker archives) or
+    # compress with zstd.
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
 )
 
 

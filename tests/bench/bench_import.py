@@ -27,8 +27,9 @@ from pathlib import Path
 from grpclib.client import Channel
 
 from crishim.api import v1
-from tests.bench.bench_pull import make_image, report, start_containerd
+from tests.bench.bench_pull import make_image, report
 from tests.rig.archives import IMAGE_NAME, docker_archive, oci_archive, tar_bytes
+from tests.rig.containerd import Containerd, containerd
 from tests.rig.crishim_proc import CrishimProcess
 
 NAME = "docker.io/bench/import:v1"
@@ -67,20 +68,21 @@ def crishim_rounds(proc: CrishimProcess, archive: Path, image_id: str, rounds: i
     return times
 
 
-def containerd_rounds(sock: Path, archive: Path, rounds: int) -> list[float]:
-    ctr = ["ctr", "--address", str(sock), "--namespace=k8s.io", "images"]
+def containerd_rounds(ctrd: Containerd, archive: Path, rounds: int) -> list[float]:
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        with archive.open("rb") as source:
-            subprocess.run(
-                [*ctr, "import", "--all-platforms", "--digests", "--snapshotter=overlayfs", "-"],
-                stdin=source,
-                check=True,
-                capture_output=True,
-            )
+        ctrd.ctr(
+            "images",
+            "import",
+            "--all-platforms",
+            "--digests",
+            "--snapshotter=overlayfs",
+            "-",
+            stdin=archive.read_bytes(),
+        )
         times.append(time.perf_counter() - start)
-        subprocess.run([*ctr, "rm", "--sync", NAME], check=True, capture_output=True)
+        ctrd.ctr("images", "rm", "--sync", NAME)
     return times
 
 
@@ -115,17 +117,10 @@ def main() -> None:
         if shutil.which("containerd") is None or shutil.which("ctr") is None:
             print("containerd: not installed on this machine, no comparison")
             return
-        base = Path(tmp) / "containerd"
-        base.mkdir()
-        ctrd, sock = start_containerd(base, "localhost:1")
-        try:
+        with containerd(Path(tmp) / "containerd") as ctrd:
             for kind, archive in archives.items():
-                times = containerd_rounds(sock, archive, args.rounds)
+                times = containerd_rounds(ctrd, archive, args.rounds)
                 report(f"ctr {kind}", times, archive.stat().st_size)
-        finally:
-            ctrd.terminate()
-            ctrd.wait(30)
-            subprocess.run(["umount", "-R", str(base / "root")], capture_output=True, check=False)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 from crishim.errors import DataLoss, InvalidArgument, NotFound
 from crishim.images.auth import Credentials
 from crishim.images.content import ContentStore
+from crishim.images.manifest import host_platform
 from tests.rig.archives import (
     IMAGE_NAME,
     REF_NAME,
@@ -26,6 +27,7 @@ from tests.rig.archives import (
     oci_archive,
     tar_bytes,
 )
+from tests.rig.containerd import containerd, require_containerd
 from tests.rig.fixtures import require_busybox
 from tests.rig.image_env import ImageEnv, image_env, mounted, snapshotter_kinds
 from tests.rig.oci_image import Image, LayerBuilder, busybox_image, push, write_oci_layout
@@ -231,3 +233,31 @@ async def test_skopeo_archives(tmp_path: Path, transport: str) -> None:
         with mounted(env.snapshotter.view("check", stored.top_chain_id)) as rootfs:
             assert (rootfs / "bin/busybox").stat().st_size > 0
         env.snapshotter.remove("check")
+
+
+async def test_archives_exported_by_containerd(tmp_path: Path) -> None:
+    """``ctr images export`` (how a kind node's preloaded images leave containerd): an OCI
+    layout with containerd's name annotations, a manifest.json, and the docker manifests
+    with uncompressed layers containerd makes of imported docker archives."""
+    require_containerd()
+    require_busybox()
+    docker = busybox_image(labels={"from": "docker-archive"})
+    oci = busybox_image(labels={"from": "oci-archive"})
+    docker_tar = tar_bytes(docker_archive([(docker, ["kind/a:1"])]))
+    oci_tar = tar_bytes(oci_archive([(oci, {REF_NAME: "registry.test/b:2"})]))
+    with containerd(tmp_path / "containerd") as ctrd:
+        # as kind's node image build imports its images
+        load = ("images", "import", "--all-platforms", "--no-unpack", "--digests", "-")
+        for data in (docker_tar, oci_tar):
+            ctrd.ctr(*load, stdin=data)
+        names = ["docker.io/kind/a:1", "registry.test/b:2"]
+        platform = str(host_platform())
+        exported = ctrd.ctr("images", "export", "--platform", platform, "-", *names)
+    async with image_env(tmp_path / "env") as env:
+        result = await env.service.import_archive(chunks_of(exported))
+        assert [(i.id, i.repo_tags) for i in result.images] == [
+            (docker.config_digest, ["docker.io/kind/a:1"]),
+            (oci.config_digest, ["registry.test/b:2"]),
+        ]
+        uncompressed = "application/vnd.docker.image.rootfs.diff.tar"
+        assert result.images[0].layers[0].media_type == uncompressed
