@@ -15,6 +15,9 @@ from typing import BinaryIO, TypeVar
 
 from grpclib import GRPCError
 from grpclib.client import Channel
+from grpclib.const import Cardinality
+from grpclib.exceptions import StreamTerminatedError
+from h2.exceptions import StreamClosedError
 
 from crishim import errors
 from crishim.api import admin_v1, v1
@@ -27,6 +30,7 @@ __all__ = ["IMPORT_CHUNK", "import_archive", "list_images", "tag_image"]
 IMPORT_CHUNK = 1024 * 1024
 #: seconds a short call (tag, list) may take
 CALL_TIMEOUT = 60.0
+IMPORT_IMAGE = "/crishim.admin.v1.Admin/ImportImage"
 
 _ERROR_FOR_STATUS = {
     status: error for error, status in STATUS_FOR_ERROR.items() if error is not errors.ConfigError
@@ -36,13 +40,30 @@ _T = TypeVar("_T")
 
 async def import_archive(socket: Path, source: BinaryIO) -> admin_v1.ImportImageResponse:
     """Stream the archive ``source`` (a file or a pipe) to crishim's ImportImage."""
-
-    async def chunks() -> AsyncIterator[admin_v1.ImportImageRequest]:
-        while data := await asyncio.to_thread(source.read, IMPORT_CHUNK):
-            yield admin_v1.ImportImageRequest(data=data)
-
     async with _channel(socket) as channel:
-        return await _call(socket, admin_v1.AdminStub(channel).import_image(chunks()))
+        return await _call(socket, _send_archive(channel, source))
+
+
+async def _send_archive(channel: Channel, source: BinaryIO) -> admin_v1.ImportImageResponse:
+    # Not the generated stub: crishim may refuse the archive before it has all of it (a
+    # hostile first member), ending the call while the archive is still being sent. Sending
+    # then fails; the status crishim answered with is what to report.
+    async with channel.request(
+        IMPORT_IMAGE,
+        Cardinality.STREAM_UNARY,
+        admin_v1.ImportImageRequest,
+        admin_v1.ImportImageResponse,
+    ) as stream:
+        await stream.send_request()
+        try:
+            while data := await asyncio.to_thread(source.read, IMPORT_CHUNK):
+                await stream.send_message(admin_v1.ImportImageRequest(data=data))
+            await stream.end()
+        except (StreamClosedError, StreamTerminatedError):
+            pass  # refused early: recv_message raises the status
+        reply = await stream.recv_message()
+    assert reply is not None
+    return reply
 
 
 async def tag_image(socket: Path, source: str, target: str) -> admin_v1.ImageSummary:

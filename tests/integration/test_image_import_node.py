@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 
 from crishim.api import v1
+from tests.rig.archives import ArchiveMember, tar_bytes
 from tests.rig.crishim_proc import CrishimProcess
 from tests.rig.fixtures import require_busybox
 from tests.rig.host import mounts_under, run
@@ -93,15 +94,15 @@ async def node_fixture(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     base = tmp_path_factory.mktemp("import-node")
     docker_image = busybox_image(labels={"archive": "docker"})
     oci_image = busybox_image(labels={"archive": "oci"})
-    docker_archive, oci_archive = base / "docker.tar", base / "oci.tar"
-    skopeo(docker_image, base / "layout-docker", f"docker-archive:{docker_archive}:{DOCKER_TAG}")
-    skopeo(oci_image, base / "layout-oci", f"oci-archive:{oci_archive}:busybox:oci")
+    docker_tar, oci_tar = base / "docker.tar", base / "oci.tar"
+    skopeo(docker_image, base / "layout-docker", f"docker-archive:{docker_tar}:{DOCKER_TAG}")
+    skopeo(oci_image, base / "layout-oci", f"oci-archive:{oci_tar}:busybox:oci")
     proc = CrishimProcess(base / "crishim", config=f'default_runtime = "{RUNTIME}"\n')
     rig: PodRig | None = None
     try:
         await asyncio.to_thread(proc.start)
         rig = PodRig(RUNTIME, proc, base, "", "", "", "", "")
-        yield Node(proc, rig, docker_archive, docker_image, oci_archive, oci_image)
+        yield Node(proc, rig, docker_tar, docker_image, oci_tar, oci_image)
     finally:
         try:
             if rig is not None and proc.proc is not None and proc.proc.poll() is None:
@@ -191,6 +192,19 @@ async def test_not_an_archive_is_refused(node: Node) -> None:
     missing = node.crishim("import", "/nonexistent/archive.tar")
     assert missing.returncode == 2
     assert missing.stderr == b"crishim: /nonexistent/archive.tar: No such file or directory\n"
+
+
+async def test_refusal_before_the_end_of_the_archive_reports_why(node: Node) -> None:
+    """crishim refuses a hostile first member while the client still has 64 MiB to send:
+    the client stops sending and reports crishim's answer."""
+    hostile = ArchiveMember("../escape", b"x")
+    data = tar_bytes([hostile, ArchiveMember("padding", os.urandom(64 * 1024 * 1024))])
+    for _ in range(3):
+        out = await asyncio.to_thread(node.crishim, "import", "-", stdin=data)
+        assert out.returncode == 2
+        assert out.stderr.decode() == (
+            'crishim: archive member "../escape": the name climbs out of the archive\n'
+        )
 
 
 async def test_tag_and_list(node: Node) -> None:
