@@ -58,6 +58,7 @@ MAX_INDEX_DEPTH = 4
 _LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_IMAGE_ID = re.compile(r"^sha256:[a-f0-9]{64}$")
 _HEX_NAME = re.compile(r"^(?:.*/)?([a-f0-9]{64})(?:\.json)?$")
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -379,9 +380,12 @@ def _layers(
 
 
 def _names(texts: list[str], where: str) -> tuple[Reference, ...]:
-    """Tags as references normalised like a pull's; digest-only references name no tag."""
+    """Tags as references normalised like a pull's. Digest-only references name no tag, nor
+    does an image ID (containerd names images by their ID too, and exports that name)."""
     found: list[Reference] = []
     for text in texts:
+        if _IMAGE_ID.match(text):
+            continue
         ref = _wrap(where, parse_reference, text)
         if ref.tag is None:
             continue

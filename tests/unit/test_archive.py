@@ -138,6 +138,7 @@ def test_docker_archive_layer_through_a_legacy_symlink(tmp_path: Path) -> None:
         ({REF_NAME: "busybox:v2"}, ["docker.io/library/busybox:v2"]),
         ({REF_NAME: "docker.io/library/busybox:v2"}, ["docker.io/library/busybox:v2"]),
         ({REF_NAME: "registry.test/app"}, ["registry.test/app:latest"]),
+        ({IMAGE_NAME: "sha256:" + "ab" * 32}, []),
         ({}, []),
     ],
 )
