@@ -1,4 +1,5 @@
-"""``crishim images import`` and the ``ctr`` stand-in against a running crishim (root).
+"""``crishim images import``, the ``ctr`` stand-in and the kind node's image preload against
+a running crishim (root).
 
 One crishim (runc, no CNI network: its pods use the host's) serves the module. Archives are
 made by skopeo from OCI layouts the rig writes: a ``docker-archive:`` and an
@@ -22,7 +23,8 @@ import pytest
 import pytest_asyncio
 
 from crishim.api import v1
-from tests.rig.archives import ArchiveMember, tar_bytes
+from tests.rig.archives import ArchiveMember, docker_archive, tar_bytes
+from tests.rig.containerd import containerd, require_containerd
 from tests.rig.crishim_proc import CrishimProcess
 from tests.rig.fixtures import require_busybox
 from tests.rig.host import mounts_under, run
@@ -34,6 +36,7 @@ pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
 RUNTIME = "runc"
 DOCKER_TAG = "example.test/tools/busybox:docker"
 OCI_TAG = "docker.io/library/busybox:oci"
+PRELOAD = Path(__file__).resolve().parents[2] / "docker" / "kind" / "crishim-kind-preload"
 
 
 @dataclass
@@ -249,3 +252,39 @@ async def test_ctr_as_kind_load_runs_it(node: Node) -> None:
     refused = node.ctr("-n", "k8s.io", "images", "rm", "kind/app:v2")
     assert refused.returncode == 1
     assert b"is not supported on this node" in refused.stderr
+
+
+async def test_kind_preload_moves_containerds_images_to_crishim(node: Node, tmp_path: Path) -> None:
+    """docker/kind/crishim-kind-preload on a containerd store filled as kind's node image
+    builder fills it (import --all-platforms --no-unpack --digests)."""
+    require_containerd()
+    preloaded = busybox_image(labels={"archive": "preloaded"})
+    store = tmp_path / "containerd"
+    with containerd(store) as ctrd:
+        ctrd.ctr(
+            "images",
+            "import",
+            "--all-platforms",
+            "--no-unpack",
+            "--digests",
+            "-",
+            stdin=tar_bytes(docker_archive([(preloaded, ["registry.k8s.io/preloaded:v1"])])),
+        )
+    marker = tmp_path / "kind-preload.done"
+    env = dict(
+        os.environ,
+        CONTAINERD_ROOT=str(store / "root"),
+        CTR="ctr",
+        CRISHIM=f"{sys.executable} -m crishim.cli",
+        CRISHIM_CONFIG=str(node.proc.config_file),
+        MARKER=str(marker),
+        TMPDIR=str(tmp_path),
+    )
+    out = await asyncio.to_thread(
+        subprocess.run, [str(PRELOAD)], env=env, capture_output=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"moving 1 image(s)" in out.stdout
+    assert marker.exists()
+    assert (await node.tags())[preloaded.config_digest] == ["registry.k8s.io/preloaded:v1"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("crishim-kind")] == []
