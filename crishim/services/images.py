@@ -282,9 +282,12 @@ class ImageService:
                     await self._unpack_planned(planned)
                 images = await anyio.to_thread.run_sync(self._adopt, staging, plan)
                 async with self._meta_lock:
-                    stored = [await self._record_locked(image) for image in images]
+                    records = [await self._record_locked(image) for image in images]
         finally:
             self._imports -= 1
+        # Entries of one archive may be the same image (one config under two manifests):
+        # each image once, as last recorded.
+        stored = list({image.id: image for image in records}.values())
         for image in stored:
             log.info("imported %s as %s", ", ".join(image.repo_tags) or "an image", image.id)
         log.info(

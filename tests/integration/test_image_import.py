@@ -261,3 +261,12 @@ async def test_archives_exported_by_containerd(tmp_path: Path) -> None:
         ]
         uncompressed = "application/vnd.docker.image.rootfs.diff.tar"
         assert result.images[0].layers[0].media_type == uncompressed
+
+
+async def test_one_image_under_two_entries_is_reported_once(tmp_path: Path) -> None:
+    image = layered_image()
+    members = oci_archive([(image, {REF_NAME: "a:1"}), (image, {REF_NAME: "a:2"})])
+    async with image_env(tmp_path) as env:
+        result = await env.service.import_archive(chunks_of(tar_bytes(members)))
+        (stored,) = result.images
+        assert stored.repo_tags == ["docker.io/library/a:1", "docker.io/library/a:2"]
