@@ -57,7 +57,7 @@ def test_containerfile_copies_files_that_exist_and_installs_the_ctr_stand_in() -
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["crishim-ctr"] == "crishim.ctr:main"
     assert "ln -s /opt/crishim/bin/crishim-ctr /usr/local/bin/ctr" in text
-    assert "systemctl mask containerd.service" in text
+    assert "ln -sf /dev/null /etc/systemd/system/containerd.service" in text
     assert "crishim unit > /etc/systemd/system/crishim.service" in text
 
 
