@@ -32,6 +32,7 @@ from crishim.errors import (
 from crishim.network.cni_result import CniResult, parse_result, version_tuple
 from crishim.network.netns import namespace_alive
 from crishim.util import proc
+from crishim.util.disk import disk_full_as
 
 log = logging.getLogger(__name__)
 
@@ -447,13 +448,18 @@ class CniManager:
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as file:
-        json.dump(data, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    with disk_full_as("writing the CNI cache", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "w") as file:
+                json.dump(data, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     # The rename is durable only once the directory entry is on disk.
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:

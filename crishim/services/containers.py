@@ -56,6 +56,7 @@ from crishim.services.exits import ExitTracker
 from crishim.services.images import ImageService
 from crishim.services.sandboxes import SandboxService
 from crishim.store import ObjectStore
+from crishim.util.disk import disk_full_as
 from crishim.util.fs import remove_tree
 from crishim.util.tasks import BackgroundTasks, join_shared
 
@@ -229,7 +230,8 @@ class ContainerService:
         sandbox_config = SandboxConfig.model_validate(sandbox.config)
         snapshotter = self._images.snapshotter
         async with contextlib.AsyncExitStack() as undo:
-            paths.bundle.mkdir(parents=True)
+            with disk_full_as("making the bundle directory", paths.bundle):
+                paths.bundle.mkdir(parents=True)
             undo.push_async_callback(remove_tree, paths.base)
             mounts = await anyio.to_thread.run_sync(
                 snapshotter.prepare, container_id, image.top_chain_id or None

@@ -39,6 +39,7 @@ from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.services.events import EventBus
 from crishim.store import ObjectStore
+from crishim.util.disk import disk_full_as
 from crishim.util.fs import remove_tree
 from crishim.util.tasks import join_shared
 
@@ -216,7 +217,8 @@ class SandboxService:
         hostname = config.hostname or os.uname().nodename
         sysctls = dict(linux.sysctls) if linux else {}
         async with contextlib.AsyncExitStack() as undo:
-            paths.base.mkdir(parents=True, exist_ok=True)
+            with disk_full_as("making the pod sandbox directory", paths.base):
+                paths.base.mkdir(parents=True, exist_ok=True)
             undo.push_async_callback(remove_tree, paths.base)
             namespaces = await create_pod_namespaces(
                 self._state / "ns",
@@ -236,7 +238,8 @@ class SandboxService:
                 ips = await self._network_up(sandbox_id, namespaces.network, config)
                 network_ready = True
                 undo.push_async_callback(self._network_down, sandbox_id, namespaces.network)
-            self._write_files(paths, config, hostname, ips, host_network)
+            with disk_full_as("writing hostname, hosts and resolv.conf in", paths.base):
+                self._write_files(paths, config, hostname, ips, host_network)
             sandbox = Sandbox(
                 id=sandbox_id,
                 metadata=PodMetadata(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from crishim.errors import Internal
+from crishim.errors import Internal, ResourceExhausted
 from crishim.images.snapshots.base import Mount, Snapshotter
 from crishim.images.unpack import LayerResult, WhiteoutStyle, apply_layer
 
@@ -48,4 +48,7 @@ def _copy_tree(source: Path, destination: Path) -> None:
         raise Internal(f"copying {source} to {destination}: cp: {exc.strerror}") from exc
     if done.returncode:
         error = done.stderr.decode(errors="replace").strip() or f"cp exited {done.returncode}"
-        raise Internal(f"copying {source} to {destination}: {error}")
+        failure = f"copying {source} to {destination}: {error}"
+        if "No space left on device" in error or "Disk quota exceeded" in error:
+            raise ResourceExhausted(f"{failure} (the disk is full)")
+        raise Internal(failure)
