@@ -158,6 +158,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         containers.matching(ContainerFilter(sandbox_id=sandbox_id)),
     )
     sandboxes.reap_containers = containers.reap_sandbox
+    sandboxes.check_runtime = containers.check_runtime
     infra = InfraProcesses(
         state_dir=state, sandboxes=sandboxes, runtime_for=containers.runtime_for, cgroups=cgroups
     )

@@ -73,6 +73,8 @@ class SandboxPaths:
 
 # Called to stop (and optionally remove) every container of a sandbox; set by the app.
 ContainerReaper = Callable[[str, bool], Awaitable[None]]
+# Raises unless a runtime handler's binary is installed; set by the app.
+RuntimeCheck = Callable[[str], None]
 # Start and stop the process holding a shared PID namespace; set by the app.
 InfraStarter = Callable[[Sandbox, SandboxConfig], Awaitable[int]]
 InfraStopper = Callable[[Sandbox], Awaitable[None]]
@@ -101,6 +103,7 @@ class SandboxService:
         self._creating: dict[tuple[str, str, str, int], asyncio.Task[Sandbox]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.reap_containers: ContainerReaper | None = None
+        self.check_runtime: RuntimeCheck | None = None
         self.start_infra: InfraStarter | None = None
         self.stop_infra: InfraStopper | None = None
 
@@ -196,6 +199,9 @@ class SandboxService:
                     f"pod sandbox {meta.name}/{meta.namespace} attempt {meta.attempt} exists as "
                     f"{existing.id} and is not ready; remove it first"
                 )
+        if self.check_runtime is not None:
+            # Before anything is made: no container of the pod could run.
+            self.check_runtime(handler)
         task = self._creating.get(key)
         if task is None:
             task = asyncio.create_task(self._run(config, handler))
