@@ -519,7 +519,14 @@ class ContainerService:
         conmon's cgroup, root filesystem, snapshot and files."""
         paths = self.paths(container.id)
         if paths.conmon_pid_file.exists():  # else the runtime never heard of it
-            await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
+            try:
+                await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
+            except (CrishimError, OSError) as exc:
+                # A runtime that fails (or is gone) must not keep the rest: recovery retries
+                # it at the next start.
+                log.warning(
+                    "container %s: removing it from its runtime: %s", container.id[:12], exc
+                )
             await self._cgroups.release(parent, container.id)
         await unmount(paths.rootfs)
         await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)
