@@ -43,6 +43,7 @@ from crishim.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
+    ResourceExhausted,
 )
 from crishim.runtime.oci_runtime import OciRuntime, error_message
 from crishim.util import proc
@@ -288,7 +289,7 @@ async def _spawn(
         if status != 0:
             early_errors.seek(0)
             detail = early_errors.read().decode(errors="replace").strip() or "no message"
-            raise Internal(
+            raise _failure(
                 f"conmon {conmon} for container {spec.container_id} exited with status "
                 f"{status}: {detail}"
             )
@@ -304,8 +305,17 @@ def _parse_sync(runtime: OciRuntime, cid: str, line: bytes) -> int:
         raise Internal(f"conmon for {cid}: bad sync message {line!r}") from exc
     if value <= 0:
         text = error_message(str(message.get("message", ""))) or "no message"
-        raise Internal(f"create container {cid}: {runtime.what} ({runtime.path}) failed: {text}")
+        raise _failure(f"create container {cid}: {runtime.what} ({runtime.path}) failed: {text}")
     return value
+
+
+def _failure(message: str) -> CrishimError:
+    """The error for a failure conmon or the runtime reported: ResourceExhausted when it was
+    a full disk (conmon, runc and crun all print strerror's words), else Internal."""
+    lowered = message.lower()
+    if "no space left on device" in lowered or "disk quota exceeded" in lowered:
+        return ResourceExhausted(f"{message} (the disk is full)")
+    return Internal(message)
 
 
 def read_exit_code(exit_dir: Path, cid: str) -> int | None:

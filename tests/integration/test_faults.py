@@ -292,6 +292,37 @@ async def test_a_create_on_a_full_disk_is_resource_exhausted_and_leaves_nothing(
     await rig.assert_nothing_left()
 
 
+async def test_a_start_on_a_full_disk_is_resource_exhausted_and_leaves_nothing(
+    small_disks: SmallDisks,
+) -> None:
+    rig = small_disks.rig
+    await pull(rig)
+    pod = await rig.run_pod("full-state", network=HOST_NETWORK)
+    offset = len(rig.proc.log())
+    cid = await rig.create_container(pod, "main", SLEEP)
+    # No room under state, where conmon and the runtime keep their files.
+    small_disks.state.fill(0)
+    try:
+        error = await grpc_error(
+            rig.runtime.start_container(v1.StartContainerRequest(container_id=cid))
+        )
+    finally:
+        small_disks.state.remove()
+    assert error.status is Status.RESOURCE_EXHAUSTED, error.message
+    message = error.message or ""
+    assert f"{rig.proc.state}/containers/{cid}/" in message, message
+    assert message.endswith("No space left on device (the disk is full)"), message
+    print(f"start: RESOURCE_EXHAUSTED {message}")
+    await assert_no_container_traces(rig, only=MONITOR_TRACES)
+    assert errors_logged(rig, offset) == []
+    # With room again kubelet's next attempt runs.
+    await rig.runtime.remove_container(v1.RemoveContainerRequest(container_id=cid))
+    cid = await rig.start_container(pod, "main", SLEEP, attempt=1)
+    await rig.wait_state(cid, v1.ContainerState.CONTAINER_RUNNING)
+    await rig.remove_all_pods()
+    await rig.assert_nothing_left()
+
+
 # ---- missing and failing binaries ----------------------------------------------------------
 
 
