@@ -151,6 +151,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         runtimes=runtimes,
         default_runtime=config.default_runtime,
         cgroups=cgroups,
+        conmon=config.conmon,
         events=events,
     )
     events.pod_state = lambda sandbox_id: (
@@ -158,8 +159,13 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         containers.matching(ContainerFilter(sandbox_id=sandbox_id)),
     )
     sandboxes.reap_containers = containers.reap_sandbox
+    sandboxes.check_runtime = containers.check_runtime
     infra = InfraProcesses(
-        state_dir=state, sandboxes=sandboxes, runtime_for=containers.runtime_for, cgroups=cgroups
+        state_dir=state,
+        sandboxes=sandboxes,
+        runtime_for=containers.runtime_for,
+        cgroups=cgroups,
+        conmon=config.conmon,
     )
     sandboxes.start_infra = infra.start
     sandboxes.stop_infra = infra.stop

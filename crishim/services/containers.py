@@ -27,7 +27,13 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from crishim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from crishim.errors import (
+    AlreadyExists,
+    CrishimError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from crishim.model import Container, ContainerFilter, ContainerMetadata, ContainerState, Sandbox
 from crishim.model.events import EventType
 from crishim.model.specs import (
@@ -46,6 +52,7 @@ from crishim.runtime.cgroup_driver import CgroupDriver
 from crishim.runtime.conmon import (
     MonitorSpec,
     create_container,
+    discard_container,
     reopen_log,
 )
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
@@ -56,6 +63,7 @@ from crishim.services.exits import ExitTracker
 from crishim.services.images import ImageService
 from crishim.services.sandboxes import SandboxService
 from crishim.store import ObjectStore
+from crishim.util.disk import disk_full_as
 from crishim.util.fs import remove_tree
 from crishim.util.tasks import BackgroundTasks, join_shared
 
@@ -177,6 +185,10 @@ class ContainerService:
         except KeyError:
             raise InvalidArgument(f"runtime handler {name!r} is not configured") from None
 
+    def check_runtime(self, handler: str) -> None:
+        """Raise unless the runtime of ``handler`` is configured and its binary installed."""
+        self.runtime_for(handler).require()
+
     # ---- create -------------------------------------------------------------------------
 
     async def create(
@@ -229,7 +241,8 @@ class ContainerService:
         sandbox_config = SandboxConfig.model_validate(sandbox.config)
         snapshotter = self._images.snapshotter
         async with contextlib.AsyncExitStack() as undo:
-            paths.bundle.mkdir(parents=True)
+            with disk_full_as("making the bundle directory", paths.bundle):
+                paths.bundle.mkdir(parents=True)
             undo.push_async_callback(remove_tree, paths.base)
             mounts = await anyio.to_thread.run_sync(
                 snapshotter.prepare, container_id, image.top_chain_id or None
@@ -256,7 +269,8 @@ class ContainerService:
                 log.warning("container %s: %s", container_id[:12], warning)
             write_spec(paths.bundle, dump_spec(spec))
             if log_path:
-                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+                with disk_full_as("making the log directory", Path(log_path).parent):
+                    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             stop_signal = (
                 config.stop_signal or ImageConfigView.from_image_config(image_config).stop_signal
             )
@@ -334,7 +348,7 @@ class ContainerService:
                 pid = await self._create_in_runtime(container, runtime)
                 await runtime.start(container.id)
             except BaseException as exc:
-                await asyncio.shield(self._start_failed(container, runtime, exc))
+                await asyncio.shield(self._start_failed(container, exc))
                 raise
             await self._store.update(
                 container.id,
@@ -395,13 +409,16 @@ class ContainerService:
             await self._cgroups.settle_container_resources(container.id, resources.resources)
         return pid
 
-    async def _start_failed(
-        self, container: Container, runtime: OciRuntime, exc: BaseException
-    ) -> None:
-        """Leave nothing running behind a failed start, and say why it failed."""
-        await runtime.delete(container.id, force=True)
+    async def _start_failed(self, container: Container, exc: BaseException) -> None:
+        """Leave nothing behind a failed start (conmon, the runtime's container, exit file,
+        attach link, cgroups), and say why it failed. A failing cleanup is logged: ``exc``
+        is what the caller must see."""
+        await discard_container(self._monitor_spec(container))
         pod = self._sandboxes.find(container.sandbox_id)
-        await self._cgroups.release(pod.cgroup_parent if pod else "", container.id)
+        try:
+            await self._cgroups.release(pod.cgroup_parent if pod else "", container.id)
+        except (CrishimError, OSError) as exc_release:
+            log.warning("container %s: releasing its cgroups: %s", container.id[:12], exc_release)
         if isinstance(exc, asyncio.CancelledError):
             return  # kubelet's retry may start it again
         finished = time.time_ns()
@@ -502,7 +519,14 @@ class ContainerService:
         conmon's cgroup, root filesystem, snapshot and files."""
         paths = self.paths(container.id)
         if paths.conmon_pid_file.exists():  # else the runtime never heard of it
-            await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
+            try:
+                await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
+            except (CrishimError, OSError) as exc:
+                # A runtime that fails (or is gone) must not keep the rest: recovery retries
+                # it at the next start.
+                log.warning(
+                    "container %s: removing it from its runtime: %s", container.id[:12], exc
+                )
             await self._cgroups.release(parent, container.id)
         await unmount(paths.rootfs)
         await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)

@@ -8,25 +8,28 @@ no_new_privs. Pods that do not share a PID namespace have no such process.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from crishim.errors import FailedPrecondition
+from crishim.errors import CrishimError, FailedPrecondition
 from crishim.model import Sandbox
 from crishim.model.specs import SandboxConfig
 from crishim.oci.build import build_sandbox_infra_spec
 from crishim.oci.spec import dump_spec
 from crishim.runtime.bundle import write_spec
 from crishim.runtime.cgroup_driver import CgroupDriver
-from crishim.runtime.conmon import MonitorSpec, create_container
+from crishim.runtime.conmon import MonitorSpec, create_container, discard_container
 from crishim.runtime.oci_runtime import OciRuntime
 from crishim.services.container_context import SpecContexts
 from crishim.services.sandboxes import SandboxService
 from crishim.util.fs import remove_tree
 
 __all__ = ["InfraProcesses"]
+
+log = logging.getLogger(__name__)
 
 
 class InfraProcesses:
@@ -66,31 +69,37 @@ class InfraProcesses:
         write_spec(infra, dump_spec(spec))
         runtime = self._runtime_for(sandbox.runtime_handler)
         parent = sandbox.cgroup_parent
+        monitor = MonitorSpec(
+            container_id=sandbox.id,
+            name=f"{sandbox.metadata.namespace}_{sandbox.metadata.name}_infra",
+            bundle=infra,
+            runtime=runtime,
+            log_path=infra / "infra.log",
+            exit_dir=self._state / "exits",
+            socket_dir=self._state / "attach",
+            pid_file=infra / "pidfile",
+            conmon_pid_file=infra / "conmon.pid",
+        )
         try:
             pid = await create_container(
-                MonitorSpec(
-                    container_id=sandbox.id,
-                    name=f"{sandbox.metadata.namespace}_{sandbox.metadata.name}_infra",
-                    bundle=infra,
-                    runtime=runtime,
-                    log_path=infra / "infra.log",
-                    exit_dir=self._state / "exits",
-                    socket_dir=self._state / "attach",
-                    pid_file=infra / "pidfile",
-                    conmon_pid_file=infra / "conmon.pid",
-                ),
+                monitor,
                 conmon=self._conmon,
                 place=lambda pid: self._cgroups.place_monitor(pid, parent, sandbox.id),
             )
             await runtime.start(sandbox.id)
         except BaseException:
-            await asyncio.shield(self._undo(runtime, parent, sandbox.id))
+            await asyncio.shield(self._undo(monitor, parent))
             raise
         return pid
 
-    async def _undo(self, runtime: OciRuntime, parent: str, sandbox_id: str) -> None:
-        await runtime.delete(sandbox_id, force=True)
-        await self._cgroups.release(parent, sandbox_id)
+    async def _undo(self, monitor: MonitorSpec, parent: str) -> None:
+        """What a failed start made goes; a failing step is logged, not raised: the error
+        that made the start fail is what the caller must see."""
+        await discard_container(monitor)
+        try:
+            await self._cgroups.release(parent, monitor.container_id)
+        except (CrishimError, OSError) as exc:
+            log.warning("pod %s: releasing the infra cgroups: %s", monitor.container_id[:12], exc)
 
     async def stop(self, sandbox: Sandbox) -> None:
         """Kill and delete the infra process; gone already is fine."""
