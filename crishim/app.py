@@ -38,6 +38,7 @@ from crishim.services.containers import ContainerService
 from crishim.services.events import EventBus
 from crishim.services.exec import ExecService
 from crishim.services.images import ImageService
+from crishim.services.infra import InfraProcesses
 from crishim.services.metrics import CrishimMetrics
 from crishim.services.recovery import Recovery
 from crishim.services.runtime_info import RuntimeInfo
@@ -151,6 +152,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         runtimes=runtimes,
         default_runtime=config.default_runtime,
         cgroups=cgroups,
+        conmon=config.conmon,
         events=events,
     )
     events.pod_state = lambda sandbox_id: (
@@ -158,8 +160,16 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         containers.matching(ContainerFilter(sandbox_id=sandbox_id)),
     )
     sandboxes.reap_containers = containers.reap_sandbox
-    sandboxes.start_infra = containers.start_infra
-    sandboxes.stop_infra = containers.stop_infra
+    sandboxes.check_runtime = containers.check_runtime
+    infra = InfraProcesses(
+        state_dir=state,
+        sandboxes=sandboxes,
+        runtime_for=containers.runtime_for,
+        cgroups=cgroups,
+        conmon=config.conmon,
+    )
+    sandboxes.start_infra = infra.start
+    sandboxes.stop_infra = infra.stop
     return Services(
         runtime_info=RuntimeInfo(config),
         sandboxes=sandboxes,
@@ -170,7 +180,11 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         metrics=CrishimMetrics(pulls=images.metrics, sandboxes=sandboxes, containers=containers),
         registry=registry,
         recovery=Recovery(
-            state_dir=state, runtimes=runtimes.values(), snapshotter=snapshotter, cni=cni
+            state_dir=state,
+            runtimes=runtimes.values(),
+            snapshotter=snapshotter,
+            cni=cni,
+            cgroups=cgroups,
         ),
         cgroups=cgroups,
     )

@@ -213,6 +213,11 @@ class Config(_Section):
     default_runtime: str = Field(
         default="runc", description="runtime used when a pod names no runtime handler"
     )
+    conmon: str = Field(
+        default="conmon",
+        description="conmon, the monitor every container runs under: an absolute path, or a name "
+        "looked up on PATH",
+    )
     runtimes: dict[str, RuntimeHandlerConfig] = Field(
         default_factory=_default_runtimes,
         description="runtime handlers by name; runc and crun are predefined",
@@ -226,6 +231,13 @@ class Config(_Section):
     @classmethod
     def _paths_absolute(cls, value: str) -> str:
         return _absolute(value)
+
+    @field_validator("conmon")
+    @classmethod
+    def _conmon_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a binary")
+        return value
 
     @model_validator(mode="after")
     def _default_runtime_defined(self) -> Config:

@@ -30,6 +30,7 @@ import aiofiles
 import anyio.to_thread
 
 from crishim.errors import DataLoss, Internal, InvalidArgument
+from crishim.util.disk import disk_full_as
 from crishim.util.tasks import join_shared
 
 log = logging.getLogger(__name__)
@@ -122,32 +123,39 @@ class ContentStore:
         final = self.path(digest)
         self._counter += 1
         temp = self._ingest / f"{final.name}.{os.getpid()}.{self._counter}"
-        self._ingest.mkdir(parents=True, exist_ok=True)
-        hasher = hashlib.sha256()
-        written = 0
         try:
-            async with aiofiles.open(temp, "wb") as out:
-                async for chunk in source():
-                    written += len(chunk)
-                    if size is not None and written > size:
-                        raise DataLoss(
-                            f"blob {digest}: more than the {size} bytes its descriptor declares"
-                        )
-                    hasher.update(chunk)
-                    await out.write(chunk)
-                await out.flush()
-                await anyio.to_thread.run_sync(os.fsync, out.fileno())
-            if size is not None and written != size:
-                raise DataLoss(f"blob {digest}: got {written} bytes, its descriptor says {size}")
-            actual = f"sha256:{hasher.hexdigest()}"
-            if actual != digest:
-                raise DataLoss(f"blob {digest}: content has digest {actual}")
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, final)
+            with disk_full_as(f"downloading blob {digest} into", temp):
+                await self._write_verified(temp, digest, size, source)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, final)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
         return final
+
+    async def _write_verified(
+        self, temp: Path, digest: str, size: int | None, source: BlobSource
+    ) -> None:
+        """Stream ``source`` into ``temp``, fsynced; DataLoss unless it is ``digest``."""
+        self._ingest.mkdir(parents=True, exist_ok=True)
+        hasher = hashlib.sha256()
+        written = 0
+        async with aiofiles.open(temp, "wb") as out:
+            async for chunk in source():
+                written += len(chunk)
+                if size is not None and written > size:
+                    raise DataLoss(
+                        f"blob {digest}: more than the {size} bytes its descriptor declares"
+                    )
+                hasher.update(chunk)
+                await out.write(chunk)
+            await out.flush()
+            await anyio.to_thread.run_sync(os.fsync, out.fileno())
+        if size is not None and written != size:
+            raise DataLoss(f"blob {digest}: got {written} bytes, its descriptor says {size}")
+        actual = f"sha256:{hasher.hexdigest()}"
+        if actual != digest:
+            raise DataLoss(f"blob {digest}: content has digest {actual}")
 
     @contextmanager
     def staging(self) -> Iterator[Staging]:

@@ -50,6 +50,7 @@ from typing import Any, NoReturn, Protocol, Self
 import zstandard
 
 from crishim.errors import Internal, InvalidArgument
+from crishim.util.disk import disk_full_error, is_disk_full
 
 __all__ = ["LayerResult", "UnpackError", "WhiteoutStyle", "apply_layer"]
 
@@ -74,7 +75,8 @@ _PAX_XATTR_PREFIX = "SCHILY.xattr."
 #: decimal digits before the point of a PAX time that can still be a file time (int64 ns)
 _PAX_TIME_DIGITS_MAX = 18
 #: failures of the host rather than of the image: reported as Internal, not InvalidArgument
-_HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM})
+#: (a full disk is ResourceExhausted)
+_HOST_ERRNOS = frozenset({errno.EIO, errno.EROFS, errno.ENOMEM})
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -168,7 +170,7 @@ def apply_layer(
             raise Internal(f"cannot open for unpacking: {exc.filename}: {exc.strerror}") from exc
         stream = _DigestReader(_decompressed(raw, media_type))
         try:
-            entries = _Extractor(root_fd, lower_fds, whiteouts).run(stream)
+            entries = _Extractor(root_fd, lower_fds, whiteouts, target).run(stream)
             stream.drain()
         except (_CorruptStream, tarfile.TarError) as exc:
             raise UnpackError(f"layer is not a valid tar/gzip/zstd stream: {exc}") from exc
@@ -469,9 +471,11 @@ def _is_opaque(dir_fd: int) -> bool:
         return False
 
 
-def _entry_error(entry: str, exc: Exception) -> Exception:
+def _entry_error(entry: str, exc: Exception, target: Path) -> Exception:
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
+        if is_disk_full(exc):
+            return disk_full_error(f'unpacking layer entry "{entry}" into', target, exc)
         if exc.errno in _HOST_ERRNOS:
             return Internal(_readable(f'unpacking layer entry "{entry}": {exc.strerror}{where}'))
         return UnpackError(f'layer entry "{entry}": {exc.strerror or exc}{where}')
@@ -498,8 +502,11 @@ class _LowerEntry:
 class _Extractor:
     """Applies the entries of one tar stream under the directory open as ``root_fd``."""
 
-    def __init__(self, root_fd: int, lower_fds: Sequence[int], style: WhiteoutStyle) -> None:
+    def __init__(
+        self, root_fd: int, lower_fds: Sequence[int], style: WhiteoutStyle, target: Path
+    ) -> None:
         self._root = root_fd
+        self._target = target  # for messages only: every access goes through root_fd
         self._lowers = lower_fds
         self._style = style
         # Real paths this layer created, and their ancestors: an opaque marker applied in
@@ -524,7 +531,7 @@ class _Extractor:
                 try:
                     self._apply(tar, member)
                 except (OSError, ValueError, OverflowError) as exc:
-                    raise _entry_error(member.name, exc) from exc
+                    raise _entry_error(member.name, exc, self._target) from exc
                 # In stream mode tarfile keeps every header it read (an attribute typeshed
                 # does not list); nothing here needs them, and a layer may hold 100k entries.
                 tar.members.clear()  # type: ignore[attr-defined]

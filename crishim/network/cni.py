@@ -32,6 +32,7 @@ from crishim.errors import (
 from crishim.network.cni_result import CniResult, parse_result, version_tuple
 from crishim.network.netns import namespace_alive
 from crishim.util import proc
+from crishim.util.disk import disk_full_as
 
 log = logging.getLogger(__name__)
 
@@ -282,9 +283,10 @@ class CniManager:
             entry["result"] = prev
             await asyncio.to_thread(_write_json_atomic, cache_path, entry)
         except BaseException:
-            # The spec leaves cleanup of a failed ADD to the runtime: DEL the whole chain.
+            # The spec leaves cleanup of a failed ADD to the runtime: DEL the whole chain
+            # (but for plugins that are not installed: those never ran).
             try:
-                await asyncio.shield(self.delete(sandbox_id, netns, ifname))
+                await asyncio.shield(self.delete(sandbox_id, netns, ifname, skip_missing=True))
             except Exception:
                 log.exception("cleaning up the failed CNI ADD of sandbox %s", sandbox_id)
             raise
@@ -307,11 +309,20 @@ class CniManager:
         for plugin in network["plugins"]:
             await self._run(network, plugin, call, entry["capabilities"], entry["result"])
 
-    async def delete(self, sandbox_id: str, netns: str | None, ifname: str = "eth0") -> None:
+    async def delete(
+        self,
+        sandbox_id: str,
+        netns: str | None,
+        ifname: str = "eth0",
+        *,
+        skip_missing: bool = False,
+    ) -> None:
         """Detach the pod from the network with what ADD cached; idempotent.
 
         ``netns`` may be None or gone (the pod's namespace was already removed): plugins
         then get an empty CNI_NETNS and release what they hold on the host side.
+        ``skip_missing`` skips plugins that are not installed (undoing an ADD that failed
+        over one); otherwise a missing plugin fails the DEL, as it may hold something.
         """
         try:
             entry = await self._load_cache(sandbox_id)
@@ -330,6 +341,8 @@ class CniManager:
         if version_tuple(str(network.get("cniVersion", ""))) < (0, 4):
             prev = None
         for plugin in reversed(network["plugins"]):
+            if skip_missing and find_plugin(self.bin_dirs, str(plugin.get("type", ""))) is None:
+                continue
             await self._run(network, plugin, call, entry["capabilities"], prev)
         with contextlib.suppress(FileNotFoundError):
             self._cache_path(sandbox_id).unlink()
@@ -404,7 +417,10 @@ class CniManager:
         what = f"CNI plugin {plugin_type} ({call.command}) of network {network['name']}"
         binary = find_plugin(self.bin_dirs, plugin_type)
         if binary is None:
-            raise Unavailable(f"{what}: not found in {':'.join(self.bin_dirs)}")
+            raise proc.ProgramMissing(
+                f"{what}: not found in {':'.join(self.bin_dirs)}; install it in one of "
+                "crishim's [cni] bin_dirs"
+            )
         stdin = json.dumps(plugin_exec_config(network, plugin, capabilities, prev_result))
         env = dict(os.environ)
         env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
@@ -447,13 +463,18 @@ class CniManager:
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as file:
-        json.dump(data, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
+    with disk_full_as("writing the CNI cache", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "w") as file:
+                json.dump(data, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     # The rename is durable only once the directory entry is on disk.
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -26,7 +26,7 @@ from pathlib import Path
 import anyio.to_thread
 
 from crishim.model.specs import LinuxResources
-from crishim.runtime.cgroups import apply_cgroup_resources
+from crishim.runtime.cgroups import apply_cgroup_resources, remove_cgroup
 
 __all__ = ["CgroupDriver", "CgroupfsDriver", "monitor_cgroup_dirs"]
 
@@ -61,7 +61,14 @@ class CgroupDriver(ABC):
 
     @abstractmethod
     async def release(self, parent: str, container_id: str) -> None:
-        """Remove what a deleted container left: its monitor's cgroup, its own leftovers."""
+        """Remove what a deleted container left: its monitor's cgroup, and its own cgroup
+        when the runtime never finished creating it (crishim was killed meanwhile), with
+        whatever is still inside."""
+
+    @abstractmethod
+    def parent_of(self, cgroups_path: str) -> str:
+        """The pod's cgroup parent of a container whose spec has ``cgroups_path`` (for
+        recovery, which has only the bundle)."""
 
     @abstractmethod
     async def update_pod_resources(self, parent: str, resources: LinuxResources) -> None:
@@ -157,6 +164,9 @@ class CgroupfsDriver(CgroupDriver):
             await anyio.to_thread.run_sync(_move, pid, parent, container_id)
 
     async def release(self, parent: str, container_id: str) -> None:
+        # runc/crun delete the cgroups of the containers they know; this is for a create
+        # they never finished.
+        await remove_cgroup(self.container_cgroups_path(parent, container_id))
         if not parent:
             return
         # conmon exits a moment after the container: wait for its cgroup to empty.
@@ -165,6 +175,9 @@ class CgroupfsDriver(CgroupDriver):
             if asyncio.get_running_loop().time() > deadline:
                 return
             await asyncio.sleep(0.05)
+
+    def parent_of(self, cgroups_path: str) -> str:
+        return cgroups_path.rsplit("/", 1)[0]
 
     async def update_pod_resources(self, parent: str, resources: LinuxResources) -> None:
         await apply_cgroup_resources(

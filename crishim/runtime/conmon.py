@@ -29,6 +29,7 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -37,10 +38,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from crishim.errors import DeadlineExceeded, FailedPrecondition, Internal
+from crishim.errors import (
+    CrishimError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    ResourceExhausted,
+)
 from crishim.runtime.oci_runtime import OciRuntime, error_message
 from crishim.util import proc
 from crishim.util.fdio import read_line
+from crishim.util.fs import remove_tree
 
 __all__ = [
     "CTL_REOPEN_LOG",
@@ -51,6 +59,7 @@ __all__ = [
     "conmon_alive",
     "conmon_argv",
     "create_container",
+    "discard_container",
     "find_conmons",
     "kill_conmon",
     "oom_killed",
@@ -59,8 +68,15 @@ __all__ = [
     "resize",
 ]
 
+log = logging.getLogger(__name__)
+
 CTL_RESIZE = 1
 CTL_REOPEN_LOG = 2
+#: what to do when conmon is missing (in errors)
+CONMON_REMEDY = (
+    "containers need conmon (apt-get install conmon), or set conmon in crishim's config "
+    "to where it is"
+)
 _POLL_INTERVAL = 0.01
 
 #: Moves a conmon (by pid) into its cgroup before it forks anything (the cgroup driver's).
@@ -186,20 +202,21 @@ async def create_container(
 
     ``place`` moves conmon into its cgroup while it waits, so the runtime and the monitor
     are born there. The container is left ``created``: :meth:`OciRuntime.start` runs its
-    process. On failure, timeout or cancellation, conmon is killed and the runtime's record
-    removed (the caller releases the cgroup it placed conmon in).
+    process. On failure, timeout or cancellation, what was made is undone
+    (:func:`discard_container`; the caller releases the cgroup it placed conmon in) and the
+    error that caused it raised. A missing conmon or runtime binary raises ProgramMissing.
     """
     cid = spec.container_id
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+    # Checked first: conmon would only report a missing runtime as a failed create.
+    spec.runtime.require()
+    conmon = proc.require_program(conmon, "conmon", CONMON_REMEDY, env)
     # conmon fails silently (after forking) when these are missing.
     for directory in (spec.exit_dir, spec.socket_dir, spec.log_path.parent):
         directory.mkdir(parents=True, exist_ok=True)
     sync_r, sync_w = os.pipe()
     start_r, start_w = os.pipe()
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "_OCI_SYNCPIPE": str(sync_w),
-        "_OCI_STARTPIPE": str(start_r),
-    }
+    env |= {"_OCI_SYNCPIPE": str(sync_w), "_OCI_STARTPIPE": str(start_r)}
     try:
         try:
             await _spawn(spec, conmon, env, (sync_w, start_r), start_w, place)
@@ -209,15 +226,31 @@ async def create_container(
                 os.close(fd)
         # sync_r stays ours alone: read_line only watches it (see util.fdio).
         line = await asyncio.wait_for(read_line(sync_r), timeout)
-        return _parse_sync(cid, line)
+        return _parse_sync(spec.runtime, cid, line)
     except BaseException as exc:
-        _kill_conmon(spec.conmon_pid_file)
-        await asyncio.shield(spec.runtime.delete(cid, force=True))
+        await asyncio.shield(discard_container(spec))
         if isinstance(exc, TimeoutError):
             raise DeadlineExceeded(f"conmon for {cid}: no answer in {timeout}s") from exc
         raise
     finally:
         os.close(sync_r)
+
+
+async def discard_container(spec: MonitorSpec) -> None:
+    """Undo a create: kill its conmon (the runtime child dies with it, and a dead conmon
+    writes no exit file), delete the container from the runtime, remove the exit file and
+    attach link. Problems are logged, not raised: this runs while the error that made the
+    create fail is on its way to the caller, and must not replace it."""
+    cid = spec.container_id
+    # Only while it is still conmon: a second discard must not signal whatever reused its pid.
+    if conmon_alive(spec.conmon_pid_file):
+        _kill_conmon(spec.conmon_pid_file)
+    try:
+        await spec.runtime.delete(cid, force=True)
+    except (CrishimError, OSError) as exc:
+        log.warning("container %s: deleting it after a failed create: %s", cid[:12], exc)
+    (spec.exit_dir / cid).unlink(missing_ok=True)
+    await remove_tree(spec.socket_dir / cid)
 
 
 async def _spawn(
@@ -234,7 +267,8 @@ async def _spawn(
     with tempfile.TemporaryFile() as early_errors:
         child = proc.spawn(
             conmon_argv(spec, conmon),
-            what="conmon (the container monitor)",
+            what="conmon",
+            remedy=CONMON_REMEDY,
             stderr=early_errors.fileno(),
             pass_fds=pass_fds,
             env=env,
@@ -254,11 +288,14 @@ async def _spawn(
         status = await child.wait()
         if status != 0:
             early_errors.seek(0)
-            detail = early_errors.read().decode(errors="replace").strip()
-            raise Internal(f"conmon for {spec.container_id} exited with status {status}: {detail}")
+            detail = early_errors.read().decode(errors="replace").strip() or "no message"
+            raise _failure(
+                f"conmon {conmon} for container {spec.container_id} exited with status "
+                f"{status}: {detail}"
+            )
 
 
-def _parse_sync(cid: str, line: bytes) -> int:
+def _parse_sync(runtime: OciRuntime, cid: str, line: bytes) -> int:
     if not line:
         raise Internal(f"conmon for {cid} exited without reporting the container's pid")
     try:
@@ -267,9 +304,18 @@ def _parse_sync(cid: str, line: bytes) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         raise Internal(f"conmon for {cid}: bad sync message {line!r}") from exc
     if value <= 0:
-        text = error_message(str(message.get("message", ""))) or "runtime failed"
-        raise Internal(f"create container {cid}: {text}")
+        text = error_message(str(message.get("message", ""))) or "no message"
+        raise _failure(f"create container {cid}: {runtime.what} ({runtime.path}) failed: {text}")
     return value
+
+
+def _failure(message: str) -> CrishimError:
+    """The error for a failure conmon or the runtime reported: ResourceExhausted when it was
+    a full disk (conmon, runc and crun all print strerror's words), else Internal."""
+    lowered = message.lower()
+    if "no space left on device" in lowered or "disk quota exceeded" in lowered:
+        return ResourceExhausted(f"{message} (the disk is full)")
+    return Internal(message)
 
 
 def read_exit_code(exit_dir: Path, cid: str) -> int | None:

@@ -156,8 +156,14 @@ class SystemdDriver(CgroupDriver):
     async def release(self, parent: str, container_id: str) -> None:
         # conmon exits by itself after its container; stopping only makes sure of it.
         await self._manager.stop_unit(monitor_scope(container_id))
+        # The runtime stops the scopes of containers it knows; a create it never finished
+        # can leave one behind, with processes in it.
+        await self._manager.stop_unit(container_scope(container_id))
         # A container scope that failed (an OOM kill) would stay listed until reset.
         await self._manager.reset_failed_unit(container_scope(container_id))
+
+    def parent_of(self, cgroups_path: str) -> str:
+        return cgroups_path.split(":", 1)[0]
 
     async def settle_container_resources(
         self, container_id: str, resources: LinuxResources

@@ -18,7 +18,6 @@ from crishim.network.cni import find_network_config, find_plugin
 from crishim.runtime.binaries import probe_binary
 from crishim.runtime.cgroups import CgroupMode, detect_layout
 from crishim.runtime.systemd_dbus import SystemdManager
-from crishim.services.runtime_info import CONMON
 from crishim.util.sockets import unix_socket_answers
 
 # Plugins a default bridge network needs; checked when no config names its own.
@@ -68,7 +67,7 @@ async def _runtimes(config: Config) -> list[Finding]:
                 "not found; pods sharing one PID namespace cannot run (apt: catatonit)",
             )
         )
-    conmon = await probe_binary(CONMON)
+    conmon = await probe_binary(config.conmon)
     if conmon.found and not conmon.error:
         findings.append(Finding(Level.OK, "conmon", f"{conmon.path}, {conmon.version}"))
     else:

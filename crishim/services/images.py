@@ -7,7 +7,7 @@ snapshotter as soon as it and the layers below it are present. Each blob is down
 even when pulls overlap, each layer is unpacked once even when images share it, and two
 pulls of the same reference share one operation. The image record is written last, so an
 interrupted pull leaves no image behind, only verified blobs and committed layers that the
-next pull reuses.
+next pull reuses; but when the disk is full, those are removed too, to give the room back.
 
 An import reads a docker or OCI archive (:mod:`crishim.images.archive`) into the same
 content store and snapshots: every file is staged and verified while the archive streams
@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio.from_thread
 import anyio.to_thread
@@ -36,6 +37,7 @@ from crishim.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from crishim.images.archive import ChunkReader, read_archive
@@ -139,8 +141,20 @@ class ImageService:
             image = await self._pull(ref, creds)
             ok = True
             return image
+        except ResourceExhausted:
+            await self._give_back_space(ref)
+            raise
         finally:
             self.metrics.observe(time.monotonic() - start, ok)
+
+    async def _give_back_space(self, ref: Reference) -> None:
+        """After a pull failed on a full disk: remove the blobs and layers it wrote that no
+        image needs. The node needs the room more than a part of an image; a retry
+        fetches it again."""
+        try:
+            await self.collect_garbage(besides=asyncio.current_task())
+        except Exception:
+            log.exception("removing what the failed pull of %s left", ref)
 
     async def _fetch_document(
         self, ref: Reference, target: str, creds: Credentials
@@ -434,13 +448,17 @@ class ImageService:
             await self._store.delete(image.id)
         await self.collect_garbage()
 
-    async def collect_garbage(self) -> None:
-        """Delete blobs and layers no image needs (layers in use by containers stay)."""
+    async def collect_garbage(self, *, besides: asyncio.Task[Any] | None = None) -> None:
+        """Delete blobs and layers no image needs (layers in use by containers stay).
+
+        Nothing is deleted while a pull other than ``besides`` runs.
+        """
         async with self._meta_lock:
             images = self._store.list()
             wanted_blobs = set().union(*(i.blobs() for i in images)) if images else set()
             wanted_layers = {c for i in images for c in i.chain()}
-            if self._pulls or self._imports:
+            inflight = any(task is not besides for task in self._pulls.values())
+            if inflight or self._imports:
                 # A running pull or import has blobs and layers no record names yet: keep
                 # everything.
                 return

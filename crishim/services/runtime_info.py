@@ -14,7 +14,6 @@ from crishim.runtime.binaries import probe_binary, resolve_binary
 
 RUNTIME_NAME = "crishim"
 RUNTIME_API_VERSION = "v1"
-CONMON = "conmon"
 
 
 @dataclass(frozen=True)
@@ -48,8 +47,9 @@ class RuntimeInfo:
             for path in [self._config.runtimes[default].path]
             if resolve_binary(path) is None
         ]
-        if resolve_binary(CONMON) is None:
-            missing.append(f"container monitor ({CONMON})")
+        conmon = self._config.conmon
+        if resolve_binary(conmon) is None:
+            missing.append(f"container monitor ({conmon})")
         if missing:
             return RuntimeCondition(
                 type=RUNTIME_READY,
@@ -113,7 +113,7 @@ class RuntimeInfo:
         binaries = {}
         for name, handler in config.runtimes.items():
             binaries[name] = await probe_binary(handler.path)
-        binaries[CONMON] = await probe_binary(CONMON)
+        binaries["conmon"] = await probe_binary(config.conmon)
         versions = {
             name: {"path": b.path, "version": b.version, "error": b.error}
             for name, b in binaries.items()

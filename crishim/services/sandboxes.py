@@ -39,6 +39,7 @@ from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.services.events import EventBus
 from crishim.store import ObjectStore
+from crishim.util.disk import disk_full_as
 from crishim.util.fs import remove_tree
 from crishim.util.tasks import join_shared
 
@@ -72,6 +73,8 @@ class SandboxPaths:
 
 # Called to stop (and optionally remove) every container of a sandbox; set by the app.
 ContainerReaper = Callable[[str, bool], Awaitable[None]]
+# Raises unless a runtime handler's binary is installed; set by the app.
+RuntimeCheck = Callable[[str], None]
 # Start and stop the process holding a shared PID namespace; set by the app.
 InfraStarter = Callable[[Sandbox, SandboxConfig], Awaitable[int]]
 InfraStopper = Callable[[Sandbox], Awaitable[None]]
@@ -100,6 +103,7 @@ class SandboxService:
         self._creating: dict[tuple[str, str, str, int], asyncio.Task[Sandbox]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.reap_containers: ContainerReaper | None = None
+        self.check_runtime: RuntimeCheck | None = None
         self.start_infra: InfraStarter | None = None
         self.stop_infra: InfraStopper | None = None
 
@@ -195,6 +199,9 @@ class SandboxService:
                     f"pod sandbox {meta.name}/{meta.namespace} attempt {meta.attempt} exists as "
                     f"{existing.id} and is not ready; remove it first"
                 )
+        if self.check_runtime is not None:
+            # Before anything is made: no container of the pod could run.
+            self.check_runtime(handler)
         task = self._creating.get(key)
         if task is None:
             task = asyncio.create_task(self._run(config, handler))
@@ -216,7 +223,8 @@ class SandboxService:
         hostname = config.hostname or os.uname().nodename
         sysctls = dict(linux.sysctls) if linux else {}
         async with contextlib.AsyncExitStack() as undo:
-            paths.base.mkdir(parents=True, exist_ok=True)
+            with disk_full_as("making the pod sandbox directory", paths.base):
+                paths.base.mkdir(parents=True, exist_ok=True)
             undo.push_async_callback(remove_tree, paths.base)
             namespaces = await create_pod_namespaces(
                 self._state / "ns",
@@ -236,7 +244,8 @@ class SandboxService:
                 ips = await self._network_up(sandbox_id, namespaces.network, config)
                 network_ready = True
                 undo.push_async_callback(self._network_down, sandbox_id, namespaces.network)
-            self._write_files(paths, config, hostname, ips, host_network)
+            with disk_full_as("writing hostname, hosts and resolv.conf in", paths.base):
+                self._write_files(paths, config, hostname, ips, host_network)
             sandbox = Sandbox(
                 id=sandbox_id,
                 metadata=PodMetadata(

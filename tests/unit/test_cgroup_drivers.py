@@ -142,5 +142,16 @@ async def test_pod_limits_go_to_the_slice_and_release_stops_the_monitor() -> Non
     assert [(c, u) for c, u, _ in manager.calls] == [
         ("set", "kubepods-burstable-pod1a_2b.slice"),
         ("stop", "crishim-conmon-c1.scope"),
+        ("stop", "crishim-c1.scope"),
         ("reset-failed", "crishim-c1.scope"),
     ]
+
+
+def test_recovery_finds_the_parent_in_a_containers_cgroups_path() -> None:
+    cgroupfs = CgroupfsDriver()
+    path = cgroupfs.container_cgroups_path("/kubepods/pod1", "c1")
+    assert cgroupfs.parent_of(path) == "/kubepods/pod1"
+    assert cgroupfs.parent_of(cgroupfs.container_cgroups_path("", "c1")) == ""
+    systemd = SystemdDriver(_Manager())
+    path = systemd.container_cgroups_path(KUBELET_PARENT, "c1")
+    assert systemd.container_cgroups_path(systemd.parent_of(path), "c1") == path

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from crishim.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from crishim.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from crishim.network.cni import CniManager, format_cni_args, plugin_exec_config
 from crishim.network.cni_result import IpConfig, parse_result, pod_ips
 
@@ -322,8 +328,13 @@ async def test_missing_plugin_and_missing_config(env: dict[str, Path]) -> None:
     status = cni.status()
     assert status.config is None
     assert "plugin fakeportmap not found" in status.reason(str(env["conf"]))
-    with pytest.raises(Unavailable, match="fakeportmap"):
+    with pytest.raises(FailedPrecondition, match="fakeportmap") as caught:
         await cni.add("sb6", "/proc/1/ns/net")
+    assert "not found in" in str(caught.value)
+    # The rollback DELs the plugins that ran and skips the missing one: nothing is cached.
+    commands = [(c["stdin"]["type"], c["env"]["CNI_COMMAND"]) for c in read_log(env["log"])]
+    assert commands == [("fakebridge", "ADD"), ("fakelo", "DEL"), ("fakebridge", "DEL")]
+    assert not (env["cache"] / "sb6.json").exists()
 
 
 async def test_corrupt_cache_falls_back_to_current_config(env: dict[str, Path]) -> None:

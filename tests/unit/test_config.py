@@ -23,6 +23,7 @@ def test_defaults_match_the_design() -> None:
     assert config.root == "/var/lib/crishim"
     assert config.state == "/run/crishim"
     assert config.default_runtime == "runc"
+    assert config.conmon == "conmon"
     assert set(config.runtimes) == {"runc", "crun"}
     assert config.cni.conf_dir == "/etc/cni/net.d"
     assert config.cni.bin_dirs == ["/opt/cni/bin", "/usr/lib/cni"]
@@ -63,6 +64,11 @@ def test_flags_override_files(tmp_path: Path) -> None:
     assert config.socket == "/file.sock"
 
 
+def test_conmon_can_be_moved(tmp_path: Path) -> None:
+    main = write(tmp_path / "crishim.toml", 'conmon = "/opt/conmon/bin/conmon"\n')
+    assert load_config(main).conmon == "/opt/conmon/bin/conmon"
+
+
 def test_new_runtime_keeps_the_predefined_ones(tmp_path: Path) -> None:
     main = write(
         tmp_path / "crishim.toml",
@@ -91,6 +97,7 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
         ('[cni]\nbin_dirs = ["/a", "/\\u0000"]', "cni.bin_dirs: must not contain a NUL"),
         ('default_runtime = "nope"', "default_runtime 'nope' is not a configured runtime"),
         ("[cni]\nbin_dirs = []", "cni.bin_dirs: must name at least one directory"),
+        ('conmon = " "', "conmon: must name a binary"),
         ('[streaming]\naddress = "localhost"', "streaming.address: must be host:port"),
         ('[streaming]\naddress = "localhost:\u0661\u0662"', "streaming.address: must be host:port"),
         ('[metrics]\naddress = "localhost:\u00b2"', "metrics.address: must be host:port"),
@@ -191,6 +198,7 @@ def test_default_template_is_commented_and_parses_back_to_the_defaults() -> None
     assert "# unix socket kubelet connects to" in text
     assert "idle_timeout = 14400.0" in text
     assert "[runtimes.crun]" in text
+    assert 'conmon = "conmon"' in text
     assert Config.model_validate(tomllib.loads(text)) == Config()
 
 

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 from crishim.errors import AlreadyExists, FailedPrecondition, NotFound
 from crishim.images.unpack import LayerResult, UnpackError
+from crishim.util.disk import disk_full_as
 from crishim.util.fs import directory_usage
 
 __all__ = ["Kind", "Mount", "Snapshot", "Snapshotter"]
@@ -153,7 +154,10 @@ class Snapshotter(ABC):
                 return done.result()
             lowers = self._pin(parent)
         try:
-            with self._workdir(Kind.LAYER) as work:
+            with (
+                disk_full_as(f"unpacking layer {chain_id} in", self._tmp),
+                self._workdir(Kind.LAYER) as work,
+            ):
                 result = self._unpack(work / _FS, lowers, blob, media_type)
                 if result.diff_id != expected_diff_id:
                     raise UnpackError(
@@ -280,7 +284,10 @@ class Snapshotter(ABC):
             lowers = self._pin(parent)
             self._reserved.add(key)
         try:
-            with self._workdir(kind) as work:
+            with (
+                disk_full_as(f"making snapshot {key} in", self._tmp),
+                self._workdir(kind) as work,
+            ):
                 if kind is Kind.ACTIVE:
                     self._make_active(work, lowers)
                 with self._lock:
