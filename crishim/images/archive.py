@@ -39,6 +39,7 @@ from typing import Any, BinaryIO, Protocol, Self
 
 from crishim.errors import DataLoss, InvalidArgument
 from crishim.images.content import StagedBlob, Staging, split_digest
+from crishim.util.disk import disk_full_as
 
 __all__ = [
     "MAX_DOCUMENT",
@@ -240,14 +241,15 @@ def _stage(name: str, data: _Readable, staging: Staging) -> Member:
         writer = staging.create()
         head = b""
         try:
-            while chunk := _read(data):
-                if len(head) < _HEAD:
-                    head += chunk[: _HEAD - len(head)]
-                writer.write(chunk)
+            with disk_full_as(f'staging archive member "{name}" at', writer.path):
+                while chunk := _read(data):
+                    if len(head) < _HEAD:
+                        head += chunk[: _HEAD - len(head)]
+                    writer.write(chunk)
+                blob = writer.finish()
         except BaseException:
             writer.abort()
             raise
-        blob = writer.finish()
         member = Member(name, blob.path, blob.digest, blob.size, head, staged=True)
     if expected is not None and member.digest != expected:
         raise DataLoss(

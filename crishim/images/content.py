@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +191,7 @@ class StagedWriter:
     """One file being written into a staging area, hashed and counted on the way."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
+        self.path = path
         self._file = path.open("xb")
         self._hasher = hashlib.sha256()
         self._size = 0
@@ -205,12 +205,13 @@ class StagedWriter:
     def finish(self) -> StagedBlob:
         """Close the file; what was written, with its digest."""
         self._file.close()
-        return StagedBlob(self._path, f"sha256:{self._hasher.hexdigest()}", self._size)
+        return StagedBlob(self.path, f"sha256:{self._hasher.hexdigest()}", self._size)
 
     def abort(self) -> None:
         """Close and remove the file."""
-        self._file.close()
-        self._path.unlink(missing_ok=True)
+        with suppress(OSError):  # its last write may fail again: it goes anyway
+            self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 class Staging:
@@ -232,7 +233,8 @@ class Staging:
         path = self._directory / f"{self._prefix}.{self._count}"
         self._paths.add(path)
         try:
-            return StagedWriter(path)
+            with disk_full_as("staging a file of the import at", path):
+                return StagedWriter(path)
         except OSError as exc:
             raise Internal(f"cannot stage a blob in {path.parent}: {exc.strerror}") from exc
 
@@ -250,7 +252,10 @@ class Staging:
         if final.is_file():
             blob.path.unlink(missing_ok=True)
         else:
-            with blob.path.open("rb") as written:
+            with (
+                disk_full_as(f"storing imported blob {blob.digest} at", final),
+                blob.path.open("rb") as written,
+            ):
                 os.fsync(written.fileno())
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(blob.path, final)

@@ -7,7 +7,8 @@ snapshotter as soon as it and the layers below it are present. Each blob is down
 even when pulls overlap, each layer is unpacked once even when images share it, and two
 pulls of the same reference share one operation. The image record is written last, so an
 interrupted pull leaves no image behind, only verified blobs and committed layers that the
-next pull reuses; but when the disk is full, those are removed too, to give the room back.
+next pull reuses; but when the disk is full, those are removed too, to give the room back
+(after an import as well).
 
 An import reads a docker or OCI archive (:mod:`crishim.images.archive`) into the same
 content store and snapshots: every file is staged and verified while the archive streams
@@ -142,19 +143,19 @@ class ImageService:
             ok = True
             return image
         except ResourceExhausted:
-            await self._give_back_space(ref)
+            await self._give_back_space(f"pull of {ref}")
             raise
         finally:
             self.metrics.observe(time.monotonic() - start, ok)
 
-    async def _give_back_space(self, ref: Reference) -> None:
-        """After a pull failed on a full disk: remove the blobs and layers it wrote that no
-        image needs. The node needs the room more than a part of an image; a retry
-        fetches it again."""
+    async def _give_back_space(self, what: str) -> None:
+        """After a pull or import failed on a full disk: remove the blobs and layers it
+        wrote that no image needs. The node needs the room more than a part of an image;
+        a retry fetches it again."""
         try:
             await self.collect_garbage(besides=asyncio.current_task())
         except Exception:
-            log.exception("removing what the failed pull of %s left", ref)
+            log.exception("removing what the failed %s left", what)
 
     async def _fetch_document(
         self, ref: Reference, target: str, creds: Credentials
@@ -283,6 +284,13 @@ class ImageService:
 
     async def import_archive(self, chunks: AsyncIterator[bytes]) -> ImportResult:
         """Import every image of the archive arriving as ``chunks`` (see the module doc)."""
+        try:
+            return await self._import_archive(chunks)
+        except ResourceExhausted:
+            await self._give_back_space("import")
+            raise
+
+    async def _import_archive(self, chunks: AsyncIterator[bytes]) -> ImportResult:
         started = time.monotonic()
         async with self._meta_lock:  # lets a running garbage collection finish first
             self._imports += 1
