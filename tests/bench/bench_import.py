@@ -8,7 +8,8 @@ every round stages, verifies and unpacks everything. crishim's peak memory is re
 the archive streams through, so it must not grow with the archive.
 
 If containerd is installed, the same archives go through ``ctr images import`` (kind's
-invocation) into a containerd on private paths, for comparison.
+invocation) into a containerd on private paths, round for round alternating with crishim,
+and the ratio of the medians is printed.
 
 Run: ``python -m tests.bench.bench_import [--rounds 3] [--mb 200]``
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -51,39 +53,32 @@ async def remove(socket: Path, image_id: str) -> None:
         channel.close()
 
 
-def crishim_rounds(proc: CrishimProcess, archive: Path, image_id: str, rounds: int) -> list[float]:
+def crishim_round(proc: CrishimProcess, archive: Path, image_id: str) -> float:
+    """One ``crishim images import -`` of ``archive``, timed; the image is removed after."""
     command = [sys.executable, "-m", "crishim.cli", "images", "import"]
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        with archive.open("rb") as source:
-            subprocess.run(
-                [*command, "--config", str(proc.config_file), "-"],
-                stdin=source,
-                check=True,
-                capture_output=True,
-            )
-        times.append(time.perf_counter() - start)
-        asyncio.run(remove(proc.socket, image_id))
-    return times
-
-
-def containerd_rounds(ctrd: Containerd, archive: Path, rounds: int) -> list[float]:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        ctrd.ctr(
-            "images",
-            "import",
-            "--all-platforms",
-            "--digests",
-            "--snapshotter=overlayfs",
-            "-",
-            stdin=archive.read_bytes(),
+    start = time.perf_counter()
+    with archive.open("rb") as source:
+        subprocess.run(
+            [*command, "--config", str(proc.config_file), "-"],
+            stdin=source,
+            check=True,
+            capture_output=True,
         )
-        times.append(time.perf_counter() - start)
-        ctrd.ctr("images", "rm", "--sync", NAME)
-    return times
+    took = time.perf_counter() - start
+    asyncio.run(remove(proc.socket, image_id))
+    return took
+
+
+def containerd_round(ctrd: Containerd, archive: Path) -> float:
+    """One ``ctr images import`` as kind runs it, timed; the image is removed after."""
+    command = ["ctr", "--address", str(ctrd.socket), "--namespace=k8s.io", "images", "import"]
+    kind_flags = ["--all-platforms", "--digests", "--snapshotter=overlayfs", "-"]
+    start = time.perf_counter()
+    with archive.open("rb") as source:
+        subprocess.run([*command, *kind_flags], stdin=source, check=True, capture_output=True)
+    took = time.perf_counter() - start
+    ctrd.ctr("images", "rm", "--sync", NAME)
+    return took
 
 
 def main() -> None:
@@ -92,7 +87,13 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=200)
     args = parser.parse_args()
     image, _ = make_image(args.mb)
-    with tempfile.TemporaryDirectory(prefix="crishim-bench-") as tmp:
+    compare = shutil.which("containerd") is not None and shutil.which("ctr") is not None
+    if not compare:
+        print("containerd: not installed on this machine, no comparison")
+    with (
+        tempfile.TemporaryDirectory(prefix="crishim-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
         archives = {
             "oci": Path(tmp) / "oci.tar",
             "docker": Path(tmp) / "docker.tar",
@@ -100,27 +101,31 @@ def main() -> None:
         archives["oci"].write_bytes(tar_bytes(oci_archive([(image, {IMAGE_NAME: NAME})])))
         archives["docker"].write_bytes(tar_bytes(docker_archive([(image, [NAME])])))
         proc = CrishimProcess(Path(tmp) / "crishim", config='log_level = "info"\n').start()
+        stack.callback(proc.terminate)
         assert proc.proc is not None
-        try:
-            idle = peak_rss_mb(proc.proc.pid)
-            largest = max(a.stat().st_size for a in archives.values()) / 1e6
-            for kind, archive in archives.items():
-                size = archive.stat().st_size
-                times = crishim_rounds(proc, archive, image.config_digest, args.rounds)
-                report(f"crishim {kind}", times, size)
-            print(
-                f"crishim peak RSS: {idle:.0f} MB idle, {peak_rss_mb(proc.proc.pid):.0f} MB "
-                f"after importing archives of up to {largest:.0f} MB"
-            )
-        finally:
-            proc.terminate()
-        if shutil.which("containerd") is None or shutil.which("ctr") is None:
-            print("containerd: not installed on this machine, no comparison")
-            return
-        with containerd(Path(tmp) / "containerd") as ctrd:
-            for kind, archive in archives.items():
-                times = containerd_rounds(ctrd, archive, args.rounds)
-                report(f"ctr {kind}", times, archive.stat().st_size)
+        ctrd = stack.enter_context(containerd(Path(tmp) / "containerd")) if compare else None
+        idle = peak_rss_mb(proc.proc.pid)
+        largest = max(a.stat().st_size for a in archives.values()) / 1e6
+        for kind, archive in archives.items():
+            size = archive.stat().st_size
+            ours: list[float] = []
+            theirs: list[float] = []
+            # Alternating, so both see the same state of a machine others share.
+            for _ in range(args.rounds):
+                ours.append(crishim_round(proc, archive, image.config_digest))
+                if ctrd is not None:
+                    theirs.append(containerd_round(ctrd, archive))
+            ours_median = report(f"crishim {kind}", ours, size)
+            if ctrd is not None:
+                theirs_median = report(f"ctr {kind}", theirs, size)
+                print(
+                    f"{kind}: crishim / containerd time ratio {ours_median / theirs_median:.2f} "
+                    "(below 1: crishim faster)"
+                )
+        print(
+            f"crishim peak RSS: {idle:.0f} MB idle, {peak_rss_mb(proc.proc.pid):.0f} MB "
+            f"after importing archives of up to {largest:.0f} MB"
+        )
 
 
 if __name__ == "__main__":
