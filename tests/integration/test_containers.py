@@ -43,6 +43,18 @@ from tests.rig.pods import (
 pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
 
 
+async def pid1_runs(rig: PodRig, cid: str, argv: list[str]) -> None:
+    """Wait for the container's process to be ``argv``: runc's start returns when the process
+    is released, and its exec of the command may come a moment later (so for containerd too)."""
+    seen: list[str] = []
+
+    async def runs() -> bool:
+        seen[:] = (await rig.exec_out(cid, "cat", "/proc/1/cmdline")).split("\0")[: len(argv)]
+        return seen == argv
+
+    await rig.until(runs, f"pid 1 of {cid} to run {argv}")
+
+
 async def test_container_create_start_logs_status_list(rig: PodRig, tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -228,24 +240,16 @@ async def test_env_args_and_working_dir_merge_with_the_image(rig: PodRig) -> Non
     assert "EXTRA=x" in env
     assert any(line.startswith("PATH=/usr/local/sbin:") for line in env)
     assert (await rig.exec_out(plain, "pwd")) == CONFIGURED_WORKDIR + "\n"
-    assert (await rig.exec_out(plain, "cat", "/proc/1/cmdline")).split("\0")[:3] == [
-        "/bin/sh",
-        "-c",
-        "echo from-image-cmd; sleep 1000; exit 0",
-    ]
+    await pid1_runs(rig, plain, ["/bin/sh", "-c", "echo from-image-cmd; sleep 1000; exit 0"])
     # args replace the image's cmd, keeping its entrypoint; working_dir replaces its.
     with_args = await rig.start_container(
         pod, "args", image=image, args=["echo from-args; sleep 1000; exit 0"], working_dir="/tmp"
     )
-    assert (await rig.exec_out(with_args, "cat", "/proc/1/cmdline")).split("\0")[:3] == [
-        "/bin/sh",
-        "-c",
-        "echo from-args; sleep 1000; exit 0",
-    ]
+    await pid1_runs(rig, with_args, ["/bin/sh", "-c", "echo from-args; sleep 1000; exit 0"])
     assert (await rig.exec_out(with_args, "pwd")) == "/tmp\n"
     # command replaces entrypoint and cmd.
     with_command = await rig.start_container(pod, "command", ["sleep", "1001"], image=image)
-    assert (await rig.exec_out(with_command, "cat", "/proc/1/cmdline")) == "sleep\x001001\x00"
+    await pid1_runs(rig, with_command, ["sleep", "1001"])
     plain_log = Path((await rig.status(plain)).log_path)
     await rig.until(lambda: has_text(plain_log, "from-image-cmd"), "the image cmd's output")
     args_log = Path((await rig.status(with_args)).log_path)
