@@ -174,7 +174,9 @@ def _cni(config: Config) -> list[Finding]:
     found = {t: find_plugin(cni.bin_dirs, t) for t in wanted}
     missing = [t for t, path in found.items() if path is None]
     if missing:
-        level = Level.WARN if search.config is None else Level.FAIL
+        # Only a config from the conf dir makes missing plugins fatal: a fresh node may get
+        # its plugins with its network plugin.
+        level = Level.WARN if search.config is None or search.config.path is None else Level.FAIL
         findings.append(
             Finding(
                 level, "cni plugins", f"{', '.join(missing)} not found in {', '.join(cni.bin_dirs)}"
