@@ -30,6 +30,7 @@ from crishim.images.snapshots.overlay import (
 )
 from crishim.model import Container, ContainerFilter, Image, Sandbox
 from crishim.network.cni import CniManager
+from crishim.network.default_network import default_network
 from crishim.runtime.binaries import resolve_binary
 from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
 from crishim.runtime.oci_runtime import OciRuntime
@@ -132,7 +133,12 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
     snapshotter.recover()
     registry = RegistryClient(config.registry.config_path)
     images = ImageService(stores.images, content, snapshotter, registry, host_platform())
-    cni = CniManager(config.cni.conf_dir, config.cni.bin_dirs, root / "cni-cache")
+    cni = CniManager(
+        config.cni.conf_dir,
+        config.cni.bin_dirs,
+        root / "cni-cache",
+        default=default_network(config),
+    )
     cgroups = cgroup_driver(config)
     runtimes = oci_runtimes(config, cgroups)
     events = EventBus()
