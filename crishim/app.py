@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crishim import __version__
+from crishim.api.admin_service import AdminServicer
 from crishim.api.image_service import ImageServicer
 from crishim.api.instrument import CallTracker
 from crishim.api.metrics_http import MetricsServer
@@ -26,14 +28,18 @@ from crishim.images.snapshots.overlay import (
     overlay_supported,
     probe_overlay_mount,
 )
-from crishim.model import Container, Image, Sandbox
+from crishim.model import Container, ContainerFilter, Image, Sandbox
 from crishim.network.cni import CniManager
+from crishim.network.default_network import default_network
 from crishim.runtime.binaries import resolve_binary
+from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
 from crishim.runtime.oci_runtime import OciRuntime
+from crishim.runtime.systemd_cgroups import SystemdDriver
 from crishim.services.containers import ContainerService
 from crishim.services.events import EventBus
 from crishim.services.exec import ExecService
 from crishim.services.images import ImageService
+from crishim.services.infra import InfraProcesses
 from crishim.services.metrics import CrishimMetrics
 from crishim.services.recovery import Recovery
 from crishim.services.runtime_info import RuntimeInfo
@@ -41,6 +47,7 @@ from crishim.services.sandboxes import SandboxService
 from crishim.services.stats import StatsService
 from crishim.store import ObjectStore
 from crishim.streaming import StreamingLimits, StreamingServer
+from crishim.util.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +102,24 @@ class Services:
     metrics: CrishimMetrics
     registry: RegistryClient
     recovery: Recovery
+    cgroups: CgroupDriver
 
 
-def oci_runtimes(config: Config) -> dict[str, OciRuntime]:
+def cgroup_driver(config: Config) -> CgroupDriver:
+    """The cgroup driver kubelet's ``cgroupDriver`` names."""
+    if config.cgroup_driver == "systemd":
+        return SystemdDriver()
+    return CgroupfsDriver()
+
+
+def oci_runtimes(config: Config, cgroups: CgroupDriver) -> dict[str, OciRuntime]:
     """One OciRuntime per configured runtime handler."""
     return {
         name: OciRuntime(
             name,
             resolve_binary(handler.path) or handler.path,
             config.runtime_root(name),
-            systemd_cgroup=config.cgroup_driver == "systemd",
+            options=cgroups.runtime_options,
         )
         for name, handler in config.runtimes.items()
     }
@@ -118,11 +133,22 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
     snapshotter.recover()
     registry = RegistryClient(config.registry.config_path)
     images = ImageService(stores.images, content, snapshotter, registry, host_platform())
-    cni = CniManager(config.cni.conf_dir, config.cni.bin_dirs, root / "cni-cache")
-    runtimes = oci_runtimes(config)
+    cni = CniManager(
+        config.cni.conf_dir,
+        config.cni.bin_dirs,
+        root / "cni-cache",
+        default=default_network(config),
+    )
+    cgroups = cgroup_driver(config)
+    runtimes = oci_runtimes(config, cgroups)
     events = EventBus()
     sandboxes = SandboxService(
-        stores.sandboxes, state_dir=state, cni=cni, runtime_handlers=tuple(runtimes), events=events
+        stores.sandboxes,
+        state_dir=state,
+        cni=cni,
+        runtime_handlers=tuple(runtimes),
+        events=events,
+        cgroups=cgroups,
     )
     containers = ContainerService(
         stores.containers,
@@ -131,31 +157,49 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         images=images,
         runtimes=runtimes,
         default_runtime=config.default_runtime,
-        cgroup_driver=config.cgroup_driver,
+        cgroups=cgroups,
+        conmon=config.conmon,
         events=events,
     )
+    events.pod_state = lambda sandbox_id: (
+        sandboxes.find(sandbox_id),
+        containers.matching(ContainerFilter(sandbox_id=sandbox_id)),
+    )
     sandboxes.reap_containers = containers.reap_sandbox
-    sandboxes.start_infra = containers.start_infra
-    sandboxes.stop_infra = containers.stop_infra
+    sandboxes.check_runtime = containers.check_runtime
+    infra = InfraProcesses(
+        state_dir=state,
+        sandboxes=sandboxes,
+        runtime_for=containers.runtime_for,
+        cgroups=cgroups,
+        conmon=config.conmon,
+    )
+    sandboxes.start_infra = infra.start
+    sandboxes.stop_infra = infra.stop
     return Services(
         runtime_info=RuntimeInfo(config),
         sandboxes=sandboxes,
         containers=containers,
         images=images,
         exec=ExecService(containers, sandboxes),
-        stats=StatsService(containers, sandboxes, images.snapshotter),
+        stats=StatsService(containers, sandboxes, images.snapshotter, cgroups=cgroups),
         metrics=CrishimMetrics(pulls=images.metrics, sandboxes=sandboxes, containers=containers),
         registry=registry,
         recovery=Recovery(
-            state_dir=state, runtimes=runtimes.values(), snapshotter=snapshotter, cni=cni
+            state_dir=state,
+            runtimes=runtimes.values(),
+            snapshotter=snapshotter,
+            cni=cni,
+            cgroups=cgroups,
         ),
+        cgroups=cgroups,
     )
 
 
 def build_servicers(
     services: Services, tracker: CallTracker, streaming: StreamingServer | None = None
 ) -> list[Any]:
-    """The RuntimeService and ImageService servicers."""
+    """The CRI's RuntimeService and ImageService servicers, and crishim's Admin service."""
     runtime = RuntimeServicer(
         services.runtime_info,
         services.sandboxes,
@@ -165,7 +209,11 @@ def build_servicers(
         services.exec,
         streaming,
     )
-    return [runtime, ImageServicer(services.images, services.stats, tracker)]
+    return [
+        runtime,
+        ImageServicer(services.images, services.stats, tracker),
+        AdminServicer(services.images, tracker),
+    ]
 
 
 def streaming_limits(config: StreamingConfig) -> StreamingLimits:
@@ -185,7 +233,12 @@ def prepare_directories(config: Config) -> None:
 
 
 async def serve(config: Config) -> None:
-    """Run crishim until SIGTERM or SIGINT, then shut down cleanly."""
+    """Run crishim until SIGTERM or SIGINT, then shut down cleanly.
+
+    Under systemd (``Type=notify``) it says READY=1 once the socket is served and STOPPING=1
+    when it begins to shut down.
+    """
+    notifier = Notifier.from_environment()
     prepare_directories(config)
     stores = open_stores(Path(config.root))
     snapshotter = await choose_snapshotter(Path(config.root) / "images")
@@ -226,10 +279,12 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    notifier.notify("READY=1", f"STATUS=serving CRI on {config.socket}", f"MAINPID={os.getpid()}")
     try:
         await stop.wait()
         log.info("shutting down: finishing in-flight calls")
     finally:
+        notifier.notify("STOPPING=1", "STATUS=shutting down")
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await server.stop(SHUTDOWN_GRACE_SECONDS)
@@ -238,4 +293,5 @@ async def serve(config: Config) -> None:
         await streaming.close()
         await services.containers.close()
         await services.registry.close()
+        await services.cgroups.close()
     log.info("crishim stopped")

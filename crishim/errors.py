@@ -13,6 +13,7 @@ edge. Each error's message names what it is about (an id, a path, a key).
     ├── Unimplemented        the call or option is not supported
     ├── Unauthenticated      a registry refused the credentials (or their absence)
     ├── DataLoss             content did not match its digest or size
+    ├── ResourceExhausted    the disk (or a quota) is full
     ├── ConfigError          the configuration is invalid (raised at start, not over gRPC)
     └── Internal             a bug or an unexpected failure of the host
 """
@@ -65,6 +66,10 @@ class Unauthenticated(CrishimError):
 
 class DataLoss(CrishimError):
     """Content does not match its digest or declared size (corrupt or truncated)."""
+
+
+class ResourceExhausted(CrishimError):
+    """The disk (or a quota) is full; the message names the path being written."""
 
 
 class ConfigError(CrishimError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import signal
+from collections.abc import Iterable
 from typing import Any, TypeVar, cast
 
 import betterproto2
@@ -184,8 +186,9 @@ def pod_sandbox_status(sandbox: model.Sandbox) -> v1.PodSandboxStatus:
     )
 
 
-def container_status(item: model.Container, mounts: list[v1.Mount]) -> v1.ContainerStatus:
-    """ContainerStatus' status message."""
+def container_status(item: model.Container) -> v1.ContainerStatus:
+    """A container's status: the one message ContainerStatus, PodSandboxStatus'
+    ``containers_statuses`` and the GetContainerEvents replies all carry."""
     return v1.ContainerStatus(
         id=item.id,
         metadata=v1.ContainerMetadata(name=item.metadata.name, attempt=item.metadata.attempt),
@@ -200,7 +203,7 @@ def container_status(item: model.Container, mounts: list[v1.Mount]) -> v1.Contai
         message=item.message,
         labels=dict(item.labels),
         annotations=dict(item.annotations),
-        mounts=mounts,
+        mounts=_status_mounts(item),
         log_path=item.log_path,
         image_id=item.image_id,
         user=v1.ContainerUser(
@@ -208,7 +211,63 @@ def container_status(item: model.Container, mounts: list[v1.Mount]) -> v1.Contai
                 uid=item.uid, gid=item.gid, supplemental_groups=list(item.supplemental_groups)
             )
         ),
+        stop_signal=status_stop_signal(item.stop_signal),
     )
+
+
+def container_statuses(items: Iterable[model.Container]) -> list[v1.ContainerStatus]:
+    """The statuses of a pod's containers, newest first: kubelet takes the first status of
+    a name as that container's current one, and does not sort PodSandboxStatus' list
+    before it looks (kuberuntime_manager.go GetPodStatus; FindContainerStatusByName)."""
+    newest_first = sorted(items, key=lambda c: c.created_at, reverse=True)
+    return [container_status(c) for c in newest_first]
+
+
+def _status_mounts(item: model.Container) -> list[v1.Mount]:
+    """The mounts the container was created with (kubelet finds the host file of its
+    termination message among them)."""
+    found = []
+    for raw in cast(list[Any], item.config.get("mounts") or []):
+        mount = specs.MountSpec.model_validate(raw)
+        found.append(
+            v1.Mount(
+                container_path=mount.container_path,
+                host_path=mount.host_path,
+                readonly=mount.readonly,
+                selinux_relabel=mount.selinux_relabel,
+                propagation=v1.MountPropagation(int(mount.propagation)),
+                recursive_read_only=mount.recursive_read_only,
+                image=(
+                    v1.ImageSpec(
+                        image=mount.image.image,
+                        user_specified_image=mount.image.user_specified_image,
+                    )
+                    if mount.image is not None
+                    else None
+                ),
+                image_sub_path=mount.image_sub_path,
+            )
+        )
+    return found
+
+
+def status_stop_signal(name: str) -> v1.Signal:
+    """The signal that stops the container, as the CRI enum: the container's or its image's
+    (``"SIGRTMIN+3"``, ``"TERM"`` and ``"15"`` are spelled in all three ways), SIGTERM when
+    neither names one; RUNTIME_DEFAULT only for a name the enum lacks."""
+    text = name.strip().upper() or "SIGTERM"
+    if text.isdigit():
+        try:
+            text = signal.Signals(int(text)).name
+        except ValueError:
+            return v1.Signal.RUNTIME_DEFAULT
+    if not text.startswith("SIG"):
+        text = "SIG" + text
+    text = text.replace("+", "PLUS").replace("-", "MINUS")
+    try:
+        return v1.Signal[text]
+    except KeyError:
+        return v1.Signal.RUNTIME_DEFAULT
 
 
 # ---- requests -> model specs -------------------------------------------------------------

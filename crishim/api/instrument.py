@@ -1,7 +1,8 @@
 """The one wrapper every RPC goes through: error mapping, logging, timing, draining.
 
 - crishim errors become gRPC statuses here and nowhere else; anything unexpected becomes
-  INTERNAL with its message, and its traceback is logged.
+  INTERNAL with its message, and its traceback is logged. A full disk that no specific
+  place reported still answers RESOURCE_EXHAUSTED.
 - A failed call logs one line: method, status, message. At debug level every call logs
   its status and duration.
 - RPCs crishim does not implement yet answer UNIMPLEMENTED naming the RPC.
@@ -21,6 +22,7 @@ from grpclib import GRPCError
 from grpclib.const import Handler, Status
 
 from crishim import errors
+from crishim.util.disk import is_disk_full
 
 log = logging.getLogger("crishim.rpc")
 
@@ -36,6 +38,7 @@ STATUS_FOR_ERROR: dict[type[errors.CrishimError], Status] = {
     errors.Unimplemented: Status.UNIMPLEMENTED,
     errors.Unauthenticated: Status.UNAUTHENTICATED,
     errors.DataLoss: Status.DATA_LOSS,
+    errors.ResourceExhausted: Status.RESOURCE_EXHAUSTED,
     errors.ConfigError: Status.FAILED_PRECONDITION,
     errors.Internal: Status.INTERNAL,
 }
@@ -100,6 +103,15 @@ def unimplemented_handler(path: str) -> StreamHandler:
     return handler
 
 
+def _unexpected(exc: Exception) -> tuple[Status, str]:
+    """The status and message of an error that no part of crishim translated."""
+    if isinstance(exc, OSError) and is_disk_full(exc):
+        # A write no specific place reports: still the status kubelet expects.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return Status.RESOURCE_EXHAUSTED, f"the disk is full{where} ({exc.strerror})"
+    return Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
 def instrument(path: str, func: StreamHandler, tracker: CallTracker) -> StreamHandler:
     """Wrap one RPC handler with error mapping, logging, timing and drain tracking."""
     name = _rpc_name(path)
@@ -124,7 +136,7 @@ def instrument(path: str, func: StreamHandler, tracker: CallTracker) -> StreamHa
             raise
         except Exception as exc:
             log.exception("%s: unexpected error", name)
-            status, message = Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            status, message = _unexpected(exc)
             raise GRPCError(status, message) from exc
         finally:
             tracker.leave()

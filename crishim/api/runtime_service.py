@@ -121,12 +121,19 @@ class RuntimeServicer(v1.RuntimeServiceBase):
     async def pod_sandbox_status(
         self, message: v1.PodSandboxStatusRequest
     ) -> v1.PodSandboxStatusResponse:
+        # kubelet's evented PLEG takes the pod's containers from this reply and caches them
+        # under ``timestamp`` (nanoseconds): no await between the stamp and the reading.
+        timestamp = time.time_ns()
         sandbox = self._sandboxes.get(message.pod_sandbox_id)
+        members = self._containers.matching(ContainerFilter(sandbox_id=sandbox.id))
         info: dict[str, str] = {}
         if message.verbose:
             info["info"] = sandbox.model_dump_json()
         return v1.PodSandboxStatusResponse(
-            status=convert.pod_sandbox_status(sandbox), info=info, timestamp=time.time_ns()
+            status=convert.pod_sandbox_status(sandbox),
+            info=info,
+            containers_statuses=convert.container_statuses(members),
+            timestamp=timestamp,
         )
 
     # ---- containers ---------------------------------------------------------------------
@@ -156,19 +163,7 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         self, message: v1.ContainerStatusRequest
     ) -> v1.ContainerStatusResponse:
         container = self._containers.get(message.container_id)
-        config = self._containers.config_of(container)
-        mounts = [
-            v1.Mount(
-                container_path=m.container_path,
-                host_path=m.host_path,
-                readonly=m.readonly,
-                selinux_relabel=m.selinux_relabel,
-                propagation=v1.MountPropagation(int(m.propagation)),
-                recursive_read_only=m.recursive_read_only,
-            )
-            for m in config.mounts
-        ]
-        status = convert.container_status(container, mounts)
+        status = convert.container_status(container)
         info: dict[str, str] = {}
         if message.verbose:
             info["info"] = json.dumps(
@@ -242,17 +237,17 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         async for event in self._containers.events.subscribe():
             yield self._event_response(event)
 
-    def _event_response(self, event: LifecycleEvent) -> v1.ContainerEventResponse:
-        sandbox = self._sandboxes.find(event.sandbox_id)
-        members = self._containers.matching(ContainerFilter(sandbox_id=event.sandbox_id))
+    @staticmethod
+    def _event_response(event: LifecycleEvent) -> v1.ContainerEventResponse:
+        """The event with the pod's state it was published with (not today's)."""
         return v1.ContainerEventResponse(
             container_id=event.container_id,
             container_event_type=v1.ContainerEventType(int(event.type)),
             created_at=event.created_at,
-            pod_sandbox_status=convert.pod_sandbox_status(sandbox) if sandbox else None,
-            containers_statuses=[
-                convert.container_status(c, []) for c in members if c.sandbox_id == event.sandbox_id
-            ],
+            pod_sandbox_status=(
+                convert.pod_sandbox_status(event.sandbox) if event.sandbox is not None else None
+            ),
+            containers_statuses=convert.container_statuses(event.containers),
         )
 
     async def stream_pod_sandboxes(

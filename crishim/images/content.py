@@ -11,6 +11,10 @@ Concurrent requests for one digest share a single download (``ensure``). A downl
 be read while it arrives (``open_stream``, for unpacking a layer before it is complete):
 the reader waits for bytes still to come, reports the end only once the digest matched,
 and fails with :class:`BlobAborted` when the download does.
+
+An import from an archive does not know which of the archive's files it keeps until it has
+read them all: it writes each into a :class:`Staging` area in ``ingest/`` and *adopts* the
+ones it needs (moved under their digest); closing the staging area removes the rest.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from crishim.errors import DataLoss, InvalidArgument
+from crishim.errors import DataLoss, Internal, InvalidArgument
+from crishim.util.disk import disk_full_as
 from crishim.util.tasks import join_shared
 
 log = logging.getLogger(__name__)
@@ -184,26 +191,41 @@ class ContentStore:
         final = self.path(digest)
         self._counter += 1
         temp = self._ingest / f"{final.name}.{os.getpid()}.{self._counter}"
-        self._ingest.mkdir(parents=True, exist_ok=True)
-        writer = _BlobWriter(temp, ingest)
         try:
-            written = await _receive(digest, size, source, writer)
-            actual = await writer.digest()
-            if size is not None and written != size:
-                raise DataLoss(f"blob {digest}: got {written} bytes, its descriptor says {size}")
-            if actual != digest:
-                raise DataLoss(f"blob {digest}: content has digest {actual}")
-            ingest.verified()
-            await writer.sync()
-            final.parent.mkdir(parents=True, exist_ok=True)
-            ingest.end(lambda: os.replace(temp, final), final)
+            with disk_full_as(f"downloading blob {digest} into", temp):
+                self._ingest.mkdir(parents=True, exist_ok=True)
+                writer = _BlobWriter(temp, ingest)
+                try:
+                    written = await _receive(digest, size, source, writer)
+                    actual = await writer.digest()
+                    if size is not None and written != size:
+                        raise DataLoss(
+                            f"blob {digest}: got {written} bytes, its descriptor says {size}"
+                        )
+                    if actual != digest:
+                        raise DataLoss(f"blob {digest}: content has digest {actual}")
+                    ingest.verified()
+                    await writer.sync()
+                finally:
+                    writer.close()
+                final.parent.mkdir(parents=True, exist_ok=True)
+                ingest.end(lambda: os.replace(temp, final), final)
         except BaseException:
             ingest.end(None)  # before the file goes: its readers learn why it did
             temp.unlink(missing_ok=True)
             raise
-        finally:
-            writer.close()
         return final
+
+    @contextmanager
+    def staging(self) -> Iterator[Staging]:
+        """A staging area for one import; what it has not adopted is removed at the end."""
+        self._counter += 1
+        self._ingest.mkdir(parents=True, exist_ok=True)
+        area = Staging(self, self._ingest, f"import.{os.getpid()}.{self._counter}")
+        try:
+            yield area
+        finally:
+            area.close()
 
     def usage(self) -> tuple[int, int]:
         """Bytes and inodes used by the blobs."""
@@ -424,3 +446,103 @@ class _BlobWriter:
             if views:
                 views[0] = views[0][done:]
         self._ingest.advance(total)
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """A file written into a staging area: where it is, its digest and its size."""
+
+    path: Path
+    digest: str
+    size: int
+
+
+class StagedWriter:
+    """One file being written into a staging area, hashed and counted on the way."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("xb")
+        self._hasher = hashlib.sha256()
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``."""
+        self._hasher.update(data)
+        self._size += len(data)
+        self._file.write(data)
+
+    def finish(self) -> StagedBlob:
+        """Close the file; what was written, with its digest."""
+        self._file.close()
+        return StagedBlob(self.path, f"sha256:{self._hasher.hexdigest()}", self._size)
+
+    def abort(self) -> None:
+        """Close and remove the file."""
+        with suppress(OSError):  # its last write may fail again: it goes anyway
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Staging:
+    """Files an import wrote before knowing which it keeps (see the module docstring).
+
+    Synchronous: an import reads its archive in a worker thread.
+    """
+
+    def __init__(self, store: ContentStore, directory: Path, prefix: str) -> None:
+        self._store = store
+        self._directory = directory
+        self._prefix = prefix
+        self._count = 0
+        self._paths: set[Path] = set()
+
+    def create(self) -> StagedWriter:
+        """A new, empty staged file."""
+        self._count += 1
+        path = self._directory / f"{self._prefix}.{self._count}"
+        self._paths.add(path)
+        try:
+            with disk_full_as("staging a file of the import at", path):
+                return StagedWriter(path)
+        except OSError as exc:
+            raise Internal(f"cannot stage a blob in {path.parent}: {exc.strerror}") from exc
+
+    def existing(self, digest: str) -> Path | None:
+        """The store's own copy of the blob ``digest``, if it has one."""
+        path = self._store.path(digest)
+        return path if path.is_file() else None
+
+    def adopt(self, blob: StagedBlob) -> Path:
+        """Move a staged file into the store under its digest (verified when it was
+        written); when the store already holds that blob, the staged copy is dropped."""
+        final = self._store.path(blob.digest)
+        if blob.path == final:
+            return final
+        if final.is_file():
+            blob.path.unlink(missing_ok=True)
+        else:
+            with (
+                disk_full_as(f"storing imported blob {blob.digest} at", final),
+                blob.path.open("rb") as written,
+            ):
+                os.fsync(written.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(blob.path, final)
+        self._paths.discard(blob.path)
+        return final
+
+    def add(self, digest: str, data: bytes) -> Path:
+        """Store a small document made during the import (verified against ``digest``)."""
+        writer = self.create()
+        writer.write(data)
+        blob = writer.finish()
+        if blob.digest != digest:
+            raise DataLoss(f"document {digest}: content has digest {blob.digest}")
+        return self.adopt(blob)
+
+    def close(self) -> None:
+        """Remove every staged file not adopted."""
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+        self._paths.clear()

@@ -63,6 +63,7 @@ from crishim.images.layer_stream import (
     UnpackError,
     readable,
 )
+from crishim.util.disk import disk_full_error, is_disk_full
 
 __all__ = [
     "LayerResult",
@@ -89,7 +90,8 @@ _PAX_XATTR_PREFIX = "SCHILY.xattr."
 #: decimal digits before the point of a PAX time that can still be a file time (int64 ns)
 _PAX_TIME_DIGITS_MAX = 18
 #: failures of the host rather than of the image: reported as Internal, not InvalidArgument
-_HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM})
+#: (a full disk is ResourceExhausted)
+_HOST_ERRNOS = frozenset({errno.EIO, errno.EROFS, errno.ENOMEM})
 
 
 class WhiteoutStyle(Enum):
@@ -159,7 +161,7 @@ def _apply(
             raise Internal(f"cannot open for unpacking: {exc.filename}: {exc.strerror}") from exc
         try:
             stream = LayerStream(raw, media_type)
-            extractor = _Extractor(root_fd, lower_fds, whiteouts, guesses)
+            extractor = _Extractor(root_fd, lower_fds, whiteouts, target, guesses)
             entries = extractor.run(TarReader(stream))
             stream.drain()
         except (CorruptStream, tarfile.TarError) as exc:
@@ -240,9 +242,11 @@ def _times_ns(member: tarfile.TarInfo) -> tuple[int, int]:
     return (mtime if atime is None else atime, mtime)
 
 
-def _entry_error(entry: str, exc: Exception) -> Exception:
+def _entry_error(entry: str, exc: Exception, target: Path) -> Exception:
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if isinstance(exc.filename, str) else ""
+        if is_disk_full(exc):
+            return disk_full_error(f'unpacking layer entry "{entry}" into', target, exc)
         if exc.errno in _HOST_ERRNOS:
             return Internal(readable(f'unpacking layer entry "{entry}": {exc.strerror}{where}'))
         return UnpackError(f'layer entry "{entry}": {exc.strerror or exc}{where}')
@@ -260,9 +264,11 @@ class _Extractor:
         root_fd: int,
         lower_fds: Sequence[int],
         style: WhiteoutStyle,
+        target: Path,
         guesses: ParentGuesses | None = None,
     ) -> None:
         self._root = root_fd
+        self._target = target  # for messages only: every access goes through root_fd
         self._style = style
         # Unpacking ahead (the lowers are not there yet): parents made without them.
         self._guesses = guesses
@@ -280,7 +286,7 @@ class _Extractor:
             try:
                 self._apply(reader, member)
             except (OSError, ValueError, OverflowError) as exc:
-                raise _entry_error(member.name, exc) from exc
+                raise _entry_error(member.name, exc, self._target) from exc
         self._restore_dir_times()
         return count
 

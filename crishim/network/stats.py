@@ -86,6 +86,7 @@ async def read_netns_interfaces(
     done = await proc.run(
         [nsenter, f"--net={netns_path}", "cat", "/proc/net/dev"],
         what="nsenter (pod network statistics)",
+        remedy="install util-linux",
         timeout=timeout,
     )
     if done.returncode != 0:

@@ -11,9 +11,8 @@ from crishim.oci.build import (
     build_container_spec,
     build_sandbox_infra_spec,
 )
-from crishim.oci.opts import (
+from crishim.oci.context import (
     BuildContext,
-    CgroupDriver,
     DeviceNode,
     DeviceStat,
     FileLoader,
@@ -37,7 +36,6 @@ __all__ = [
     "CONTAINER_OPTS",
     "INFRA_OPTS",
     "BuildContext",
-    "CgroupDriver",
     "DeviceNode",
     "DeviceStat",
     "FileLoader",

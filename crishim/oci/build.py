@@ -13,8 +13,8 @@ from crishim.model.specs import (
     NamespaceMode,
     SecurityContext,
 )
-from crishim.oci import opts
-from crishim.oci.opts import BuildContext
+from crishim.oci import opts, security
+from crishim.oci.context import CONTAINER_TYPE_SANDBOX, BuildContext, SpecOpt
 from crishim.oci.spec import Spec, base_spec
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
 
 # Order matters where options touch the same fields: env after hostname (HOSTNAME may be
 # overridden), terminal after env (TERM only when unset), privileged after mounts (/sys rw).
-CONTAINER_OPTS: tuple[opts.SpecOpt, ...] = (
+CONTAINER_OPTS: tuple[SpecOpt, ...] = (
     opts.with_root,
     opts.with_process_args,
     opts.with_hostname,
@@ -40,13 +40,13 @@ CONTAINER_OPTS: tuple[opts.SpecOpt, ...] = (
     opts.with_mounts,
     opts.with_devices,
     opts.with_privileged,
-    opts.with_capabilities,
-    opts.with_no_new_privs,
-    opts.with_readonly_rootfs,
-    opts.with_masked_and_readonly_paths,
-    opts.with_seccomp,
-    opts.with_apparmor,
-    opts.with_selinux,
+    security.with_capabilities,
+    security.with_no_new_privs,
+    security.with_readonly_rootfs,
+    security.with_masked_and_readonly_paths,
+    security.with_seccomp,
+    security.with_apparmor,
+    security.with_selinux,
     opts.with_resources,
     opts.with_oom_score_adj,
     opts.with_sysctls,
@@ -54,19 +54,19 @@ CONTAINER_OPTS: tuple[opts.SpecOpt, ...] = (
     opts.with_annotations,
 )
 
-INFRA_OPTS: tuple[opts.SpecOpt, ...] = (
+INFRA_OPTS: tuple[SpecOpt, ...] = (
     opts.with_root,
     opts.with_process_args,
     opts.with_cwd,
     opts.with_user,
     opts.with_namespaces,
-    opts.with_capabilities,
-    opts.with_no_new_privs,
-    opts.with_readonly_rootfs,
-    opts.with_masked_and_readonly_paths,
-    opts.with_seccomp,
-    opts.with_apparmor,
-    opts.with_selinux,
+    security.with_capabilities,
+    security.with_no_new_privs,
+    security.with_readonly_rootfs,
+    security.with_masked_and_readonly_paths,
+    security.with_seccomp,
+    security.with_apparmor,
+    security.with_selinux,
     opts.with_cgroups_path,
     opts.with_annotations,
 )
@@ -76,7 +76,7 @@ INFRA_OOM_SCORE_ADJ = -998
 
 
 def apply_opts(
-    spec: Spec, config: ContainerConfig, ctx: BuildContext, options: Sequence[opts.SpecOpt]
+    spec: Spec, config: ContainerConfig, ctx: BuildContext, options: Sequence[SpecOpt]
 ) -> Spec:
     """Apply ``options`` in order to ``spec`` and return it."""
     for option in options:
@@ -123,7 +123,7 @@ def build_sandbox_infra_spec(args: Sequence[str], ctx: BuildContext) -> Spec:
             )
         ),
     )
-    infra_ctx = replace(ctx, container_type=opts.CONTAINER_TYPE_SANDBOX, extra_mounts=[])
+    infra_ctx = replace(ctx, container_type=CONTAINER_TYPE_SANDBOX, extra_mounts=[])
     spec = apply_opts(base_spec(), config, infra_ctx, INFRA_OPTS)
     ctx.warnings.extend(w for w in infra_ctx.warnings if w not in ctx.warnings)
     assert spec.process is not None

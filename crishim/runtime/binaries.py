@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 
 from crishim.errors import DeadlineExceeded, FailedPrecondition
@@ -27,10 +25,7 @@ class BinaryInfo:
 
 def resolve_binary(name_or_path: str) -> str | None:
     """The absolute path of an executable named by path or looked up on PATH."""
-    if "/" in name_or_path:
-        ok = os.path.isfile(name_or_path) and os.access(name_or_path, os.X_OK)
-        return os.path.abspath(name_or_path) if ok else None
-    return shutil.which(name_or_path)
+    return proc.find_program(name_or_path)
 
 
 async def probe_binary(name_or_path: str, timeout: float = 5.0) -> BinaryInfo:

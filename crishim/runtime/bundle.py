@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from crishim.util.disk import disk_full_as
+
 __all__ = ["cgroups_path", "read_spec", "update_resources", "write_spec"]
 
 _CONFIG = "config.json"
@@ -19,8 +21,13 @@ def write_spec(bundle: Path, spec: dict[str, Any]) -> None:
     """Write the bundle's config.json (temp file + rename: never seen half-written)."""
     final = bundle / _CONFIG
     temp = bundle / f".{_CONFIG}.tmp"
-    temp.write_text(json.dumps(spec))
-    os.replace(temp, final)
+    with disk_full_as("writing the runtime spec", final):
+        try:
+            temp.write_text(json.dumps(spec))
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
 
 
 def read_spec(bundle: Path) -> dict[str, Any]:

@@ -187,13 +187,9 @@ def find_cgroup(
 
 
 def cgroup_for_path(cgroups_path: str, *, mounts: CgroupMounts | None = None) -> CgroupPaths:
-    """The cgroup named by a path in every hierarchy, such as a pod's cgroup parent.
-
-    A cgroupfs path (``/kubepods/burstable/pod<uid>``) is used as is; a systemd slice name
-    (``kubepods-burstable-pod<uid>.slice``) is expanded into its nested directories.
-    """
-    path = _expand_slice(cgroups_path) if _is_slice(cgroups_path) else cgroups_path
-    path = "/" + path.strip("/")
+    """The cgroup at a path below each hierarchy's root (``/kubepods/burstable/pod<uid>``,
+    or a slice's nested directories as the cgroup driver names them), in every hierarchy."""
+    path = "/" + cgroups_path.strip("/")
     mounts = mounts or CgroupMounts.read()
     return mounts.paths(dict.fromkeys(mounts.v1, path), path)
 
@@ -380,16 +376,3 @@ def _join(mount: HierarchyMount, path: str) -> Path:
 def _unescape(text: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal (``\\040``)."""
     return _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m[1], 8)), text)
-
-
-def _is_slice(name: str) -> bool:
-    return "/" not in name and name.endswith(".slice")
-
-
-def _expand_slice(name: str) -> str:
-    """systemd's nesting of slices: ``a-b-c.slice`` is ``/a.slice/a-b.slice/a-b-c.slice``."""
-    stem = name.removesuffix(".slice")
-    if stem in ("", "-"):
-        return "/"
-    parts = stem.split("-")
-    return "/" + "/".join("-".join(parts[: i + 1]) + ".slice" for i in range(len(parts)))

@@ -29,42 +29,58 @@ import contextlib
 import errno
 import itertools
 import json
+import logging
 import os
 import signal
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio.to_thread
-
-from crishim.errors import DeadlineExceeded, FailedPrecondition, Internal, Unimplemented
+from crishim.errors import (
+    CrishimError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    ResourceExhausted,
+)
 from crishim.runtime.oci_runtime import OciRuntime, error_message
 from crishim.util import proc
 from crishim.util.fdio import read_line
+from crishim.util.fs import remove_tree
 
 __all__ = [
     "CTL_REOPEN_LOG",
     "CTL_RESIZE",
+    "MonitorPlacement",
     "MonitorSpec",
     "attach_socket_path",
     "conmon_alive",
     "conmon_argv",
-    "conmon_cgroup_dirs",
     "create_container",
+    "discard_container",
     "find_conmons",
     "kill_conmon",
     "oom_killed",
     "read_exit_code",
-    "remove_conmon_cgroup",
     "reopen_log",
     "resize",
 ]
 
+log = logging.getLogger(__name__)
+
 CTL_RESIZE = 1
 CTL_REOPEN_LOG = 2
-_CGROUP_FS_TYPES = frozenset({"cgroup", "cgroup2"})
+#: what to do when conmon is missing (in errors)
+CONMON_REMEDY = (
+    "containers need conmon (apt-get install conmon), or set conmon in crishim's config "
+    "to where it is"
+)
 _POLL_INTERVAL = 0.01
+
+#: Moves a conmon (by pid) into its cgroup before it forks anything (the cgroup driver's).
+MonitorPlacement = Callable[[int], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -72,9 +88,7 @@ class MonitorSpec:
     """Everything conmon needs to create and watch one container.
 
     ``pid_file`` receives the container's init pid (written by the runtime) and
-    ``conmon_pid_file`` the pid of the monitor itself. ``cgroup_parent`` (cgroupfs form,
-    ``/a/b``) puts conmon in ``<cgroup_parent>/crishim-conmon-<id>`` in every hierarchy, so
-    its memory is charged to the pod.
+    ``conmon_pid_file`` the pid of the monitor itself.
     """
 
     container_id: str
@@ -89,7 +103,6 @@ class MonitorSpec:
     stdin: bool = False
     stdin_once: bool = False
     tty: bool = False
-    cgroup_parent: str | None = None
     log_size_max: int | None = None
 
 
@@ -142,53 +155,6 @@ def conmon_argv(spec: MonitorSpec, conmon: str = "conmon") -> list[str]:
     return argv
 
 
-def _cgroup_mounts(proc_mounts: Path = Path("/proc/self/mounts")) -> list[Path]:
-    mounts: list[Path] = []
-    for line in proc_mounts.read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and parts[2] in _CGROUP_FS_TYPES:
-            mounts.append(Path(parts[1]))
-    return mounts
-
-
-def conmon_cgroup_dirs(cgroup_parent: str, cid: str) -> list[Path]:
-    """The cgroup directories (one per hierarchy) that hold the conmon of ``cid``."""
-    rel = Path(cgroup_parent.strip("/")) / f"crishim-conmon-{cid}"
-    return [mount / rel for mount in _cgroup_mounts()]
-
-
-def _make_cgroup(path: Path) -> None:
-    """mkdir -p for a cgroup; new v1 cpuset cgroups inherit cpus/mems from their parent.
-
-    A v1 cpuset cgroup starts with empty ``cpuset.cpus``/``cpuset.mems`` and refuses tasks
-    until they are set.
-    """
-    missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        probe = probe.parent
-    for directory in reversed(missing):
-        directory.mkdir(exist_ok=True)
-        for name in ("cpuset.cpus", "cpuset.mems"):
-            mine = directory / name
-            if mine.exists() and not mine.read_text().strip():
-                mine.write_text((directory.parent / name).read_text())
-
-
-def _move_to_cgroup(pid: int, cgroup_parent: str, cid: str) -> None:
-    for directory in conmon_cgroup_dirs(cgroup_parent, cid):
-        _make_cgroup(directory)
-        (directory / "cgroup.procs").write_text(str(pid))
-
-
-def remove_conmon_cgroup(cgroup_parent: str, cid: str) -> None:
-    """Remove conmon's cgroups once it exited (a cgroup with live processes stays)."""
-    for directory in conmon_cgroup_dirs(cgroup_parent, cid):
-        with contextlib.suppress(FileNotFoundError):
-            directory.rmdir()
-
-
 def _kill_conmon(pid_file: Path) -> None:
     # The runtime child of conmon has PDEATHSIG=SIGKILL, so it dies with it.
     with contextlib.suppress(OSError, ValueError):
@@ -226,39 +192,43 @@ def kill_conmon(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-async def create_container(spec: MonitorSpec, conmon: str = "conmon", timeout: float = 60) -> int:
+async def create_container(
+    spec: MonitorSpec,
+    conmon: str = "conmon",
+    timeout: float = 60,
+    place: MonitorPlacement | None = None,
+) -> int:
     """Create the container under a new conmon and return its init pid.
 
-    The container is left ``created``: :meth:`OciRuntime.start` runs its process. On failure,
-    timeout or cancellation, conmon is killed and the runtime's record removed.
+    ``place`` moves conmon into its cgroup while it waits, so the runtime and the monitor
+    are born there. The container is left ``created``: :meth:`OciRuntime.start` runs its
+    process. On failure, timeout or cancellation, what was made is undone
+    (:func:`discard_container`; the caller releases the cgroup it placed conmon in) and the
+    error that caused it raised. A missing conmon or runtime binary raises ProgramMissing.
     """
     cid = spec.container_id
-    if spec.cgroup_parent is not None and spec.runtime.systemd_cgroup:
-        # A systemd parent needs a transient scope over D-Bus, not directory writes.
-        raise Unimplemented(f"container {cid}: conmon cgroup under a systemd slice")
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+    # Checked first: conmon would only report a missing runtime as a failed create.
+    spec.runtime.require()
+    conmon = proc.require_program(conmon, "conmon", CONMON_REMEDY, env)
     # conmon fails silently (after forking) when these are missing.
     for directory in (spec.exit_dir, spec.socket_dir, spec.log_path.parent):
         directory.mkdir(parents=True, exist_ok=True)
     sync_r, sync_w = os.pipe()
     start_r, start_w = os.pipe()
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "_OCI_SYNCPIPE": str(sync_w),
-        "_OCI_STARTPIPE": str(start_r),
-    }
+    env |= {"_OCI_SYNCPIPE": str(sync_w), "_OCI_STARTPIPE": str(start_r)}
     try:
         try:
-            await _spawn(spec, conmon, env, (sync_w, start_r), start_w)
+            await _spawn(spec, conmon, env, (sync_w, start_r), start_w, place)
         finally:
             # Only conmon holds these now; ours would hide its exit from the read below.
             for fd in (sync_w, start_r, start_w):
                 os.close(fd)
         # sync_r stays ours alone: read_line only watches it (see util.fdio).
         line = await asyncio.wait_for(read_line(sync_r), timeout)
-        return _parse_sync(cid, line)
+        return _parse_sync(spec.runtime, cid, line)
     except BaseException as exc:
-        _kill_conmon(spec.conmon_pid_file)
-        await asyncio.shield(spec.runtime.delete(cid, force=True))
+        await asyncio.shield(discard_container(spec))
         if isinstance(exc, TimeoutError):
             raise DeadlineExceeded(f"conmon for {cid}: no answer in {timeout}s") from exc
         raise
@@ -266,8 +236,30 @@ async def create_container(spec: MonitorSpec, conmon: str = "conmon", timeout: f
         os.close(sync_r)
 
 
+async def discard_container(spec: MonitorSpec) -> None:
+    """Undo a create: kill its conmon (the runtime child dies with it, and a dead conmon
+    writes no exit file), delete the container from the runtime, remove the exit file and
+    attach link. Problems are logged, not raised: this runs while the error that made the
+    create fail is on its way to the caller, and must not replace it."""
+    cid = spec.container_id
+    # Only while it is still conmon: a second discard must not signal whatever reused its pid.
+    if conmon_alive(spec.conmon_pid_file):
+        _kill_conmon(spec.conmon_pid_file)
+    try:
+        await spec.runtime.delete(cid, force=True)
+    except (CrishimError, OSError) as exc:
+        log.warning("container %s: deleting it after a failed create: %s", cid[:12], exc)
+    (spec.exit_dir / cid).unlink(missing_ok=True)
+    await remove_tree(spec.socket_dir / cid)
+
+
 async def _spawn(
-    spec: MonitorSpec, conmon: str, env: dict[str, str], pass_fds: tuple[int, ...], start_w: int
+    spec: MonitorSpec,
+    conmon: str,
+    env: dict[str, str],
+    pass_fds: tuple[int, ...],
+    start_w: int,
+    place: MonitorPlacement | None,
 ) -> None:
     """Run conmon until it detached: its first process exits once the monitor forked."""
     # conmon's stderr only matters until it detaches (it then points its stdio at
@@ -275,7 +267,8 @@ async def _spawn(
     with tempfile.TemporaryFile() as early_errors:
         child = proc.spawn(
             conmon_argv(spec, conmon),
-            what="conmon (the container monitor)",
+            what="conmon",
+            remedy=CONMON_REMEDY,
             stderr=early_errors.fileno(),
             pass_fds=pass_fds,
             env=env,
@@ -283,11 +276,9 @@ async def _spawn(
             cwd=spec.bundle,
         )
         try:
-            if spec.cgroup_parent is not None:
+            if place is not None:
                 # conmon waits on the start pipe before forking: its children inherit this.
-                await anyio.to_thread.run_sync(
-                    _move_to_cgroup, child.pid, spec.cgroup_parent, spec.container_id
-                )
+                await place(child.pid)
         except BaseException:
             # Killed before the release: closing the start pipe must not let it go on.
             child.kill()
@@ -297,11 +288,14 @@ async def _spawn(
         status = await child.wait()
         if status != 0:
             early_errors.seek(0)
-            detail = early_errors.read().decode(errors="replace").strip()
-            raise Internal(f"conmon for {spec.container_id} exited with status {status}: {detail}")
+            detail = early_errors.read().decode(errors="replace").strip() or "no message"
+            raise _failure(
+                f"conmon {conmon} for container {spec.container_id} exited with status "
+                f"{status}: {detail}"
+            )
 
 
-def _parse_sync(cid: str, line: bytes) -> int:
+def _parse_sync(runtime: OciRuntime, cid: str, line: bytes) -> int:
     if not line:
         raise Internal(f"conmon for {cid} exited without reporting the container's pid")
     try:
@@ -310,9 +304,18 @@ def _parse_sync(cid: str, line: bytes) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         raise Internal(f"conmon for {cid}: bad sync message {line!r}") from exc
     if value <= 0:
-        text = error_message(str(message.get("message", ""))) or "runtime failed"
-        raise Internal(f"create container {cid}: {text}")
+        text = error_message(str(message.get("message", ""))) or "no message"
+        raise _failure(f"create container {cid}: {runtime.what} ({runtime.path}) failed: {text}")
     return value
+
+
+def _failure(message: str) -> CrishimError:
+    """The error for a failure conmon or the runtime reported: ResourceExhausted when it was
+    a full disk (conmon, runc and crun all print strerror's words), else Internal."""
+    lowered = message.lower()
+    if "no space left on device" in lowered or "disk quota exceeded" in lowered:
+        return ResourceExhausted(f"{message} (the disk is full)")
+    return Internal(message)
 
 
 def read_exit_code(exit_dir: Path, cid: str) -> int | None:

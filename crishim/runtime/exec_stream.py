@@ -87,6 +87,7 @@ async def exec_pipes(
         child = proc.spawn(
             runtime.argv("exec", "--pid-file", str(Path(tmp) / "pid"), "--process", str(spec), cid),
             what=runtime.what,
+            remedy=runtime.remedy,
             stdin=proc.PIPE if stdin is not None else proc.DEVNULL,
             stdout=proc.PIPE,
             stderr=proc.PIPE,
@@ -167,6 +168,7 @@ async def exec_tty(
                     cid,
                 ),
                 what=runtime.what,
+                remedy=runtime.remedy,
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,

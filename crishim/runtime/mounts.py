@@ -16,6 +16,7 @@ import anyio.to_thread
 
 from crishim.errors import Internal
 from crishim.util import syscalls
+from crishim.util.disk import disk_full_as
 
 # mount(8)'s option words that are flags, not file-system data.
 _FLAGS = {
@@ -68,7 +69,8 @@ def _mount_one(mount: MountRequest, target: str) -> None:
 
 
 def _mount_all(mounts: Sequence[MountRequest], target: Path) -> None:
-    target.mkdir(parents=True, exist_ok=True)
+    with disk_full_as("making the mount point", target):
+        target.mkdir(parents=True, exist_ok=True)
     for mount in mounts:
         try:
             _mount_one(mount, str(target))

@@ -135,19 +135,17 @@ async def _drain(child: proc.Process, fd: int | None, sink: bytearray, cap: int)
 class OciRuntime:
     """One OCI runtime binary with its state directory (``--root``)."""
 
-    def __init__(self, name: str, path: str, root: str, *, systemd_cgroup: bool = False) -> None:
+    def __init__(self, name: str, path: str, root: str, *, options: tuple[str, ...] = ()) -> None:
         self.name = name
         self.path = path
         self.root = root
-        self.systemd_cgroup = systemd_cgroup
+        #: global options after --root, such as the cgroup driver's ``--systemd-cgroup``
+        self.options = options
         os.makedirs(root, mode=0o700, exist_ok=True)
 
     def argv(self, *args: str) -> list[str]:
         """The command line for ``args`` with the global options; conmon uses it too."""
-        cmd = [self.path, "--root", self.root]
-        if self.systemd_cgroup:
-            cmd.append("--systemd-cgroup")
-        return [*cmd, *args]
+        return [self.path, "--root", self.root, *self.options, *args]
 
     def _is_missing(self, cid: str, message: str) -> bool:
         # runc: "container does not exist"; crun names the missing state file or directory.
@@ -157,17 +155,40 @@ class OciRuntime:
 
     @staticmethod
     def _is_not_running(message: str) -> bool:
-        # runc: "container not running"; crun: "kill container: No such process".
-        return "not running" in message or "No such process" in message
+        # runc: "container not running"; crun: "kill container: No such process". runc 1.1
+        # under --systemd-cgroup on a v1 host, once the container exited and systemd removed
+        # its scope: "lstat /sys/fs/cgroup/devices/<slice>/<scope>: no such file or directory".
+        cgroup_gone = "/sys/fs/cgroup/" in message and "no such file or directory" in message
+        return "not running" in message or "No such process" in message or cgroup_gone
 
     @property
     def what(self) -> str:
         """How errors name this runtime."""
         return f"runtime handler {self.name!r}"
 
+    @property
+    def remedy(self) -> str:
+        """What to do when its binary is missing."""
+        return f"install it, or set [runtimes.{self.name}] path in crishim's config"
+
+    def require(self) -> str:
+        """The binary's absolute path; ProgramMissing naming the handler when it is not
+        installed."""
+        return proc.require_program(self.path, self.what, self.remedy)
+
+    def _knows(self, cid: str) -> bool:
+        """True when the runtime's state directory holds ``cid`` (runc and crun both keep
+        ``<root>/<id>``)."""
+        return os.path.lexists(os.path.join(self.root, cid))
+
     async def _run(self, cid: str, *args: str, stdin: bytes | None = None) -> bytes:
         """Run a short runtime command; its stdout, or the error it reported."""
-        done = await proc.run(self.argv("--log-format", "json", *args), what=self.what, input=stdin)
+        done = await proc.run(
+            self.argv("--log-format", "json", *args),
+            what=self.what,
+            remedy=self.remedy,
+            input=stdin,
+        )
         if done.returncode == 0:
             return done.stdout
         message = error_message(done.stderr.decode(errors="replace")) or (
@@ -208,9 +229,18 @@ class OciRuntime:
                 raise
 
     async def delete(self, cid: str, *, force: bool = False) -> None:
-        """Remove the runtime's record of ``cid``; an unknown id is not an error."""
-        with contextlib.suppress(NotFound):
+        """Remove the runtime's record of ``cid``; an unknown id is not an error.
+
+        Nor is a missing binary when the runtime's state has no such id: there is nothing
+        to delete, and cleaning up after a failed create must not fail over it.
+        """
+        try:
             await self._run(cid, "delete", *(["--force"] if force else []), cid)
+        except NotFound:
+            return
+        except proc.ProgramMissing:
+            if self._knows(cid):
+                raise
 
     async def update(self, cid: str, resources: dict[str, object]) -> None:
         """Apply OCI ``LinuxResources`` (``update --resources <file>``).
@@ -224,8 +254,14 @@ class OciRuntime:
             await self._run(cid, "update", "--resources", f.name, cid)
 
     async def list(self) -> list[RuntimeState]:
-        """Every container under this runtime's root."""
-        out = await self._run("", "list", "--format", "json")
+        """Every container under this runtime's root (none when its binary is missing and
+        its root is empty: a handler configured for a runtime not installed here)."""
+        try:
+            out = await self._run("", "list", "--format", "json")
+        except proc.ProgramMissing:
+            if os.path.isdir(self.root) and os.listdir(self.root):
+                raise
+            return []
         try:
             data = json.loads(out)
         except ValueError as exc:
@@ -259,6 +295,7 @@ class OciRuntime:
                     cid,
                 ],
                 what=self.what,
+                remedy=self.remedy,
                 stdout=proc.PIPE,
                 stderr=proc.PIPE,
                 # Its own session: the runtime gets none of the signals sent to crishim's group.

@@ -1,9 +1,12 @@
 """Container use cases: create, start, stop, remove, status, list, update, exec-sync.
 
-Each container runs under conmon, which runs ``runc|crun create``, holds the container's
-stdio, writes the CRI log and records the exit code in the exit directory. conmon outlives
-crishim, so crishim can restart while containers keep running; the exit directory and
-``runc state`` tell crishim afterwards what happened (see recovery).
+CreateContainer prepares the root filesystem, the bundle and the record; the runtime first
+hears of the container at StartContainer, when conmon runs ``runc|crun create`` (then
+``start``), holds the container's stdio, writes the CRI log and records the exit code in
+the exit directory. conmon outlives crishim, so crishim can restart while containers keep
+running; the exit directory and ``runc state`` tell crishim afterwards what happened
+(services/exits.py), and recovery removes what half-made ones left. The infra process of
+pods sharing a PID namespace is in services/infra.py.
 
 Layout per container under the state directory: ``containers/<id>/bundle/`` (config.json,
 rootfs mount point, conmon's pid files), ``exits/<id>`` (exit code), ``attach/<id>/``
@@ -17,7 +20,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -25,54 +27,47 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from crishim.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from crishim.images.rootfs import read_confined
+from crishim.errors import (
+    AlreadyExists,
+    CrishimError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
 from crishim.model import Container, ContainerFilter, ContainerMetadata, ContainerState, Sandbox
 from crishim.model.events import EventType
 from crishim.model.specs import (
     ContainerConfig,
     ImageConfigView,
     LinuxResources,
-    MountSpec,
     NamespaceMode,
     SandboxConfig,
 )
-from crishim.oci.build import BuildContext, build_container_spec, build_sandbox_infra_spec
-from crishim.oci.opts import CgroupDriver, DeviceNode, PasswdDb, linux_resources
+from crishim.oci.build import build_container_spec
+from crishim.oci.opts import linux_resources
 from crishim.oci.spec import dump_spec
-from crishim.runtime.bundle import cgroups_path as bundle_cgroups_path
 from crishim.runtime.bundle import read_spec, write_spec
 from crishim.runtime.bundle import update_resources as update_bundle_resources
-from crishim.runtime.cgroups import remove_cgroup
+from crishim.runtime.cgroup_driver import CgroupDriver
 from crishim.runtime.conmon import (
     MonitorSpec,
     create_container,
-    oom_killed,
-    read_exit_code,
+    discard_container,
     reopen_log,
-)
-from crishim.runtime.host import (
-    HostDevice,
-    capability_bounding_mask,
-    host_lsms,
-    list_devices,
-    stat_device,
-    swap_accounting,
 )
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.runtime.oci_runtime import ExecResult, OciRuntime
+from crishim.services.container_context import SpecContexts
 from crishim.services.events import EventBus
+from crishim.services.exits import ExitTracker
 from crishim.services.images import ImageService
 from crishim.services.sandboxes import SandboxService
 from crishim.store import ObjectStore
+from crishim.util.disk import disk_full_as
 from crishim.util.fs import remove_tree
 from crishim.util.tasks import BackgroundTasks, join_shared
 
 log = logging.getLogger(__name__)
-
-# How often exits are looked for while containers run (conmon writes the exit file).
-EXIT_POLL_SECONDS = 0.25
-OOM_EXIT_CODE = 137
 
 
 @dataclass(frozen=True)
@@ -100,14 +95,6 @@ class ContainerPaths:
         return self.bundle / "conmon.pid"
 
 
-def own_oom_score_adj() -> int:
-    """crishim's own oom_score_adj: containers may not go below it (no CAP_SYS_RESOURCE)."""
-    try:
-        return int(Path("/proc/self/oom_score_adj").read_text())
-    except (OSError, ValueError):
-        return 0
-
-
 class ContainerService:
     """Containers as kubelet sees them."""
 
@@ -120,9 +107,8 @@ class ContainerService:
         images: ImageService,
         runtimes: dict[str, OciRuntime],
         default_runtime: str,
-        cgroup_driver: str,
+        cgroups: CgroupDriver,
         conmon: str = "conmon",
-        catatonit: str = "catatonit",
         events: EventBus | None = None,
     ) -> None:
         self._store = store
@@ -131,21 +117,22 @@ class ContainerService:
         self._images = images
         self._runtimes = runtimes
         self._default_runtime = default_runtime
-        self._cgroup_driver = cgroup_driver
+        self._cgroups = cgroups
+        self._contexts = SpecContexts(cgroups)
         self._conmon = conmon
-        self._catatonit = catatonit
         self._events = events or EventBus()
         self._creating: dict[tuple[str, str, int], asyncio.Task[Container]] = {}
         # Containers whose create finished after its caller gave up, by (sandbox, name, attempt).
         self._unclaimed: dict[tuple[str, str, int], str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._min_oom = own_oom_score_adj()
-        self._swap = swap_accounting()
-        self._lsms = host_lsms()
-        self._cap_mask = capability_bounding_mask()
-        self._background = BackgroundTasks()
         self._releasing = BackgroundTasks()
-        self._watcher: asyncio.Task[None] | None = None
+        self._exits = ExitTracker(
+            store,
+            state_dir=state_dir,
+            runtime_for=self.runtime_for,
+            events=self._events,
+            lock_for=self._lock,
+        )
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -197,6 +184,10 @@ class ContainerService:
             return self._runtimes[name]
         except KeyError:
             raise InvalidArgument(f"runtime handler {name!r} is not configured") from None
+
+    def check_runtime(self, handler: str) -> None:
+        """Raise unless the runtime of ``handler`` is configured and its binary installed."""
+        self.runtime_for(handler).require()
 
     # ---- create -------------------------------------------------------------------------
 
@@ -250,7 +241,8 @@ class ContainerService:
         sandbox_config = SandboxConfig.model_validate(sandbox.config)
         snapshotter = self._images.snapshotter
         async with contextlib.AsyncExitStack() as undo:
-            paths.bundle.mkdir(parents=True)
+            with disk_full_as("making the bundle directory", paths.bundle):
+                paths.bundle.mkdir(parents=True)
             undo.push_async_callback(remove_tree, paths.base)
             mounts = await anyio.to_thread.run_sync(
                 snapshotter.prepare, container_id, image.top_chain_id or None
@@ -262,15 +254,23 @@ class ContainerService:
             undo.push_async_callback(unmount, paths.rootfs)
             image_config = self._images.config(image)
             log_path = self._log_path(sandbox, config)
-            ctx = self._build_context(
-                container_id, sandbox, sandbox_config, config, image_config, paths
+            ctx = self._contexts.for_container(
+                container_id,
+                sandbox,
+                sandbox_config,
+                config,
+                image_config,
+                paths.rootfs,
+                self._sandboxes.paths(sandbox.id),
+                self._target_pid(config),
             )
             spec = build_container_spec(config, ctx)
             for warning in ctx.warnings:
                 log.warning("container %s: %s", container_id[:12], warning)
             write_spec(paths.bundle, dump_spec(spec))
             if log_path:
-                Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+                with disk_full_as("making the log directory", Path(log_path).parent):
+                    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             stop_signal = (
                 config.stop_signal or ImageConfigView.from_image_config(image_config).stop_signal
             )
@@ -304,63 +304,16 @@ class ContainerService:
         self._events.publish(container.id, sandbox.id, EventType.CREATED)
         return container
 
-    def _build_context(
-        self,
-        container_id: str,
-        sandbox: Sandbox,
-        sandbox_config: SandboxConfig,
-        config: ContainerConfig,
-        image_config: dict[str, object],
-        paths: ContainerPaths,
-    ) -> BuildContext:
-        rootfs = paths.rootfs
-        users = PasswdDb.parse(
-            read_confined(rootfs, "etc/passwd") or "", read_confined(rootfs, "etc/group") or ""
-        )
-        pod = self._sandboxes.paths(sandbox.id)
-        extra = [
-            MountSpec(container_path="/etc/hosts", host_path=str(pod.hosts)),
-            MountSpec(container_path="/etc/resolv.conf", host_path=str(pod.resolv_conf)),
-            MountSpec(container_path="/etc/hostname", host_path=str(pod.hostname)),
-            MountSpec(
-                container_path="/dev/shm",
-                host_path="/dev/shm" if sandbox.host_ipc else str(pod.shm),
-            ),
-        ]
+    def _target_pid(self, config: ContainerConfig) -> int | None:
+        """The pid whose PID namespace the container joins (namespace mode TARGET)."""
         security = config.security_context
         ns = security.namespace_options if security else None
-        target_pid = None
-        if ns is not None and ns.pid is NamespaceMode.TARGET:
-            target = self.get(ns.target_id)
-            if target.state is not ContainerState.RUNNING:
-                raise FailedPrecondition(f"target container {ns.target_id} is not running")
-            target_pid = target.pid
-        return BuildContext(
-            container_id=container_id,
-            sandbox_id=sandbox.id,
-            sandbox=sandbox_config,
-            image=ImageConfigView.from_image_config(image_config),
-            image_name=config.image.image,
-            rootfs=str(rootfs),
-            namespace_paths={
-                "network": sandbox.netns or None,
-                "ipc": sandbox.ipcns or None,
-                "uts": sandbox.utsns or None,
-                "pid": f"/proc/{sandbox.infra_pid}/ns/pid" if sandbox.infra_pid else None,
-            },
-            target_pid=target_pid,
-            cgroup_driver=CgroupDriver(self._cgroup_driver),
-            min_oom_score_adj=self._min_oom,
-            swap_available=self._swap,
-            host_lsms=self._lsms,
-            node_hostname=os.uname().nodename,
-            passwd=users,
-            stat_device=_device_node,
-            host_devices=lambda: [_as_node(d) for d in list_devices()],
-            load_file=lambda path: Path(path).read_bytes(),
-            extra_mounts=extra,
-            host_capability_mask=self._cap_mask,
-        )
+        if ns is None or ns.pid is not NamespaceMode.TARGET:
+            return None
+        target = self.get(ns.target_id)
+        if target.state is not ContainerState.RUNNING:
+            raise FailedPrecondition(f"target container {ns.target_id} is not running")
+        return target.pid
 
     @staticmethod
     def _log_path(sandbox: Sandbox, config: ContainerConfig) -> str:
@@ -369,74 +322,6 @@ class ContainerService:
         if os.path.isabs(config.log_path) or not sandbox.log_directory:
             return config.log_path
         return os.path.join(sandbox.log_directory, config.log_path)
-
-    # ---- the infra process of a shared PID namespace ------------------------------------
-
-    async def start_infra(self, sandbox: Sandbox, sandbox_config: SandboxConfig) -> int:
-        """Run catatonit as the init of the pod's shared PID namespace; returns its pid.
-
-        It runs under conmon like any container (so it outlives crishim), with the
-        sandbox's id, a read-only root holding only the static catatonit binary, no
-        capabilities and no_new_privs.
-        """
-        binary = shutil.which(self._catatonit)
-        if binary is None:
-            raise FailedPrecondition(
-                f"{self._catatonit} not found: pods sharing a PID namespace need catatonit"
-            )
-        infra = self._sandboxes.paths(sandbox.id).base / "infra"
-        rootfs = infra / "rootfs"
-        rootfs.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(binary, rootfs / "catatonit")
-        ctx = BuildContext(
-            container_id=sandbox.id,
-            sandbox_id=sandbox.id,
-            sandbox=sandbox_config,
-            rootfs=str(rootfs),
-            namespace_paths={
-                "network": sandbox.netns or None,
-                "ipc": sandbox.ipcns or None,
-                "uts": sandbox.utsns or None,
-            },
-            cgroup_driver=CgroupDriver(self._cgroup_driver),
-            min_oom_score_adj=self._min_oom,
-            swap_available=self._swap,
-            host_lsms=self._lsms,
-            node_hostname=os.uname().nodename,
-            load_file=lambda path: Path(path).read_bytes(),
-            host_capability_mask=self._cap_mask,
-        )
-        spec = build_sandbox_infra_spec(["/catatonit", "-P"], ctx)
-        write_spec(infra, dump_spec(spec))
-        runtime = self.runtime_for(sandbox.runtime_handler)
-        pid = await create_container(
-            MonitorSpec(
-                container_id=sandbox.id,
-                name=f"{sandbox.metadata.namespace}_{sandbox.metadata.name}_infra",
-                bundle=infra,
-                runtime=runtime,
-                log_path=infra / "infra.log",
-                exit_dir=self._state / "exits",
-                socket_dir=self._state / "attach",
-                pid_file=infra / "pidfile",
-                conmon_pid_file=infra / "conmon.pid",
-            ),
-            conmon=self._conmon,
-        )
-        try:
-            await runtime.start(sandbox.id)
-        except BaseException:
-            await runtime.delete(sandbox.id, force=True)
-            raise
-        return pid
-
-    async def stop_infra(self, sandbox: Sandbox) -> None:
-        """Kill and delete the infra process; gone already is fine."""
-        runtime = self.runtime_for(sandbox.runtime_handler)
-        await runtime.kill(sandbox.id, signal.SIGKILL)
-        await runtime.delete(sandbox.id, force=True)
-        (self._state / "exits" / sandbox.id).unlink(missing_ok=True)
-        await remove_tree(self._state / "attach" / sandbox.id)
 
     # ---- start / stop -------------------------------------------------------------------
 
@@ -463,7 +348,7 @@ class ContainerService:
                 pid = await self._create_in_runtime(container, runtime)
                 await runtime.start(container.id)
             except BaseException as exc:
-                await asyncio.shield(self._start_failed(container, runtime, exc))
+                await asyncio.shield(self._start_failed(container, exc))
                 raise
             await self._store.update(
                 container.id,
@@ -512,13 +397,28 @@ class ContainerService:
             await runtime.delete(container.id, force=True)
             for stale in (paths.conmon_pid_file, paths.pid_file, paths.exits / container.id):
                 stale.unlink(missing_ok=True)
-        return await create_container(self._monitor_spec(container), conmon=self._conmon)
+        sandbox = self._sandboxes.get(container.sandbox_id)
+        parent = sandbox.cgroup_parent
+        pid = await create_container(
+            self._monitor_spec(container),
+            conmon=self._conmon,
+            place=lambda pid: self._cgroups.place_monitor(pid, parent, container.id),
+        )
+        resources = self.config_of(container).linux
+        if resources is not None and resources.resources is not None:
+            await self._cgroups.settle_container_resources(container.id, resources.resources)
+        return pid
 
-    async def _start_failed(
-        self, container: Container, runtime: OciRuntime, exc: BaseException
-    ) -> None:
-        """Leave nothing running behind a failed start, and say why it failed."""
-        await runtime.delete(container.id, force=True)
+    async def _start_failed(self, container: Container, exc: BaseException) -> None:
+        """Leave nothing behind a failed start (conmon, the runtime's container, exit file,
+        attach link, cgroups), and say why it failed. A failing cleanup is logged: ``exc``
+        is what the caller must see."""
+        await discard_container(self._monitor_spec(container))
+        pod = self._sandboxes.find(container.sandbox_id)
+        try:
+            await self._cgroups.release(pod.cgroup_parent if pod else "", container.id)
+        except (CrishimError, OSError) as exc_release:
+            log.warning("container %s: releasing its cgroups: %s", container.id[:12], exc_release)
         if isinstance(exc, asyncio.CancelledError):
             return  # kubelet's retry may start it again
         finished = time.time_ns()
@@ -545,6 +445,8 @@ class ContainerService:
         except NotFound:
             return
         async with self._lock(container.id):
+            if self._store.find(container.id) is None:
+                return  # removed while this call waited for the lock
             await self._stop_locked(container.id, timeout)
 
     async def _stop_locked(self, container_id: str, timeout: float) -> None:
@@ -564,123 +466,27 @@ class ContainerService:
             return
         await self._record_exit(container.id)
 
+    # ---- exits -------------------------------------------------------------------------
+
     async def _wait_exit(self, container_id: str, timeout: float) -> bool:
-        deadline = time.monotonic() + max(timeout, 0)
-        exits = self.paths(container_id).exits
-        while True:
-            if read_exit_code(exits, container_id) is not None:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
+        return await self._exits.wait(container_id, timeout)
 
     async def _record_exit(self, container_id: str) -> Container:
-        """Mark the container exited with the code conmon recorded."""
-        code = read_exit_code(self.paths(container_id).exits, container_id)
-        container = self._store.get(container_id)
-        if code is None:
-            state = await self.runtime_for(container.runtime_handler).state(container_id)
-            if state is not None and state.status in ("running", "created", "paused"):
-                return container
-            reason, code, message = "Unknown", 255, "exit code not recorded"
-        else:
-            reason = (
-                "OOMKilled"
-                if self._oom_killed(container_id)
-                else ("Completed" if code == 0 else "Error")
-            )
-            message = ""
-        finished = time.time_ns()
-        exited = await self._store.update(
-            container_id,
-            lambda c: c.model_copy(
-                update={
-                    "state": ContainerState.EXITED,
-                    "exit_code": code,
-                    "finished_at": finished,
-                    "reason": reason,
-                    "message": message,
-                }
-            ),
-        )
-        self._events.publish(container_id, exited.sandbox_id, EventType.STOPPED)
-        return exited
-
-    def _oom_killed(self, container_id: str) -> bool:
-        return oom_killed(self.paths(container_id).bundle)
-
-    # ---- exits while running ------------------------------------------------------------
+        return await self._exits.record(container_id)
 
     def _ensure_watcher(self) -> None:
-        if self._watcher is None or self._watcher.done():
-            self._watcher = self._background.spawn(self._watch_exits(), "the exit watcher")
+        self._exits.watch()
+
+    async def refresh(self) -> None:
+        """After a restart: exits that happened meanwhile are recorded, a start that crishim
+        did not see through is finished or undone, watching resumes."""
+        await self._exits.refresh()
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop the background work (at shutdown); releases under way get ``grace``
         seconds to finish (what they leave, recovery removes at the next start)."""
         await self._releasing.drain(grace)
-        await self._background.close()
-
-    async def _watch_exits(self) -> None:
-        """Record exits of running containers soon after conmon writes them."""
-        exits = self._state / "exits"
-        while True:
-            running = [c for c in self._store.list() if c.state is ContainerState.RUNNING]
-            if not running:
-                return
-            # One directory read per round, however many containers run.
-            try:
-                written = set(os.listdir(exits))
-            except FileNotFoundError:
-                written = set()
-            for container in running:
-                if container.id in written:
-                    try:
-                        await self._record_running_exit(container.id)
-                    except Exception:
-                        # One container's trouble must not stop the watch over the others.
-                        log.exception("recording the exit of container %s", container.id[:12])
-            await asyncio.sleep(EXIT_POLL_SECONDS)
-
-    async def _record_running_exit(self, container_id: str) -> None:
-        async with self._lock(container_id):
-            # Removed or stopped meanwhile (the listing above is from before the lock).
-            current = self._store.find(container_id)
-            if current is not None and current.state is ContainerState.RUNNING:
-                await self._record_exit(container_id)
-
-    async def refresh(self) -> None:
-        """After a restart: exits that happened meanwhile are recorded, a start that crishim
-        did not see through is finished or undone, watching resumes."""
-        for container in self._store.list():
-            if container.state is ContainerState.CREATED:
-                await self._refresh_created(container)
-            if self._store.get(container.id).state is not ContainerState.RUNNING:
-                continue
-            code = read_exit_code(self.paths(container.id).exits, container.id)
-            runtime_state = await self.runtime_for(container.runtime_handler).state(container.id)
-            if code is not None or runtime_state is None or runtime_state.status == "stopped":
-                await self._record_exit(container.id)
-        self._ensure_watcher()
-
-    async def _refresh_created(self, container: Container) -> None:
-        """A created container whose start was under way when crishim stopped: running now
-        means the start happened; anything else is left to StartContainer, which starts
-        over from what is there."""
-        if not self.paths(container.id).conmon_pid_file.exists():
-            return  # never reached the runtime
-        state = await self.runtime_for(container.runtime_handler).state(container.id)
-        if state is not None and state.status in ("running", "stopped"):
-            await self._store.update(
-                container.id,
-                lambda c: c.model_copy(
-                    update={
-                        "state": ContainerState.RUNNING,
-                        "started_at": time.time_ns(),
-                        "pid": state.pid,
-                    }
-                ),
-            )
+        await self._exits.close()
 
     # ---- remove -------------------------------------------------------------------------
 
@@ -691,6 +497,8 @@ class ContainerService:
         except NotFound:
             return
         async with self._lock(container.id):
+            if self._store.find(container.id) is None:
+                return  # a concurrent removal (kubelet's GC and its pod cleanup race) did it
             await self._stop_locked(container.id, 0)
             if not self._store.get(container.id).can_remove():
                 raise FailedPrecondition(
@@ -702,18 +510,24 @@ class ContainerService:
             await self._store.delete(container.id)
         self._events.publish(container.id, container.sandbox_id, EventType.DELETED)
         self._locks.pop(container.id, None)
-        self._releasing.spawn(self._release(container), f"releasing container {container.id[:12]}")
+        pod = self._sandboxes.find(container.sandbox_id)
+        release = self._release(container, pod.cgroup_parent if pod else "")
+        self._releasing.spawn(release, f"releasing container {container.id[:12]}")
 
-    async def _release(self, container: Container) -> None:
-        """Remove what a removed (stopped) container leaves: its runtime state, root
-        filesystem, snapshot and files."""
+    async def _release(self, container: Container, parent: str) -> None:
+        """Remove what a removed (stopped) container leaves: its runtime state, its
+        conmon's cgroup, root filesystem, snapshot and files."""
         paths = self.paths(container.id)
         if paths.conmon_pid_file.exists():  # else the runtime never heard of it
-            await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
-            # A create the runtime did not finish (crishim was killed) leaves its cgroup.
-            cgroup = await anyio.to_thread.run_sync(bundle_cgroups_path, paths.bundle)
-            if cgroup is not None:
-                await remove_cgroup(cgroup)
+            try:
+                await self.runtime_for(container.runtime_handler).delete(container.id, force=True)
+            except (CrishimError, OSError) as exc:
+                # A runtime that fails (or is gone) must not keep the rest: recovery retries
+                # it at the next start.
+                log.warning(
+                    "container %s: removing it from its runtime: %s", container.id[:12], exc
+                )
+            await self._cgroups.release(parent, container.id)
         await unmount(paths.rootfs)
         await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)
         await remove_tree(paths.exits / container.id)
@@ -738,7 +552,7 @@ class ContainerService:
         container = self.get(container_id)
         if container.state not in (ContainerState.CREATED, ContainerState.RUNNING):
             raise FailedPrecondition(f"container {container.id} is {container.state.value}")
-        oci = linux_resources(resources, swap_available=self._swap).model_dump(
+        oci = linux_resources(resources, swap_available=self._contexts.swap_available).model_dump(
             by_alias=True, exclude_none=True
         )
         async with self._lock(container.id):
@@ -747,6 +561,7 @@ class ContainerService:
                 await anyio.to_thread.run_sync(update_bundle_resources, paths.bundle, oci)
                 return
             await self.runtime_for(container.runtime_handler).update(container.id, oci)
+            await self._cgroups.settle_container_resources(container.id, resources)
 
     async def reopen_log(self, container_id: str) -> None:
         """Make conmon reopen the log file (after kubelet rotated it)."""
@@ -770,22 +585,6 @@ class ContainerService:
         process["terminal"] = False
         runtime = self.runtime_for(container.runtime_handler)
         return await runtime.exec_sync(container.id, process, timeout if timeout > 0 else None)
-
-
-def _as_node(device: HostDevice) -> DeviceNode:
-    return DeviceNode(
-        type=device.type,
-        major=device.major,
-        minor=device.minor,
-        file_mode=device.file_mode,
-        uid=device.uid,
-        gid=device.gid,
-        path=device.path,
-    )
-
-
-def _device_node(path: str) -> DeviceNode:
-    return _as_node(stat_device(path))
 
 
 def _signal_number(name: str) -> int:

@@ -12,11 +12,13 @@ from enum import StrEnum
 from pathlib import Path
 
 from crishim.config import Config
+from crishim.errors import CrishimError
 from crishim.images.snapshots.overlay import overlay_supported, probe_overlay_mount
-from crishim.network.cni import find_network_config, find_plugin
+from crishim.network.cni import choose_network, find_plugin
+from crishim.network.default_network import default_network
 from crishim.runtime.binaries import probe_binary
 from crishim.runtime.cgroups import CgroupMode, detect_layout
-from crishim.services.runtime_info import CONMON
+from crishim.runtime.systemd_dbus import SystemdManager
 from crishim.util.sockets import unix_socket_answers
 
 # Plugins a default bridge network needs; checked when no config names its own.
@@ -66,7 +68,7 @@ async def _runtimes(config: Config) -> list[Finding]:
                 "not found; pods sharing one PID namespace cannot run (apt: catatonit)",
             )
         )
-    conmon = await probe_binary(CONMON)
+    conmon = await probe_binary(config.conmon)
     if conmon.found and not conmon.error:
         findings.append(Finding(Level.OK, "conmon", f"{conmon.path}, {conmon.version}"))
     else:
@@ -98,6 +100,20 @@ def _cgroups(config: Config) -> Finding:
     return Finding(Level.OK, "cgroups", f"{detail}; runc and crun both work")
 
 
+async def _cgroup_driver(config: Config) -> Finding:
+    subject = f"cgroup driver {config.cgroup_driver}"
+    if config.cgroup_driver != "systemd":
+        return Finding(Level.OK, subject, "cgroups as directories; kubelet's must be cgroupfs")
+    manager = SystemdManager()
+    try:
+        via = await manager.ping()
+    except CrishimError as exc:
+        return Finding(Level.FAIL, subject, f"{exc}; pods need systemd to make their scopes")
+    finally:
+        await manager.close()
+    return Finding(Level.OK, subject, f"systemd answers on its {via}; kubelet's must be systemd")
+
+
 async def _overlay(config: Config) -> Finding:
     if not overlay_supported():
         return Finding(
@@ -117,32 +133,50 @@ async def _overlay(config: Config) -> Finding:
 
 def _cni(config: Config) -> list[Finding]:
     cni = config.cni
-    search = find_network_config(cni.conf_dir)
+    default = default_network(config)
+    search = choose_network(cni.conf_dir, default)
     findings = []
     if search.config is None:
+        disabled = (
+            " (the built-in default network is off: [cni.default_network] enabled = false)"
+            if default is None and not search.problems
+            else ""
+        )
         findings.append(
             Finding(
                 Level.WARN,
                 "cni config",
-                search.reason(cni.conf_dir) + "; NetworkReady "
+                search.reason(cni.conf_dir) + disabled + "; NetworkReady "
                 "stays false and only host-network pods can run",
             )
         )
         wanted: tuple[str, ...] = STANDARD_CNI_PLUGINS
+    elif search.config.path is None and default is not None:
+        findings.append(
+            Finding(
+                Level.OK,
+                "cni config",
+                f"none in {cni.conf_dir}: new pods join {default.describe()} "
+                "until a network plugin writes its config there",
+            )
+        )
+        wanted = search.config.required_plugins
     else:
         cfg = search.config
         findings.append(
             Finding(
                 Level.OK,
                 "cni config",
-                f"{cfg.path}: network {cfg.name!r}, plugins {', '.join(cfg.plugin_types)}",
+                f"{cfg.source}: network {cfg.name!r}, plugins {', '.join(cfg.plugin_types)}",
             )
         )
-        wanted = cfg.plugin_types
+        wanted = cfg.required_plugins
     found = {t: find_plugin(cni.bin_dirs, t) for t in wanted}
     missing = [t for t, path in found.items() if path is None]
     if missing:
-        level = Level.WARN if search.config is None else Level.FAIL
+        # Only a config from the conf dir makes missing plugins fatal: a fresh node may get
+        # its plugins with its network plugin.
+        level = Level.WARN if search.config is None or search.config.path is None else Level.FAIL
         findings.append(
             Finding(
                 level, "cni plugins", f"{', '.join(missing)} not found in {', '.join(cni.bin_dirs)}"
@@ -177,6 +211,7 @@ async def run_checks(config: Config) -> list[Finding]:
     """Every check, in the order they are printed."""
     findings = await _runtimes(config)
     findings.append(_cgroups(config))
+    findings.append(await _cgroup_driver(config))
     findings.append(await _overlay(config))
     findings.extend(_cni(config))
     findings.append(await _socket(config))

@@ -35,7 +35,7 @@ from crishim.images.snapshots.base import Snapshotter
 from crishim.network.cni import CniManager
 from crishim.network.netns import PodNamespaces, namespace_alive, remove_pod_namespaces
 from crishim.runtime.bundle import cgroups_path as bundle_cgroups_path
-from crishim.runtime.cgroups import remove_cgroup
+from crishim.runtime.cgroup_driver import CgroupDriver
 from crishim.runtime.conmon import find_conmons, kill_conmon
 from crishim.runtime.mounts import unmount
 from crishim.runtime.oci_runtime import OciRuntime
@@ -74,11 +74,13 @@ class Recovery:
         runtimes: Iterable[OciRuntime],
         snapshotter: Snapshotter,
         cni: CniManager | None,
+        cgroups: CgroupDriver,
     ) -> None:
         self._state = state_dir
         self._runtimes = list(runtimes)
         self._snapshotter = snapshotter
         self._cni = cni
+        self._cgroups = cgroups
 
     async def sweep(self, sandbox_ids: set[str], container_ids: set[str]) -> SweepReport:
         """Remove every trace of ids that are neither a known sandbox nor container."""
@@ -150,7 +152,7 @@ class Recovery:
         # A runtime killed in the middle of its create leaves a cgroup no runtime knows.
         cgroup = await anyio.to_thread.run_sync(bundle_cgroups_path, base / "bundle")
         if cgroup is not None:
-            await remove_cgroup(cgroup)
+            await self._cgroups.release(self._cgroups.parent_of(cgroup), cid)
         await unmount(base / "bundle" / "rootfs")
         await anyio.to_thread.run_sync(self._snapshotter.remove, cid)
         for path in (self._state / "exits" / cid, self._state / "attach" / cid, base):

@@ -28,17 +28,18 @@ from crishim.errors import FailedPrecondition, InvalidArgument, NotFound
 from crishim.model import PodMetadata, Sandbox, SandboxFilter, SandboxState
 from crishim.model.events import EventType
 from crishim.model.specs import LinuxResources, NamespaceMode, SandboxConfig
-from crishim.network.cni import CniManager
+from crishim.network.cni import Attachment, CniManager
 from crishim.network.netns import (
     PodNamespaces,
     create_pod_namespaces,
     namespace_alive,
     remove_pod_namespaces,
 )
-from crishim.runtime.cgroups import apply_cgroup_resources
+from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.services.events import EventBus
 from crishim.store import ObjectStore
+from crishim.util.disk import disk_full_as
 from crishim.util.fs import remove_tree
 from crishim.util.tasks import join_shared
 
@@ -72,6 +73,8 @@ class SandboxPaths:
 
 # Called to stop (and optionally remove) every container of a sandbox; set by the app.
 ContainerReaper = Callable[[str, bool], Awaitable[None]]
+# Raises unless a runtime handler's binary is installed; set by the app.
+RuntimeCheck = Callable[[str], None]
 # Start and stop the process holding a shared PID namespace; set by the app.
 InfraStarter = Callable[[Sandbox, SandboxConfig], Awaitable[int]]
 InfraStopper = Callable[[Sandbox], Awaitable[None]]
@@ -88,16 +91,19 @@ class SandboxService:
         cni: CniManager | None = None,
         runtime_handlers: tuple[str, ...] = ("runc", "crun"),
         events: EventBus | None = None,
+        cgroups: CgroupDriver | None = None,
     ) -> None:
         self._store = store
         self._state = state_dir
         self._cni = cni
         self._handlers = runtime_handlers
         self._events = events or EventBus()
+        self._cgroups = cgroups or CgroupfsDriver()
         self._pod_cidr = ""
         self._creating: dict[tuple[str, str, str, int], asyncio.Task[Sandbox]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.reap_containers: ContainerReaper | None = None
+        self.check_runtime: RuntimeCheck | None = None
         self.start_infra: InfraStarter | None = None
         self.stop_infra: InfraStopper | None = None
 
@@ -142,7 +148,8 @@ class SandboxService:
         log.info("pod CIDR set to %s", cidr or "(none)")
 
     async def update_resources(self, sandbox_id: str, resources: LinuxResources | None) -> None:
-        """Apply pod-level resources to the pod's cgroup (its cgroup parent)."""
+        """Apply pod-level resources to the pod's cgroup (its cgroup parent), through the
+        cgroup driver."""
         sandbox = self.get(sandbox_id)
         if resources is None:
             return
@@ -150,13 +157,7 @@ class SandboxService:
             raise FailedPrecondition(
                 f"pod sandbox {sandbox.id} has no cgroup parent to apply pod resources to"
             )
-        await apply_cgroup_resources(
-            sandbox.cgroup_parent,
-            cpu_shares=resources.cpu_shares,
-            cpu_quota=resources.cpu_quota,
-            cpu_period=resources.cpu_period,
-            memory_limit=resources.memory_limit_in_bytes,
-        )
+        await self._cgroups.update_pod_resources(sandbox.cgroup_parent, resources)
 
     def paths(self, sandbox_id: str) -> SandboxPaths:
         """The sandbox's files."""
@@ -182,6 +183,8 @@ class SandboxService:
         meta = config.metadata
         if meta is None or not meta.name or not meta.namespace or not meta.uid:
             raise InvalidArgument("sandbox config: metadata name, namespace and uid are required")
+        # A parent the cgroup driver cannot use is refused now, not at the first container.
+        self._cgroups.pod_cgroup(config.linux.cgroup_parent if config.linux else "")
         handler = runtime_handler or ""
         if handler and handler not in self._handlers:
             known = ", ".join(self._handlers)
@@ -196,6 +199,9 @@ class SandboxService:
                     f"pod sandbox {meta.name}/{meta.namespace} attempt {meta.attempt} exists as "
                     f"{existing.id} and is not ready; remove it first"
                 )
+        if self.check_runtime is not None:
+            # Before anything is made: no container of the pod could run.
+            self.check_runtime(handler)
         task = self._creating.get(key)
         if task is None:
             task = asyncio.create_task(self._run(config, handler))
@@ -217,7 +223,8 @@ class SandboxService:
         hostname = config.hostname or os.uname().nodename
         sysctls = dict(linux.sysctls) if linux else {}
         async with contextlib.AsyncExitStack() as undo:
-            paths.base.mkdir(parents=True, exist_ok=True)
+            with disk_full_as("making the pod sandbox directory", paths.base):
+                paths.base.mkdir(parents=True, exist_ok=True)
             undo.push_async_callback(remove_tree, paths.base)
             namespaces = await create_pod_namespaces(
                 self._state / "ns",
@@ -232,12 +239,13 @@ class SandboxService:
             await self._make_shm(paths, host_ipc)
             undo.push_async_callback(unmount, paths.shm)
             ips: list[str] = []
-            network_ready = False
+            attachment: Attachment | None = None
             if not host_network and namespaces.network:
-                ips = await self._network_up(sandbox_id, namespaces.network, config)
-                network_ready = True
+                attachment = await self._network_up(sandbox_id, namespaces.network, config)
+                ips = [ip.address.split("/")[0] for ip in attachment.result.ips]
                 undo.push_async_callback(self._network_down, sandbox_id, namespaces.network)
-            self._write_files(paths, config, hostname, ips, host_network)
+            with disk_full_as("writing hostname, hosts and resolv.conf in", paths.base):
+                self._write_files(paths, config, hostname, ips, host_network)
             sandbox = Sandbox(
                 id=sandbox_id,
                 metadata=PodMetadata(
@@ -262,7 +270,9 @@ class SandboxService:
                 ipcns=namespaces.ipc or "",
                 utsns=namespaces.uts or "",
                 ips=ips,
-                network_ready=network_ready,
+                network_ready=attachment is not None,
+                network=attachment.network if attachment else "",
+                network_config=attachment.source if attachment else "",
                 config=config.model_dump(mode="json"),
             )
             if shared_pid:
@@ -277,11 +287,11 @@ class SandboxService:
         self._events.publish(sandbox.id, sandbox.id, EventType.CREATED)
         self._events.publish(sandbox.id, sandbox.id, EventType.STARTED)
         log.info(
-            "sandbox %s ready (%s/%s, ips %s)",
+            "sandbox %s ready (%s/%s, %s)",
             sandbox_id[:12],
             config.metadata.namespace,
             config.metadata.name,
-            ", ".join(ips) or "host network",
+            f"ips {', '.join(ips)} on network {sandbox.network}" if ips else "host network",
         )
         return sandbox
 
@@ -292,7 +302,7 @@ class SandboxService:
         options = ("nosuid", "nodev", "noexec", "mode=1777", f"size={SHM_SIZE_BYTES}")
         await mount_all([MountRequest("tmpfs", "shm", options)], paths.shm)
 
-    async def _network_up(self, sandbox_id: str, netns: str, config: SandboxConfig) -> list[str]:
+    async def _network_up(self, sandbox_id: str, netns: str, config: SandboxConfig) -> Attachment:
         if self._cni is None:
             raise FailedPrecondition("no CNI network is configured; only host-network pods can run")
         assert config.metadata is not None
@@ -311,7 +321,7 @@ class SandboxService:
             capabilities["portMappings"] = ports
         if self._pod_cidr:
             capabilities["ipRanges"] = [[{"subnet": self._pod_cidr}]]
-        result = await self._cni.add(
+        return await self._cni.add(
             sandbox_id,
             netns,
             args={
@@ -323,7 +333,6 @@ class SandboxService:
             },
             capabilities=capabilities,
         )
-        return [ip.address.split("/")[0] for ip in result.ips]
 
     async def _network_down(self, sandbox_id: str, netns: str | None) -> None:
         if self._cni is not None:
@@ -413,4 +422,4 @@ class SandboxService:
             await remove_tree(self.paths(sandbox.id).base)
             await self._store.delete(sandbox.id)
         self._locks.pop(sandbox.id, None)
-        self._events.publish(sandbox.id, sandbox.id, EventType.DELETED)
+        self._events.publish(sandbox.id, sandbox.id, EventType.DELETED, removed_sandbox=sandbox)

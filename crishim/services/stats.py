@@ -6,6 +6,9 @@ reused after an unnoticed exit is never measured. A pod is measured through its 
 parent when it has one; a pod without one (crictl, tests, some operators) is the sum of its
 containers, instead of the error containerd 1.6 gives there.
 
+The pod's cgroup is where the cgroup driver says its parent is (a cgroupfs path as is, a
+systemd slice expanded into its nested directories).
+
 CPU rates (``usage_nano_cores``) compare a sample with the previous one of the same object
 kept here, as cAdvisor does: None on the first sample. kubelet asks for container and pod
 stats in separate calls moments apart, so a sample replaces the kept one only once it is
@@ -45,6 +48,7 @@ from crishim.model.stats import (
     SwapUsage,
 )
 from crishim.network.stats import InterfaceStats, read_pod_interfaces
+from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
 from crishim.runtime.cgroup_stats import (
     CgroupMounts,
     CgroupSample,
@@ -160,10 +164,12 @@ class StatsService:
         sandboxes: SandboxSource,
         snapshots: SnapshotSource,
         *,
+        cgroups: CgroupDriver | None = None,
         mountinfo: Path = Path("/proc/self/mountinfo"),
         proc: Path = Path("/proc"),
     ) -> None:
         self._containers = containers
+        self._cgroups = cgroups or CgroupfsDriver()
         self._sandboxes = sandboxes
         self._snapshots = snapshots
         self._mountinfo = mountinfo
@@ -278,12 +284,12 @@ class StatsService:
             return None
         return read_stats(paths)
 
-    @staticmethod
-    def _pod_sample(sandbox: Sandbox, mounts: CgroupMounts) -> CgroupSample | None:
+    def _pod_sample(self, sandbox: Sandbox, mounts: CgroupMounts) -> CgroupSample | None:
         """The counters of the pod's cgroup parent; None when it has none (yet)."""
-        if not sandbox.cgroup_parent:
+        cgroup = self._cgroups.pod_cgroup(sandbox.cgroup_parent)
+        if not cgroup:
             return None
-        paths = cgroup_for_path(sandbox.cgroup_parent, mounts=mounts)
+        paths = cgroup_for_path(cgroup, mounts=mounts)
         return read_stats(paths) if paths.exists() else None
 
     def _writable_layer(self, container_id: str) -> FilesystemUsage | None:

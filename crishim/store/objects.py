@@ -19,6 +19,7 @@ own (owned by other layers); delete removes the whole directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import shutil
@@ -115,7 +116,14 @@ class ObjectStore(Generic[R]):
         async with self._lock(object_id):
             if object_id in self._items:
                 raise AlreadyExists(f"{self._kind} {object_id!r} already exists")
-            await self._persist(item)
+            directory = self._path(object_id).parent
+            try:
+                await self._persist(item)
+            except BaseException:
+                # The directory made for the record goes with it (when nothing else is in it).
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+                raise
             self._items[object_id] = item
         return item
 

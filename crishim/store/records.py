@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from crishim.util.disk import disk_full_as
+
 RECORD_VERSION = 1
 
 
@@ -27,24 +29,25 @@ def write_record(path: Path, kind: str, obj: dict[str, Any], *, sync: bool = Tru
     data = json.dumps(
         {"version": RECORD_VERSION, "kind": kind, "object": obj}, separators=(",", ":")
     ).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+    with disk_full_as(f"writing the {kind} record", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if sync:
-        _fsync_dir(path.parent)
+            _fsync_dir(path.parent)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -13,8 +13,15 @@ ends of its pipes and closes each once (:meth:`Process.close`); the child's ends
 closed right after the child started. A descriptor passed in (``stdin=fd``) stays its
 caller's: the child gets a duplicate.
 
-A binary that is missing or cannot be run raises FailedPrecondition naming it and what
-it is for (``what``), instead of a bare FileNotFoundError.
+A binary that is missing, not executable or without its interpreter raises
+:class:`ProgramMissing` (a FailedPrecondition: the node needs fixing, a retry will not
+help) naming what it is for (``what``), the path tried and, given a ``remedy``, how to fix
+it, instead of a bare FileNotFoundError::
+
+    runtime handler 'runc': /usr/sbin/runc not found; install it, or set [runtimes.runc] ...
+    conmon: conmon not found in PATH (/usr/sbin:/usr/bin); containers need conmon (...)
+
+A program that runs and fails is its caller's to report, with its own stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -32,7 +40,18 @@ from typing import IO, Any
 from crishim.errors import DeadlineExceeded, FailedPrecondition
 from crishim.util.fdio import read_chunk, write_all
 
-__all__ = ["DEVNULL", "PIPE", "Completed", "Process", "run", "spawn"]
+__all__ = [
+    "DEVNULL",
+    "PIPE",
+    "Completed",
+    "Process",
+    "ProgramMissing",
+    "find_program",
+    "require_program",
+    "run",
+    "run_blocking",
+    "spawn",
+]
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -51,15 +70,68 @@ class Completed:
     stderr: bytes
 
 
-def _not_runnable(argv: Sequence[str], what: str, exc: OSError) -> FailedPrecondition:
-    binary = argv[0]
-    if exc.errno == errno.ENOENT:
-        problem = "not found"
-    elif exc.errno in (errno.EACCES, errno.EPERM):
-        problem = "not executable"
+class ProgramMissing(FailedPrecondition):
+    """A program crishim needs is not installed where it is looked for, or cannot run."""
+
+
+def _search_path(env: Mapping[str, str] | None) -> str:
+    if env is not None and "PATH" in env:
+        return env["PATH"]
+    return os.environ.get("PATH", os.defpath)
+
+
+def find_program(name_or_path: str, env: Mapping[str, str] | None = None) -> str | None:
+    """The absolute path of the executable file named by path, or by name on PATH (the
+    PATH of ``env`` when given, as exec would use it); None when there is none."""
+    if "/" in name_or_path:
+        ok = os.path.isfile(name_or_path) and os.access(name_or_path, os.X_OK)
+        return os.path.abspath(name_or_path) if ok else None
+    return shutil.which(name_or_path, path=_search_path(env))
+
+
+def _missing(
+    what: str, name_or_path: str, remedy: str, env: Mapping[str, str] | None
+) -> ProgramMissing:
+    if "/" not in name_or_path:
+        problem = f"{name_or_path} not found in PATH ({_search_path(env)})"
+    elif os.path.exists(name_or_path):
+        problem = f"{name_or_path} not executable"
     else:
-        problem = f"cannot be run: {exc.strerror}"
-    return FailedPrecondition(f"{what}: {binary} {problem}")
+        problem = f"{name_or_path} not found"
+    return ProgramMissing(f"{what}: {problem}" + (f"; {remedy}" if remedy else ""))
+
+
+def require_program(
+    name_or_path: str, what: str, remedy: str = "", env: Mapping[str, str] | None = None
+) -> str:
+    """The program's absolute path; ProgramMissing naming ``what`` (what the program is,
+    "conmon", "runtime handler 'runc'") and ``remedy`` when it is not there to run."""
+    found = find_program(name_or_path, env)
+    if found is None:
+        raise _missing(what, name_or_path, remedy, env)
+    return found
+
+
+def _not_runnable(
+    argv: Sequence[str], what: str, remedy: str, env: Mapping[str, str] | None, exc: OSError
+) -> ProgramMissing | None:
+    """The ProgramMissing an exec failure means; None when it is about something else (a
+    missing working directory, no memory, too many open files)."""
+    binary = argv[0]
+    if exc.filename is not None and exc.filename != binary:
+        return None  # subprocess names the cwd when changing into it failed
+    if find_program(binary, env) is None:
+        return _missing(what, binary, remedy, env)
+    if exc.errno == errno.ENOENT:
+        # The file is there: exec found no interpreter for it ("#!" line or ELF loader).
+        problem = "its interpreter is missing"
+    elif exc.errno in (errno.ENOEXEC, errno.EACCES, errno.EPERM, errno.ELIBBAD):
+        problem = exc.strerror or str(exc)
+    else:
+        return None
+    return ProgramMissing(
+        f"{what}: {binary} cannot be run: {problem}" + (f"; {remedy}" if remedy else "")
+    )
 
 
 class Process:
@@ -207,6 +279,7 @@ def spawn(
     argv: Sequence[str],
     *,
     what: str,
+    remedy: str = "",
     stdin: Stdio = DEVNULL,
     stdout: Stdio = DEVNULL,
     stderr: Stdio = DEVNULL,
@@ -215,7 +288,8 @@ def spawn(
     pass_fds: Sequence[int] = (),
     start_new_session: bool = False,
 ) -> Process:
-    """Start ``argv`` (vfork + exec); ``what`` names the program in errors."""
+    """Start ``argv`` (vfork + exec); ``what`` names the program in errors, ``remedy``
+    says how to install a missing one."""
     specs = [_pipe_for(stdin, True), _pipe_for(stdout, False), _pipe_for(stderr, False)]
     child_ends = [child for _, _, child in specs if child is not None]
     try:
@@ -234,7 +308,10 @@ def spawn(
         for _, parent, _ in specs:
             if parent is not None:
                 os.close(parent)
-        raise _not_runnable(argv, what, exc) from exc
+        problem = _not_runnable(argv, what, remedy, env, exc)
+        if problem is None:
+            raise
+        raise problem from exc
     finally:
         # The child has its copies (or never started): ours would hide its end of file.
         for fd in child_ends:
@@ -246,6 +323,7 @@ async def run(
     argv: Sequence[str],
     *,
     what: str,
+    remedy: str = "",
     input: bytes | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
@@ -260,6 +338,7 @@ async def run(
     proc = spawn(
         argv,
         what=what,
+        remedy=remedy,
         stdin=PIPE if input is not None else DEVNULL,
         stdout=PIPE,
         stderr=PIPE,
@@ -276,3 +355,17 @@ async def run(
             raise DeadlineExceeded(f"{what}: no answer within {timeout:g}s, killed") from None
         raise
     return Completed(await proc.wait(), out, err)
+
+
+def run_blocking(
+    argv: Sequence[str], *, what: str, remedy: str = ""
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` to its end in the calling thread (for work already in a worker thread)
+    and capture its output; the same ProgramMissing as :func:`spawn` when it cannot start."""
+    try:
+        return subprocess.run(list(argv), capture_output=True, check=False)
+    except OSError as exc:
+        problem = _not_runnable(argv, what, remedy, None, exc)
+        if problem is None:
+            raise
+        raise problem from exc

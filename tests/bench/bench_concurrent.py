@@ -28,20 +28,23 @@ from tests.rig.registry import Registry
 Runtime = Crishim | Containerd
 
 
-def pod_config(name: str, logs: Path) -> v1.PodSandboxConfig:
+def pod_config(name: str, logs: Path, cgroups: str = "") -> v1.PodSandboxConfig:
+    """A pod as kubelet sends it; with ``cgroups``, its cgroup parent is a pod cgroup
+    below that (as kubelet's are below kubepods)."""
     uid = str(uuid.uuid4())
     return v1.PodSandboxConfig(
         metadata=v1.PodSandboxMetadata(name=name, uid=uid, namespace="bench", attempt=0),
         hostname=name,
         log_directory=str(logs / uid),
         linux=v1.LinuxPodSandboxConfig(
+            cgroup_parent=f"{cgroups}/pod{uid}" if cgroups else "",
             security_context=v1.LinuxSandboxSecurityContext(
                 namespace_options=v1.NamespaceOption(
                     network=v1.NamespaceMode.POD,
                     pid=v1.NamespaceMode.CONTAINER,
                     ipc=v1.NamespaceMode.POD,
                 )
-            )
+            ),
         ),
     )
 

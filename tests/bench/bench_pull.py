@@ -96,6 +96,22 @@ def round_image(files: list[Files], round_: int) -> Image:
     return replace(image, layers=[base, *image.layers[1:]])
 
 
+def make_image(total_mb: int) -> tuple[Image, int]:
+    """The image of the first round (bench_import's image too), and its blob bytes."""
+    image = round_image(layer_files(total_mb), 0)
+    return image, sum(layer.size for layer in image.layers)
+
+
+def report(name: str, times: list[float], blob_bytes: int) -> float:
+    """Print the median of ``times`` and the rate it makes; returns the median."""
+    median = statistics.median(times)
+    print(
+        f"{name:<11} median {median:6.2f} s  {blob_bytes / 1e6 / median:6.1f} MB/s  "
+        f"(rounds: {', '.join(f'{t:.2f}' for t in times)})"
+    )
+    return median
+
+
 def blob_dir(runtime: Runtime) -> Path:
     """Where the runtime keeps its blobs."""
     if isinstance(runtime, Crishim):
@@ -147,6 +163,7 @@ def main() -> None:
                 raise SystemExit("containerd is not installed (apt-get install containerd)")
             runtimes.append(Containerd(base, registry.host, pause))
         times: dict[str, list[float]] = {r.name: [] for r in runtimes}
+        blobs = 0
         try:
             for runtime in runtimes:
                 runtime.start()
@@ -174,12 +191,7 @@ def main() -> None:
         finally:
             for runtime in runtimes:
                 runtime.stop()
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    for name, t in times.items():
-        print(
-            f"{name:<11} median {medians[name]:6.2f} s  "
-            f"(rounds: {', '.join(f'{x:.2f}' for x in t)})"
-        )
+    medians = {name: report(name, t, blobs) for name, t in times.items()}
     if "containerd" in medians:
         ratio = medians["crishim"] / medians["containerd"]
         print(f"crishim / containerd time ratio: {ratio:.2f} (below 1: crishim faster)")

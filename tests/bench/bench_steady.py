@@ -27,6 +27,7 @@ from tests.bench.runtimes import Containerd, Crishim, pids_whose_cmdline_has, pu
 from tests.rig.registry import Registry
 
 Runtime = Crishim | Containerd
+BENCH_CGROUPS = "/crishim-bench"
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -59,7 +60,8 @@ async def start_pods(socket: Path, image: str, pods: int, logs: Path) -> list[st
     ids = []
     try:
         for i in range(pods):
-            config = pod_config(f"steady-{i}", logs)
+            # containerd answers ListPodSandboxStats only for pods with a cgroup parent.
+            config = pod_config(f"steady-{i}", logs, cgroups=BENCH_CGROUPS)
             pod_id = (
                 await runtime.run_pod_sandbox(v1.RunPodSandboxRequest(config=config))
             ).pod_sandbox_id
@@ -147,16 +149,28 @@ def main() -> None:
         runtimes: list[Runtime] = [Crishim(base)]
         if args.only is None and Containerd.available():
             runtimes.append(Containerd(base, registry.host, images.pause))
-        reports = []
         for runtime in runtimes:
             runtime.start()
             try:
-                reports.append(
-                    measure(runtime, images.busybox, args.pods, args.seconds, base / "logs")
+                print(
+                    measure(runtime, images.busybox, args.pods, args.seconds, base / "logs"),
+                    flush=True,
                 )
             finally:
                 runtime.stop()
-    print("\n".join(reports))
+                remove_cgroup_tree(BENCH_CGROUPS)
+
+
+def remove_cgroup_tree(relative: str) -> None:
+    """Remove the (empty) pod cgroups the benchmark's pods left, in every hierarchy."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        mount, fstype = line.split()[1:3]
+        top = Path(mount) / relative.strip("/")
+        if fstype in ("cgroup", "cgroup2") and top.is_dir():
+            for group in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if group.is_dir():
+                    group.rmdir()
+            top.rmdir()
 
 
 if __name__ == "__main__":

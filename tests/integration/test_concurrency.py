@@ -125,10 +125,10 @@ async def test_kill_9_in_the_middle_of_a_burst_leaves_every_pod_whole_or_removab
     burst = [asyncio.create_task(start_pod(i)) for i in range(30)]
     # The first pod done means the other 29 are somewhere in the middle of their calls.
     await asyncio.wait(burst, return_when=asyncio.FIRST_COMPLETED, timeout=BURST_TIMEOUT)
-    offset = len(rig.proc.log())
     await rig.restart(kill=True)
-    await asyncio.gather(*burst, return_exceptions=True)
-    assert "recovery: removed" in rig.proc.log()[offset:], rig.log_tail()
+    outcomes = await asyncio.gather(*burst, return_exceptions=True)
+    interrupted = failures(outcomes)
+    assert interrupted, "every pod was done before the kill: it hit nothing in flight"
 
     # Whatever crishim still reports is whole: ready pods take new containers and run them,
     # running containers answer exec.

@@ -24,14 +24,13 @@ import pytest
 
 from crishim.errors import Internal, NotFound
 from crishim.runtime.binaries import resolve_binary
+from crishim.runtime.cgroup_driver import CgroupfsDriver, monitor_cgroup_dirs
 from crishim.runtime.conmon import (
     MonitorSpec,
     attach_socket_path,
     conmon_alive,
-    conmon_cgroup_dirs,
     create_container,
     read_exit_code,
-    remove_conmon_cgroup,
     reopen_log,
     resize,
 )
@@ -81,6 +80,9 @@ class Rig:
     runtime: OciRuntime
     base: Path
     specs: list[MonitorSpec] = field(default_factory=list)
+    #: the cgroup parent conmon was placed under, by container id
+    parents: dict[str, str] = field(default_factory=dict)
+    cgroups: CgroupfsDriver = field(default_factory=CgroupfsDriver)
 
     def spec(
         self,
@@ -88,7 +90,6 @@ class Rig:
         *,
         resources: dict[str, object] | None = None,
         tty: bool = False,
-        cgroup_parent: str | None = None,
     ) -> MonitorSpec:
         cid = f"ct-{uuid.uuid4().hex[:12]}"
         bundle = make_bundle(
@@ -109,7 +110,6 @@ class Rig:
             pid_file=self.base / cid / "pid",
             conmon_pid_file=self.base / cid / "conmon.pid",
             tty=tty,
-            cgroup_parent=cgroup_parent,
         )
         self.specs.append(spec)
         return spec
@@ -122,8 +122,15 @@ class Rig:
         tty: bool = False,
         cgroup_parent: str | None = None,
     ) -> MonitorSpec:
-        spec = self.spec(args, resources=resources, tty=tty, cgroup_parent=cgroup_parent)
-        await create_container(spec)
+        spec = self.spec(args, resources=resources, tty=tty)
+        cid = spec.container_id
+        if cgroup_parent is None:
+            await create_container(spec)
+        else:
+            self.parents[cid] = cgroup_parent
+            await create_container(
+                spec, place=lambda pid: self.cgroups.place_monitor(pid, cgroup_parent, cid)
+            )
         await self.runtime.start(spec.container_id)
         return spec
 
@@ -144,8 +151,9 @@ class Rig:
                 return not conmon_alive(spec.conmon_pid_file)
 
             await _until(conmon_gone, f"conmon of {spec.container_id} to exit")
-            if spec.cgroup_parent is not None:
-                remove_conmon_cgroup(spec.cgroup_parent, spec.container_id)
+            parent = self.parents.pop(spec.container_id, None)
+            if parent is not None:
+                await self.cgroups.release(parent, spec.container_id)
         self.specs.clear()
 
 
@@ -337,7 +345,7 @@ async def test_conmon_in_cgroup_parent(rig: Rig) -> None:
     spec = await rig.running(["sleep", "100"], cgroup_parent=parent)
     conmon_pid = spec.conmon_pid_file.read_text().strip()
 
-    dirs = conmon_cgroup_dirs(parent, spec.container_id)
+    dirs = monitor_cgroup_dirs(parent, spec.container_id)
 
     assert dirs
     for directory in dirs:

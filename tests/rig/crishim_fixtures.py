@@ -16,7 +16,7 @@ from grpclib.testing import ChannelFor
 from crishim.api import v1
 from crishim.api.codec import CriCodec
 from crishim.api.instrument import CallTracker
-from crishim.app import Stores, build_servicers, build_services, open_stores
+from crishim.app import Services, Stores, build_servicers, build_services, open_stores
 from crishim.config import Config
 from crishim.images.snapshots.copy import CopySnapshotter
 from tests.rig.crishim_proc import CrishimProcess
@@ -65,6 +65,7 @@ class InMemoryApi:
     client: CriClient
     stores: Stores
     tracker: CallTracker
+    services: Services
 
 
 @pytest.fixture
@@ -74,6 +75,8 @@ async def api(tmp_path: Path) -> AsyncIterator[InMemoryApi]:
     cni.mkdir()
     config = Config(root=str(tmp_path / "root"), state=str(tmp_path / "state"))
     config.cni.conf_dir = str(cni)
+    # Off as in CrishimProcess: a test that wants the built-in network turns it on.
+    config.cni.default_network.enabled = False
     stores = open_stores(Path(config.root))
     tracker = CallTracker()
     snapshotter = CopySnapshotter(tmp_path / "root" / "images" / "snapshots" / "native")
@@ -82,7 +85,7 @@ async def api(tmp_path: Path) -> AsyncIterator[InMemoryApi]:
     async with ChannelFor(servicers, codec=CriCodec()) as channel:
         client = CriClient(channel, v1.RuntimeServiceStub(channel), v1.ImageServiceStub(channel))
         try:
-            yield InMemoryApi(config, client, stores, tracker)
+            yield InMemoryApi(config, client, stores, tracker, services)
         finally:
             await services.registry.close()
 

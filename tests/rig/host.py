@@ -103,7 +103,10 @@ def active_snapshots(root: Path) -> list[str]:
     """The keys of containers' writable snapshots, in any snapshotter under ``root``."""
     names = []
     for meta in (root / "images" / "snapshots").glob("*/snapshots/*/meta.json"):
-        doc = json.loads(meta.read_text())
+        try:
+            doc = json.loads(meta.read_text())
+        except FileNotFoundError:
+            continue  # removed meanwhile (containers are released in the background)
         if doc.get("kind") == "active":
             names.append(str(doc["name"]))
     return sorted(names)

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from crishim.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from crishim.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from crishim.network.cni import CniManager, format_cni_args, plugin_exec_config
 from crishim.network.cni_result import IpConfig, parse_result, pod_ips
 
@@ -202,7 +208,12 @@ async def test_add_chains_prev_results_and_caches(env: dict[str, Path]) -> None:
     cni = manager(env)
     args = {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "p"}
     caps = {"portMappings": [{"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}]}
-    result = await cni.add("sb1", "/proc/1/ns/net", args=args, capabilities=caps)
+    attachment = await cni.add("sb1", "/proc/1/ns/net", args=args, capabilities=caps)
+    assert (attachment.network, attachment.source) == (
+        "fakenet",
+        str(env["conf"] / "10-fake.conflist"),
+    )
+    result = attachment.result
     assert pod_ips(result) == ["10.1.2.3", "fd00::5"]
     assert result.raw == RESULT_100
 
@@ -224,6 +235,7 @@ async def test_add_chains_prev_results_and_caches(env: dict[str, Path]) -> None:
     }
     cached = json.loads((env["cache"] / "sb1.json").read_text())
     assert cached["result"] == RESULT_100
+    assert cached["source"] == str(env["conf"] / "10-fake.conflist")
     assert cached["args"] == args
     assert cached["capabilities"] == caps
     assert cached["network"]["name"] == "fakenet"
@@ -275,7 +287,7 @@ async def test_delete_of_a_pre_040_network_sends_no_prev_result(env: dict[str, P
     }
     (env["conf"] / "10-old.conf").write_text(json.dumps(single))
     cni = manager(env)
-    result = await cni.add("sb2", "/proc/1/ns/net")
+    result = (await cni.add("sb2", "/proc/1/ns/net")).result
     assert pod_ips(result) == ["10.1.2.3"]
     await cni.check("sb2", "/proc/1/ns/net")  # CHECK does not exist before 0.4.0
     await cni.delete("sb2", None)
@@ -322,8 +334,13 @@ async def test_missing_plugin_and_missing_config(env: dict[str, Path]) -> None:
     status = cni.status()
     assert status.config is None
     assert "plugin fakeportmap not found" in status.reason(str(env["conf"]))
-    with pytest.raises(Unavailable, match="fakeportmap"):
+    with pytest.raises(FailedPrecondition, match="fakeportmap") as caught:
         await cni.add("sb6", "/proc/1/ns/net")
+    assert "not found in" in str(caught.value)
+    # The rollback DELs the plugins that ran and skips the missing one: nothing is cached.
+    commands = [(c["stdin"]["type"], c["env"]["CNI_COMMAND"]) for c in read_log(env["log"])]
+    assert commands == [("fakebridge", "ADD"), ("fakelo", "DEL"), ("fakebridge", "DEL")]
+    assert not (env["cache"] / "sb6.json").exists()
 
 
 async def test_corrupt_cache_falls_back_to_current_config(env: dict[str, Path]) -> None:

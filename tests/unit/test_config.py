@@ -23,9 +23,13 @@ def test_defaults_match_the_design() -> None:
     assert config.root == "/var/lib/crishim"
     assert config.state == "/run/crishim"
     assert config.default_runtime == "runc"
+    assert config.conmon == "conmon"
     assert set(config.runtimes) == {"runc", "crun"}
     assert config.cni.conf_dir == "/etc/cni/net.d"
     assert config.cni.bin_dirs == ["/opt/cni/bin", "/usr/lib/cni"]
+    assert config.cni.default_network.enabled is True
+    assert config.cni.default_network.subnet == "10.86.0.0/24"
+    assert config.cni.default_network.bridge == "crishim0"
     assert config.streaming.address.startswith("127.0.0.1:")
     assert config.streaming.max_sessions == 128
     assert config.streaming.max_handshakes == 128
@@ -63,6 +67,11 @@ def test_flags_override_files(tmp_path: Path) -> None:
     assert config.socket == "/file.sock"
 
 
+def test_conmon_can_be_moved(tmp_path: Path) -> None:
+    main = write(tmp_path / "crishim.toml", 'conmon = "/opt/conmon/bin/conmon"\n')
+    assert load_config(main).conmon == "/opt/conmon/bin/conmon"
+
+
 def test_new_runtime_keeps_the_predefined_ones(tmp_path: Path) -> None:
     main = write(
         tmp_path / "crishim.toml",
@@ -91,6 +100,45 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
         ('[cni]\nbin_dirs = ["/a", "/\\u0000"]', "cni.bin_dirs: must not contain a NUL"),
         ('default_runtime = "nope"', "default_runtime 'nope' is not a configured runtime"),
         ("[cni]\nbin_dirs = []", "cni.bin_dirs: must name at least one directory"),
+        ('conmon = " "', "conmon: must name a binary"),
+        (
+            '[cni.default_network]\nsubnet = "10.86.0.1/24"',
+            "cni.default_network.subnet: must name the network address: 10.86.0.0/24, "
+            "not '10.86.0.1/24'",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "10.86.0"',
+            "cni.default_network.subnet: must be a CIDR subnet like 10.86.0.0/24, got '10.86.0'",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "10.86.0.0/31"',
+            "cni.default_network.subnet: 10.86.0.0/31 is too small",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "0.0.0.0/0"',
+            "cni.default_network.subnet: 0.0.0.0/0 is too large",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "127.0.0.0/8"',
+            "cni.default_network.subnet: 127.0.0.0/8 is a loopback, link-local, multicast",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "169.254.0.0/16"',
+            "cni.default_network.subnet: 169.254.0.0/16 is a loopback, link-local, multicast",
+        ),
+        (
+            '[cni.default_network]\nbridge = "crishim-bridge-0"',
+            "cni.default_network.bridge: must be a Linux interface name: 1 to 15 letters",
+        ),
+        (
+            '[cni.default_network]\nbridge = "br 0"',
+            "cni.default_network.bridge: must be a Linux interface name",
+        ),
+        (
+            '[cni.default_network]\nenabled = "yes"',
+            "cni.default_network.enabled: Input should be a valid boolean",
+        ),
+        ("[cni.default_network]\nsize = 3", "cni.default_network.size: unknown key"),
         ('[streaming]\naddress = "localhost"', "streaming.address: must be host:port"),
         ('[streaming]\naddress = "localhost:\u0661\u0662"', "streaming.address: must be host:port"),
         ('[metrics]\naddress = "localhost:\u00b2"', "metrics.address: must be host:port"),
@@ -191,6 +239,7 @@ def test_default_template_is_commented_and_parses_back_to_the_defaults() -> None
     assert "# unix socket kubelet connects to" in text
     assert "idle_timeout = 14400.0" in text
     assert "[runtimes.crun]" in text
+    assert 'conmon = "conmon"' in text
     assert Config.model_validate(tomllib.loads(text)) == Config()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from crishim.model import Container, ContainerMetadata, PodMetadata, Sandbox
 from crishim.model.events import EventType, LifecycleEvent
 from crishim.services.events import EventBus
 
@@ -46,3 +47,45 @@ async def test_a_slow_subscriber_is_dropped_and_publishing_never_waits() -> None
     assert bus.subscribers == 0
     received = [event async for event in stream]
     assert len(received) == 2  # what fit before the end marker took the last slot
+
+
+SANDBOX = Sandbox(id="s", metadata=PodMetadata(name="p", uid="u", namespace="n"), created_at=1)
+CONTAINER = Container(
+    id="c", sandbox_id="s", metadata=ContainerMetadata(name="c"), image="i", created_at=2
+)
+
+
+async def first_event(bus: EventBus) -> LifecycleEvent:
+    async for event in bus.subscribe():
+        return event
+    raise AssertionError("the stream ended")
+
+
+async def test_an_event_carries_the_pod_state_read_when_it_was_published() -> None:
+    bus = EventBus()
+    reads: list[str] = []
+
+    def pod_state(sandbox_id: str) -> tuple[Sandbox | None, list[Container]]:
+        reads.append(sandbox_id)
+        return SANDBOX, [CONTAINER]
+
+    bus.pod_state = pod_state
+    bus.publish("c", "s", EventType.CREATED)
+    assert reads == []  # nobody listens: nothing is read
+    first = asyncio.create_task(first_event(bus))
+    await asyncio.sleep(0)
+    bus.publish("c", "s", EventType.STARTED)
+    assert reads == ["s"]  # read at publish time, not when the subscriber gets to it
+    event = await first
+    assert event.sandbox == SANDBOX
+    assert event.containers == (CONTAINER,)
+
+
+async def test_a_removed_sandbox_event_carries_its_last_state() -> None:
+    bus = EventBus()
+    first = asyncio.create_task(first_event(bus))
+    await asyncio.sleep(0)
+    bus.publish("s", "s", EventType.DELETED, removed_sandbox=SANDBOX)
+    event = await first
+    assert event.sandbox == SANDBOX
+    assert event.containers == ()

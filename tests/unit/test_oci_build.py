@@ -32,7 +32,6 @@ from crishim.model import (
 )
 from crishim.oci import (
     BuildContext,
-    CgroupDriver,
     DeviceNode,
     PasswdDb,
     Spec,
@@ -42,7 +41,7 @@ from crishim.oci import (
     dump_spec,
     spec_json,
 )
-from crishim.oci.opts import DEFAULT_CAPABILITIES, DEFAULT_MASKED_PATHS
+from crishim.oci.security import DEFAULT_CAPABILITIES, DEFAULT_MASKED_PATHS
 
 BUSYBOX = ImageConfigView(
     env=["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], cmd=["sh"]
@@ -94,6 +93,7 @@ def context(sandbox: SandboxConfig | None = None, **kw: Any) -> BuildContext:
     kw.setdefault("rootfs", "/run/crishim/containers/c1/rootfs")
     kw.setdefault("image_name", "docker.io/library/busybox:1.36")
     kw.setdefault("node_hostname", "node-1")
+    kw.setdefault("cgroups_path", "/kubepods/besteffort/pod8b5a/crishim-c1")
     return BuildContext(
         container_id="c1",
         sandbox_id="s1",
@@ -294,9 +294,10 @@ def test_masked_paths(sc: SecurityContext, sandbox_privileged: bool, expected: A
 def test_shared_pid_namespace_and_systemd_cgroups() -> None:
     sandbox = pod(pid=NamespaceMode.POD)
     sc = SecurityContext(namespace_options=NamespaceOptions(pid=NamespaceMode.POD))
-    doc = build(container(sc), context(sandbox, cgroup_driver=CgroupDriver.SYSTEMD))
+    path = "kubepods-besteffort-pod8b5a.slice:crishim:c1"
+    doc = build(container(sc), context(sandbox, cgroups_path=path))
     assert doc["linux"]["namespaces"][0] == {"type": "pid", "path": "/proc/77/ns/pid"}
-    assert doc["linux"]["cgroupsPath"] == "/kubepods/besteffort/pod8b5a:crishim:c1"
+    assert doc["linux"]["cgroupsPath"] == path
 
 
 def test_apparmor_requested_without_apparmor_warns() -> None:

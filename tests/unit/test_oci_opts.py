@@ -32,8 +32,8 @@ from crishim.model import (
     SELinuxOption,
     SupplementalGroupsPolicy,
 )
-from crishim.oci import opts
-from crishim.oci.opts import BuildContext, CgroupDriver, DeviceNode, PasswdDb
+from crishim.oci import context, opts, security
+from crishim.oci.context import BuildContext, DeviceNode, PasswdDb, SpecOpt
 from crishim.oci.spec import Spec, base_spec, default_seccomp, dump_spec
 
 NS_PATHS: dict[str, str | None] = {
@@ -86,7 +86,7 @@ def config(sc: SecurityContext | None = None, res: LinuxResources | None = None,
     return ContainerConfig(metadata=ContainerMetadata(name="app"), linux=linux, **kw)
 
 
-def apply(option: opts.SpecOpt, cfg: ContainerConfig, context: BuildContext) -> Spec:
+def apply(option: SpecOpt, cfg: ContainerConfig, context: BuildContext) -> Spec:
     spec = base_spec()
     option(spec, cfg, context)
     return spec
@@ -170,9 +170,9 @@ def test_spec_rejects_unknown_fields() -> None:
 
 def test_bundled_files_round_trip_and_match_the_defaults() -> None:
     spec = base_spec()
-    assert process(spec).capabilities.bounding == list(opts.DEFAULT_CAPABILITIES)
-    assert linux(spec).masked_paths == list(opts.DEFAULT_MASKED_PATHS)
-    assert linux(spec).readonly_paths == list(opts.DEFAULT_READONLY_PATHS)
+    assert process(spec).capabilities.bounding == list(security.DEFAULT_CAPABILITIES)
+    assert linux(spec).masked_paths == list(security.DEFAULT_MASKED_PATHS)
+    assert linux(spec).readonly_paths == list(security.DEFAULT_READONLY_PATHS)
     assert [m.destination for m in spec.mounts or []] == [
         "/proc",
         "/dev",
@@ -435,21 +435,21 @@ def test_unprivileged_is_untouched_by_privileged_option() -> None:
 @pytest.mark.parametrize(
     ("add", "drop", "expected"),
     [
-        ([], [], list(opts.DEFAULT_CAPABILITIES)),
+        ([], [], list(security.DEFAULT_CAPABILITIES)),
         (["net_admin"], ["CAP_KILL", "mknod"], None),
         ([], ["ALL"], []),
         (["CAP_NET_BIND_SERVICE"], ["ALL"], ["CAP_NET_BIND_SERVICE"]),
-        (["ALL"], [], list(opts.ALL_CAPABILITIES)),
-        (["ALL"], ["SYS_ADMIN"], [c for c in opts.ALL_CAPABILITIES if c != "CAP_SYS_ADMIN"]),
+        (["ALL"], [], list(context.ALL_CAPABILITIES)),
+        (["ALL"], ["SYS_ADMIN"], [c for c in context.ALL_CAPABILITIES if c != "CAP_SYS_ADMIN"]),
     ],
 )
 def test_capabilities_add_drop(add: list[str], drop: list[str], expected: list[str] | None) -> None:
     sc = SecurityContext(capabilities=Capability(add_capabilities=add, drop_capabilities=drop))
-    caps = process(apply(opts.with_capabilities, config(sc), ctx())).capabilities
+    caps = process(apply(security.with_capabilities, config(sc), ctx())).capabilities
     if expected is None:
-        expected = [c for c in opts.DEFAULT_CAPABILITIES if c not in ("CAP_KILL", "CAP_MKNOD")] + [
-            "CAP_NET_ADMIN"
-        ]
+        expected = [
+            c for c in security.DEFAULT_CAPABILITIES if c not in ("CAP_KILL", "CAP_MKNOD")
+        ] + ["CAP_NET_ADMIN"]
     assert caps.bounding == caps.effective == caps.permitted == expected
     assert caps.inheritable is None
     assert caps.ambient is None
@@ -459,25 +459,25 @@ def test_capabilities_ambient_and_privileged() -> None:
     sc = SecurityContext(
         capabilities=Capability(drop_capabilities=["ALL"], add_ambient_capabilities=["NET_RAW"])
     )
-    caps = process(apply(opts.with_capabilities, config(sc), ctx())).capabilities
+    caps = process(apply(security.with_capabilities, config(sc), ctx())).capabilities
     assert caps.bounding == caps.inheritable == caps.ambient == ["CAP_NET_RAW"]
     caps = process(
-        apply(opts.with_capabilities, config(SecurityContext(privileged=True)), ctx())
+        apply(security.with_capabilities, config(SecurityContext(privileged=True)), ctx())
     ).capabilities
-    assert caps.bounding == list(opts.ALL_CAPABILITIES)
+    assert caps.bounding == list(context.ALL_CAPABILITIES)
 
 
 def test_capabilities_unknown_name() -> None:
     sc = SecurityContext(capabilities=Capability(add_capabilities=["CAP_BOGUS"]))
     with pytest.raises(InvalidArgument, match="unknown capability"):
-        apply(opts.with_capabilities, config(sc), ctx())
+        apply(security.with_capabilities, config(sc), ctx())
 
 
 def test_no_new_privs_and_readonly_rootfs() -> None:
     sc = SecurityContext(no_new_privs=True, readonly_rootfs=True)
-    assert process(apply(opts.with_no_new_privs, config(sc), ctx())).no_new_privileges is True
-    assert process(apply(opts.with_no_new_privs, config(), ctx())).no_new_privileges is None
-    root = apply(opts.with_readonly_rootfs, config(sc), ctx()).root
+    assert process(apply(security.with_no_new_privs, config(sc), ctx())).no_new_privileges is True
+    assert process(apply(security.with_no_new_privs, config(), ctx())).no_new_privileges is None
+    root = apply(security.with_readonly_rootfs, config(sc), ctx()).root
     assert root is not None
     assert root.readonly is True
 
@@ -485,7 +485,11 @@ def test_no_new_privs_and_readonly_rootfs() -> None:
 @pytest.mark.parametrize(
     ("sc", "masked", "readonly"),
     [
-        (SecurityContext(), list(opts.DEFAULT_MASKED_PATHS), list(opts.DEFAULT_READONLY_PATHS)),
+        (
+            SecurityContext(),
+            list(security.DEFAULT_MASKED_PATHS),
+            list(security.DEFAULT_READONLY_PATHS),
+        ),
         (
             SecurityContext(masked_paths=["/proc/x"], readonly_paths=["/proc/y"]),
             ["/proc/x"],
@@ -497,7 +501,7 @@ def test_no_new_privs_and_readonly_rootfs() -> None:
 def test_masked_and_readonly_paths(
     sc: SecurityContext, masked: list[str] | None, readonly: list[str] | None
 ) -> None:
-    spec = apply(opts.with_masked_and_readonly_paths, config(sc), ctx())
+    spec = apply(security.with_masked_and_readonly_paths, config(sc), ctx())
     assert linux(spec).masked_paths == masked
     assert linux(spec).readonly_paths == readonly
 
@@ -529,7 +533,9 @@ LOCAL_PROFILE = {
 )
 def test_seccomp_profiles(sc: SecurityContext, expected_action: str | None) -> None:
     files = {"/var/lib/k/p.json": json.dumps(LOCAL_PROFILE).encode()}
-    seccomp = linux(apply(opts.with_seccomp, config(sc), ctx(load_file=files.__getitem__))).seccomp
+    seccomp = linux(
+        apply(security.with_seccomp, config(sc), ctx(load_file=files.__getitem__))
+    ).seccomp
     assert (seccomp.default_action if seccomp else None) == expected_action
 
 
@@ -539,7 +545,7 @@ def test_seccomp_docker_format_and_bad_profiles() -> None:
         "archMap": [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": ["SCMP_ARCH_X86"]}],
         "syscalls": [{"name": "read", "action": "SCMP_ACT_ALLOW", "comment": ""}],
     }
-    profile = opts.load_seccomp_profile(json.dumps(docker).encode(), "p")
+    profile = security.load_seccomp_profile(json.dumps(docker).encode(), "p")
     assert profile.architectures == ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]
     assert (profile.syscalls or [])[0].names == ["read"]
     conditional = {
@@ -554,7 +560,7 @@ def test_seccomp_docker_format_and_bad_profiles() -> None:
     }
     for bad in (b"[]", b"{", json.dumps(conditional).encode(), b'{"defaultAction": 1}'):
         with pytest.raises(InvalidArgument, match="seccomp profile"):
-            opts.load_seccomp_profile(bad, "p")
+            security.load_seccomp_profile(bad, "p")
 
 
 @pytest.mark.parametrize(
@@ -586,7 +592,7 @@ def test_apparmor(
     lsms: frozenset[str], profile: SecurityProfile, expected: str | None, warns: bool
 ) -> None:
     context = ctx(host_lsms=lsms, apparmor_default_profile="crishim-default")
-    spec = apply(opts.with_apparmor, config(SecurityContext(apparmor=profile)), context)
+    spec = apply(security.with_apparmor, config(SecurityContext(apparmor=profile)), context)
     assert process(spec).apparmor_profile == expected
     assert bool(context.warnings) is warns
 
@@ -594,11 +600,11 @@ def test_apparmor(
 def test_selinux_labels_only_with_selinux() -> None:
     sc = SecurityContext(selinux_options=SELinuxOption(type="spc_t", level="s0:c1,c2"))
     context = ctx(host_lsms=frozenset({"selinux"}))
-    spec = apply(opts.with_selinux, config(sc), context)
+    spec = apply(security.with_selinux, config(sc), context)
     assert process(spec).selinux_label == "system_u:system_r:spc_t:s0:c1,c2"
     assert linux(spec).mount_label == "system_u:object_r:container_file_t:s0:c1,c2"
     context = ctx()
-    spec = apply(opts.with_selinux, config(sc), context)
+    spec = apply(security.with_selinux, config(sc), context)
     assert process(spec).selinux_label is None
     assert context.warnings
 
@@ -745,16 +751,14 @@ def test_sysctls_rejected(sysctls: dict[str, str], network: NamespaceMode) -> No
         apply(opts.with_sysctls, config(), context)
 
 
-@pytest.mark.parametrize(
-    ("driver", "parent", "expected"),
-    [
-        (CgroupDriver.CGROUPFS, "/kubepods/podu1", "/kubepods/podu1/crishim-c1"),
-        (CgroupDriver.SYSTEMD, "kubepods-podu1.slice", "kubepods-podu1.slice:crishim:c1"),
-    ],
-)
-def test_cgroups_path(driver: CgroupDriver, parent: str, expected: str) -> None:
-    context = ctx(sandbox=sandbox(cgroup_parent=parent), cgroup_driver=driver)
-    assert linux(apply(opts.with_cgroups_path, config(), context)).cgroups_path == expected
+@pytest.mark.parametrize("path", ["/kubepods/podu1/crishim-c1", "kubepods-podu1.slice:crishim:c1"])
+def test_cgroups_path_is_the_drivers(path: str) -> None:
+    context = ctx(sandbox=sandbox(cgroup_parent="/kubepods/podu1"), cgroups_path=path)
+    assert linux(apply(opts.with_cgroups_path, config(), context)).cgroups_path == path
+
+
+def test_no_cgroups_path_leaves_the_base_specs() -> None:
+    assert linux(apply(opts.with_cgroups_path, config(), ctx())).cgroups_path is None
 
 
 def test_annotations_name_container_pod_and_image() -> None:
@@ -793,9 +797,9 @@ _NO_SYS_RESOURCE = ~(1 << 24) & ((1 << 41) - 1)
 def test_all_capabilities_are_those_crishim_holds(
     mask: int | None, sc: SecurityContext, missing: set[str]
 ) -> None:
-    spec = apply(opts.with_capabilities, config(sc), ctx(host_capability_mask=mask))
+    spec = apply(security.with_capabilities, config(sc), ctx(host_capability_mask=mask))
     held = set(process(spec).capabilities.bounding)
-    assert set(opts.ALL_CAPABILITIES) - held == missing
+    assert set(context.ALL_CAPABILITIES) - held == missing
 
 
 @pytest.mark.parametrize(

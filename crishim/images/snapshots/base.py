@@ -46,6 +46,7 @@ from crishim.images.unpack import (
     UnpackError,
     settle_parents,
 )
+from crishim.util.disk import disk_full_as
 from crishim.util.fs import directory_usage
 
 __all__ = ["Kind", "Mount", "Snapshot", "Snapshotter", "StagedLayer"]
@@ -181,7 +182,10 @@ class Snapshotter(ABC):
                 return done.result()
             lowers = self._pin(parent)
         try:
-            with self._workdir(Kind.LAYER) as work:
+            with (
+                disk_full_as(f"unpacking layer {chain_id} in", self._tmp),
+                self._workdir(Kind.LAYER) as work,
+            ):
                 result = self._unpack(work / _FS, lowers, blob, media_type)
                 _check_diff_id(chain_id, blob, result, expected_diff_id)
                 with self._lock:
@@ -200,13 +204,14 @@ class Snapshotter(ABC):
         """Unpack ``blob`` for the layer ``chain_id`` before the layers below it are there
         (only when :attr:`unpacks_ahead`); :meth:`commit_staged` finishes it. Raises
         UnpackError as :meth:`unpack_layer` does, leaving nothing behind."""
-        work = self._new_workdir(Kind.LAYER)
-        try:
-            result, guesses = self._unpack_ahead(work / _FS, blob, media_type)
-            _check_diff_id(chain_id, blob, result, expected_diff_id)
-        except BaseException:
-            shutil.rmtree(work)
-            raise
+        with disk_full_as(f"unpacking layer {chain_id} in", self._tmp):
+            work = self._new_workdir(Kind.LAYER)
+            try:
+                result, guesses = self._unpack_ahead(work / _FS, blob, media_type)
+                _check_diff_id(chain_id, blob, result, expected_diff_id)
+            except BaseException:
+                shutil.rmtree(work)
+                raise
         return StagedLayer(work, result, guesses)
 
     def commit_staged(self, staged: StagedLayer, chain_id: str, parent: str | None) -> bool:
@@ -221,7 +226,7 @@ class Snapshotter(ABC):
             try:
                 if not settle_parents(staged.work / _FS, staged.guesses, lowers):
                     return False
-                with self._lock:
+                with disk_full_as(f"committing layer {chain_id} in", self._tmp), self._lock:
                     if chain_id not in self._layers:
                         self._layers[chain_id] = self._commit(
                             staged.work, Kind.LAYER, chain_id, parent, staged.result
@@ -351,7 +356,10 @@ class Snapshotter(ABC):
             lowers = self._pin(parent)
             self._reserved.add(key)
         try:
-            with self._workdir(kind) as work:
+            with (
+                disk_full_as(f"making snapshot {key} in", self._tmp),
+                self._workdir(kind) as work,
+            ):
                 if kind is Kind.ACTIVE:
                     self._make_active(work, lowers)
                 with self._lock:

@@ -7,12 +7,12 @@ view bind-mounts the layer read-only. Simple and slow, and it costs disk per lay
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
-from crishim.errors import Internal
+from crishim.errors import Internal, ResourceExhausted
 from crishim.images.snapshots.base import Mount, Snapshotter
 from crishim.images.unpack import LayerResult, Readable, WhiteoutStyle, apply_layer
+from crishim.util.proc import run_blocking
 
 __all__ = ["CopySnapshotter"]
 
@@ -44,10 +44,10 @@ def _copy_tree(source: Path, destination: Path) -> None:
     devices) and shares blocks where the file system can (reflinks).
     """
     argv = ["cp", "-a", "--reflink=auto", "--", f"{source}/.", str(destination)]
-    try:
-        done = subprocess.run(argv, capture_output=True, check=False)
-    except OSError as exc:
-        raise Internal(f"copying {source} to {destination}: cp: {exc.strerror}") from exc
+    done = run_blocking(argv, what="cp (the copying snapshotter)", remedy="install coreutils")
     if done.returncode:
         error = done.stderr.decode(errors="replace").strip() or f"cp exited {done.returncode}"
-        raise Internal(f"copying {source} to {destination}: {error}")
+        failure = f"copying {source} to {destination}: {error}"
+        if "No space left on device" in error or "Disk quota exceeded" in error:
+            raise ResourceExhausted(f"{failure} (the disk is full)")
+        raise Internal(failure)

@@ -1,0 +1,1 @@
+"""What crishim installs on a node: the systemd unit it ships."""

@@ -1,0 +1,1 @@
+"""The systemd test bed: a Debian 12 with systemd booted in a container, crishim its service."""
