@@ -3,7 +3,8 @@ filesystem usage.
 
 A pull resolves the reference (mirrors first), picks this host's platform from an index,
 downloads the config and all layers in parallel (bounded), and unpacks each layer into the
-snapshotter as soon as it and the layers below it are present. Each blob is downloaded once
+snapshotter while it downloads, side by side with the layers below it where the
+snapshotter allows, committing them parent-first (``pull_layers``). Each blob is downloaded once
 even when pulls overlap, each layer is unpacked once even when images share it, and two
 pulls of the same reference share one operation. The image record is written last, so an
 interrupted pull leaves no image behind, only verified blobs and committed layers that the
@@ -25,12 +26,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import closing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio.from_thread
 import anyio.to_thread
@@ -47,7 +46,7 @@ from crishim.errors import (
 from crishim.images.archive import ChunkReader, read_archive
 from crishim.images.archive_formats import ImportPlan, PlannedImage, plan_import
 from crishim.images.auth import Credentials
-from crishim.images.content import BlobAborted, ContentStore, Staging
+from crishim.images.content import ContentStore, Staging
 from crishim.images.manifest import (
     ACCEPT,
     INDEX_TYPES,
@@ -62,21 +61,17 @@ from crishim.images.manifest import (
 )
 from crishim.images.reference import IdQuery, Reference, parse_image_query, parse_reference
 from crishim.images.registry import RegistryClient
-from crishim.images.snapshots.base import Snapshotter, StagedLayer
-from crishim.images.unpack import Readable, UnpackError
+from crishim.images.snapshots.base import Snapshotter
 from crishim.model import Image, ImageLayer
+from crishim.services.pull_layers import LayerUnpacker, PulledLayer
 from crishim.services.pull_progress import PullMetrics, PullProgress
 from crishim.store import ObjectStore
 from crishim.util.tasks import join_shared
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 # Layers downloaded at once per pull (containerd's default is 3).
 MAX_PARALLEL_DOWNLOADS = 3
-# Layers unpacked at once, ahead of the layers below them, when the snapshotter can.
-MAX_PARALLEL_UNPACKS = 3
 # A blob whose stream breaks or arrives corrupt is fetched again this many times.
 BLOB_ATTEMPTS = 3
 # How long a walk of the image store's disk usage is reused.
@@ -89,17 +84,6 @@ class ImportResult:
 
     images: list[Image]
     notes: list[str]
-
-
-@dataclass(frozen=True)
-class _PulledLayer:
-    """One layer of a pull: where it goes, and its download."""
-
-    chain_id: str
-    parent: str | None  # chain ID of the layer below
-    desc: Descriptor
-    diff_id: str
-    download: asyncio.Task[Path]
 
 
 @dataclass(frozen=True)
@@ -130,9 +114,7 @@ class ImageService:
         self._platform = platform
         self._pulls: dict[tuple[str, str], asyncio.Task[Image]] = {}
         self._imports = 0
-        self._unpack_locks: dict[str, asyncio.Lock] = {}
-        # Layers unpacked ahead at once (each a thread, busy while its bytes arrive).
-        self._staging = asyncio.Semaphore(MAX_PARALLEL_UNPACKS)
+        self._layers = LayerUnpacker(content, snapshotter)
         # Serialises changes to image records with garbage collection.
         self._meta_lock = asyncio.Lock()
         self.metrics = PullMetrics()
@@ -238,9 +220,9 @@ class ImageService:
             for desc, diff_id, chain_id, task in zip(
                 manifest.layers, config.diff_ids, chains, downloads, strict=True
             ):
-                layer = _PulledLayer(chain_id, parent, desc, diff_id, task)
+                layer = PulledLayer(chain_id, parent, desc, diff_id, task, progress)
                 below = unpacks[-1] if unpacks else None
-                unpacks.append(asyncio.create_task(self._unpack_pulled(layer, below, progress)))
+                unpacks.append(asyncio.create_task(self._layers.unpack_pulled(layer, below)))
                 parent = chain_id
             if unpacks:
                 await asyncio.wait(unpacks, return_when=asyncio.FIRST_EXCEPTION)
@@ -319,87 +301,6 @@ class ImageService:
                     progress.add(len(chunk))
                 yield chunk
 
-    async def _unpack_pulled(
-        self, layer: _PulledLayer, below: asyncio.Task[None] | None, progress: PullProgress
-    ) -> None:
-        """Unpack a layer of a pull while its download arrives, and commit it once the
-        layer below it is committed (``below``, the task of that layer).
-
-        With a snapshotter that can, the layer is unpacked ahead of the layers below it,
-        so layers unpack side by side; otherwise once the layer below is committed.
-        """
-        lock = self._unpack_locks.setdefault(layer.chain_id, asyncio.Lock())
-        async with lock:
-            if not self._snapshotter.has_layer(layer.chain_id):
-                if self._snapshotter.unpacks_ahead:
-                    await self._unpack_ahead(layer, below)
-                else:
-                    if below is not None:
-                        await below
-                    await self._from_download(layer, partial(self._unpack, layer))
-        progress.done_layers += 1
-
-    async def _unpack_ahead(self, layer: _PulledLayer, below: asyncio.Task[None] | None) -> None:
-        """Unpack the layer ahead, commit it on top of the layer below once that is
-        committed; unpack it again on top of it when the layers below make a difference
-        (a symlink or a file where the layer needs a directory: they would have been
-        followed or refused). An error of the unpack ahead counts only then, too: the
-        layers below may be why."""
-        staged: StagedLayer | None = None
-        async with self._staging:
-            try:
-                staged = await self._from_download(layer, partial(self._stage, layer))
-            except UnpackError as exc:
-                log.info("layer %s failed ahead of the layers below (%s)", layer.chain_id, exc)
-        try:
-            if below is not None:
-                await below
-            committed = staged is not None and await anyio.to_thread.run_sync(
-                self._snapshotter.commit_staged, staged, layer.chain_id, layer.parent
-            )
-        finally:
-            if staged is not None:
-                await anyio.to_thread.run_sync(staged.discard)
-        if not committed:
-            log.info("layer %s: unpacking it on top of the layers below", layer.chain_id)
-            await self._unpack(layer, await layer.download)
-
-    async def _from_download(
-        self, layer: _PulledLayer, use: Callable[[Path | Readable], Awaitable[T]]
-    ) -> T:
-        """``use`` the layer's blob while it downloads (so unpacking overlaps the
-        transfer). What it reads ends only once the bytes matched the digest; when the
-        download breaks, ``use`` starts over on the next attempt."""
-        digest = layer.desc.digest
-        while True:
-            reader = await self._content.open_stream(digest, layer.download)
-            if reader is None:  # the download is over and left no blob: why
-                return await use(await layer.download)
-            with closing(reader):
-                try:
-                    return await use(reader)
-                except BlobAborted:
-                    log.info("the download of %s broke while it was unpacked", digest)
-
-    async def _stage(self, layer: _PulledLayer, blob: Path | Readable) -> StagedLayer:
-        return await anyio.to_thread.run_sync(
-            self._snapshotter.stage_layer,
-            layer.chain_id,
-            blob,
-            layer.desc.media_type,
-            layer.diff_id,
-        )
-
-    async def _unpack(self, layer: _PulledLayer, blob: Path | Readable) -> None:
-        await anyio.to_thread.run_sync(
-            self._snapshotter.unpack_layer,
-            layer.chain_id,
-            layer.parent,
-            blob,
-            layer.desc.media_type,
-            layer.diff_id,
-        )
-
     # ---- import and tag -----------------------------------------------------------------
 
     async def import_archive(self, chunks: AsyncIterator[bytes]) -> ImportResult:
@@ -445,7 +346,7 @@ class ImageService:
         parent: str | None = None
         for number, layer in enumerate(planned.layers):
             try:
-                await self._unpack_imported(
+                await self._layers.unpack_file(
                     layer.chain_id, parent, layer.member.path, layer.descriptor, layer.diff_id
                 )
             except CrishimError as exc:
@@ -453,17 +354,6 @@ class ImageService:
                     f'{planned.label}, layer {number} (archive member "{layer.member.name}"): {exc}'
                 ) from None
             parent = layer.chain_id
-
-    async def _unpack_imported(
-        self, chain_id: str, parent: str | None, blob: Path, desc: Descriptor, diff_id: str
-    ) -> None:
-        lock = self._unpack_locks.setdefault(chain_id, asyncio.Lock())
-        async with lock:
-            if self._snapshotter.has_layer(chain_id):
-                return
-            await anyio.to_thread.run_sync(
-                self._snapshotter.unpack_layer, chain_id, parent, blob, desc.media_type, diff_id
-            )
 
     def _adopt(self, staging: Staging, plan: ImportPlan) -> list[Image]:
         """Move what the planned images need into the store; their records (blocking)."""

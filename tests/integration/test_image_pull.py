@@ -219,7 +219,7 @@ async def test_a_layer_is_unpacked_while_it_downloads(registry: Registry, tmp_pa
 async def test_layers_unpacked_side_by_side_end_as_on_the_layers_below(
     registry: Registry, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="crishim.services.images")
+    caplog.set_level(logging.INFO, logger="crishim.services.pull_layers")
     base = (
         LayerBuilder()
         .dir("srv", mode=0o750, uid=7, gid=8)
