@@ -43,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from tests.bench.bench_steady import cpu_seconds
 from tests.bench.runtimes import Containerd, Crishim, Images, pids_whose_cmdline_has, push_images
 from tests.cluster.node import ClusterNode
@@ -70,6 +72,7 @@ class Round:
     rss_mib: float = 0.0
     helpers: int = 0
     left: list[str] = field(default_factory=list)
+    calls: str = ""
 
     def line(self) -> str:
         left = f"; LEFT {self.left}" if self.left else ""
@@ -78,7 +81,7 @@ class Round:
             f"runtime idle {self.idle_s:6.2f} s  restarts {self.restarts}  | steady: runtime "
             f"{self.runtime_cpu:4.1f} % of a core, kubelet {self.kubelet_cpu:4.1f} %, "
             f"PSS {self.pss_mib:6.1f} MiB, RSS {self.rss_mib:6.1f} MiB "
-            f"({self.helpers} helpers){left}"
+            f"({self.helpers} helpers){left}" + (f"\n{self.calls}" if self.calls else "")
         )
 
 
@@ -167,6 +170,40 @@ def top_entries(raw: Path, count: int = 15) -> list[str]:
     return lines
 
 
+Calls = dict[str, tuple[int, float]]
+METRIC = "crishim_cri_request_duration_seconds"
+
+
+def crishim_calls(runtime: Crishim) -> Calls:
+    """crishim's CRI calls so far from its /metrics: method -> (count, seconds in all)."""
+    marker = "serving metrics on "
+    lines = [line for line in runtime.proc.log().splitlines() if marker in line]
+    if not lines:
+        return {}
+    url = lines[-1].split(marker, 1)[1].strip()
+    calls: dict[str, list[float]] = {}
+    for line in httpx.get(url, timeout=10, trust_env=False).text.splitlines():
+        if not line.startswith((f"{METRIC}_sum{{", f"{METRIC}_count{{")):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        method = labels.split('method="', 1)[1].split('"', 1)[0]
+        entry = calls.setdefault(method, [0.0, 0.0])
+        entry[0 if labels.startswith(f"{METRIC}_count") else 1] = float(value)
+    return {method: (int(count), total) for method, (count, total) in calls.items()}
+
+
+def calls_between(before: Calls, after: Calls, count: int = 8) -> str:
+    """The CRI methods crishim spent most time in between two readings."""
+    spent = {
+        method: (n - before.get(method, (0, 0.0))[0], total - before.get(method, (0, 0.0))[1])
+        for method, (n, total) in after.items()
+    }
+    top = sorted(spent.items(), key=lambda item: item[1][1], reverse=True)[:count]
+    return "  crishim CRI calls while creating: " + ", ".join(
+        f"{method} {n}x {total:.2f} s" for method, (n, total) in top if n
+    )
+
+
 def one_round(
     plane: ControlPlane,
     node: ClusterNode,
@@ -181,6 +218,7 @@ def one_round(
         if profile is not None and isinstance(node.runtime, Crishim):
             assert node.runtime.proc.proc is not None
             profiler = Profiler(args.py_spy, node.runtime.proc.proc.pid, profile)
+        calls_before = crishim_calls(node.runtime) if isinstance(node.runtime, Crishim) else {}
         since = plane.list_resource_version(PODS)
         manifest = deployment(NAME, args.replicas, images.busybox)
         started = time.monotonic()
@@ -196,6 +234,8 @@ def one_round(
         result.ready_s -= started
         if profiler is not None:
             profiler.stop()
+        if isinstance(node.runtime, Crishim):
+            result.calls = calls_between(calls_before, crishim_calls(node.runtime))
         listed = plane.get(f"{PODS}?labelSelector={SELECTOR}")
         assert listed is not None
         result.restarts = sum(
