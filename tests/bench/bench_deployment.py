@@ -63,6 +63,7 @@ READY_TIMEOUT = 300.0
 class Round:
     runtime: str
     ready_s: float = 0.0
+    create_cpu_s: float = 0.0  # CPU seconds of the runtime and its helpers until all Ready
     gone_s: float = 0.0
     idle_s: float = 0.0
     restarts: int = 0
@@ -77,7 +78,8 @@ class Round:
     def line(self) -> str:
         left = f"; LEFT {self.left}" if self.left else ""
         return (
-            f"{self.runtime:<10} ready {self.ready_s:6.2f} s  deleted {self.gone_s:6.2f} s  "
+            f"{self.runtime:<10} ready {self.ready_s:6.2f} s (runtime CPU "
+            f"{self.create_cpu_s:5.2f} s)  deleted {self.gone_s:6.2f} s  "
             f"runtime idle {self.idle_s:6.2f} s  restarts {self.restarts}  | steady: runtime "
             f"{self.runtime_cpu:4.1f} % of a core, kubelet {self.kubelet_cpu:4.1f} %, "
             f"PSS {self.pss_mib:6.1f} MiB, RSS {self.rss_mib:6.1f} MiB "
@@ -219,6 +221,7 @@ def one_round(
             assert node.runtime.proc.proc is not None
             profiler = Profiler(args.py_spy, node.runtime.proc.proc.pid, profile)
         calls_before = crishim_calls(node.runtime) if isinstance(node.runtime, Crishim) else {}
+        cpu_before = sum(cpu_seconds(p) for p in runtime_pids(node))
         since = plane.list_resource_version(PODS)
         manifest = deployment(NAME, args.replicas, images.busybox)
         started = time.monotonic()
@@ -232,6 +235,7 @@ def one_round(
 
         result.ready_s = plane.watch_pods(NAMESPACE, SELECTOR, all_ready, READY_TIMEOUT, since)
         result.ready_s -= started
+        result.create_cpu_s = sum(cpu_seconds(p) for p in runtime_pids(node)) - cpu_before
         if profiler is not None:
             profiler.stop()
         if isinstance(node.runtime, Crishim):
@@ -271,6 +275,7 @@ def summary(rounds: list[Round]) -> list[str]:
         by[item.runtime].append(item)
     metrics: dict[str, Callable[[Round], float]] = {
         "ready (s)": lambda r: r.ready_s,
+        "CPU of runtime+helpers until ready (s)": lambda r: r.create_cpu_s,
         "deleted (s)": lambda r: r.gone_s,
         "runtime idle after delete (s)": lambda r: r.idle_s,
         "steady CPU runtime+helpers (% core)": lambda r: r.runtime_cpu,
