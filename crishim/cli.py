@@ -1,4 +1,5 @@
-"""The ``crishim`` command: serve, version, doctor, config, unit, images (import, tag, list)."""
+"""The ``crishim`` command: serve, version, doctor, config, unit, images (import, tag, list),
+node (install, uninstall)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,39 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument(
         "-q", "--quiet", action="store_true", help="print only tags (an untagged image's ID)"
     )
+    _node_parser(sub.add_parser("node", help="install crishim on this node's host, or remove it"))
     return parser
+
+
+def _node_parser(node: argparse.ArgumentParser) -> None:
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument(
+        "--host-root",
+        type=Path,
+        default=Path("/"),
+        help="where the host's root file system is mounted (the DaemonSet: /host; default /)",
+    )
+    actions = node.add_subparsers(dest="action", required=True)
+    install = actions.add_parser(
+        "install",
+        parents=[where],
+        help="install crishim as a systemd service and switch kubelet to it",
+    )
+    install.add_argument(
+        "--image-root",
+        type=Path,
+        default=Path("/"),
+        help="the root file system crishim runs from, copied to /opt/crishim/rootfs unless it "
+        "is the host's own (default /: this container's)",
+    )
+    uninstall = actions.add_parser(
+        "uninstall",
+        parents=[where],
+        help="switch kubelet back and remove what install did, from its record",
+    )
+    uninstall.add_argument(
+        "--purge", action="store_true", help="also remove /var/lib/crishim (images, state)"
+    )
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -124,6 +157,27 @@ def _unit(args: argparse.Namespace) -> int:
     from crishim.node.unit import crishim_executable, render_unit, unit_path
 
     print(render_unit(unit_path().read_text(), crishim_executable()), end="")
+    return 0
+
+
+def _node(args: argparse.Namespace) -> int:
+    from crishim.node.host import RealHost
+    from crishim.node.install import install, uninstall
+    from crishim.node.steps import Node
+    from crishim.node.unit import crishim_executable, unit_path
+
+    node = Node(
+        host_root=args.host_root,
+        image_root=getattr(args, "image_root", Path("/")),
+        host=RealHost(),
+        executable=crishim_executable(),
+        shipped_unit=unit_path().read_text(),
+        say=lambda line: print(line, flush=True),
+    )
+    if args.action == "install":
+        install(node)
+    else:
+        uninstall(node, purge=args.purge)
     return 0
 
 
@@ -183,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": _config,
         "unit": _unit,
         "images": _images,
+        "node": _node,
     }
     try:
         return commands[args.command](args)

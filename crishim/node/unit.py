@@ -14,7 +14,7 @@ from pathlib import Path
 
 from crishim.errors import ConfigError
 
-__all__ = ["UNIT_NAME", "crishim_executable", "render_unit", "unit_path"]
+__all__ = ["UNIT_NAME", "add_settings", "crishim_executable", "render_unit", "unit_path"]
 
 UNIT_NAME = "crishim.service"
 _EXEC_START = "ExecStart="
@@ -51,3 +51,17 @@ def render_unit(text: str, executable: str) -> str:
             line = f"{_EXEC_START}{executable} {arguments}".rstrip()
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def add_settings(text: str, section: str, settings: list[str]) -> str:
+    """The unit ``text`` with ``settings`` (lines) added at the end of ``[section]``."""
+    lines = text.splitlines()
+    header = f"[{section}]"
+    if header not in lines:
+        raise ConfigError(f"the unit has no {header} section")
+    end = lines.index(header) + 1
+    while end < len(lines) and not lines[end].startswith("["):
+        end += 1
+    while end > 0 and not lines[end - 1].strip():  # before the blank lines ending it
+        end -= 1
+    return "\n".join([*lines[:end], *settings, *lines[end:]]) + "\n"

@@ -1,0 +1,178 @@
+"""What ``crishim node install`` puts on a host, and why it is laid out this way (pure).
+
+The host's OS is not the image's and may have no Python, so crishim runs from a copy of its
+image's root file system, ``/opt/crishim/rootfs``, with the host paths a runtime needs
+bound into it at the same paths. Two systemd units do that:
+
+- ``crishim-rootfs.service`` (oneshot) makes the binds in the host's mount namespace with
+  the host's ``mount``: ``mount --rbind /run /opt/crishim/rootfs/run`` and so on. On a
+  systemd host every mount is shared, so each bind joins its source's peer group and mount
+  events travel both ways: volumes kubelet mounts under ``/var/lib/kubelet`` appear in the
+  rootfs, and what crishim or a container with Bidirectional propagation mounts there (CSI
+  drivers) appears on the host. Its stop makes every bind a slave first, then detaches it:
+  unmounting a shared bind would propagate and unmount the host's own mounts below it.
+- ``crishim.service`` is the shipped unit (``crishim unit``) plus ``RootDirectory=`` (the
+  rootfs) and ``MountAPIVFS=no``. With no other namespacing setting systemd then applies
+  ``RootDirectory=`` as a plain chroot(2) in the host's mount namespace.
+
+Why not ``RootDirectory=`` with ``BindPaths=``: any ``BindPaths=`` (or ``MountAPIVFS=yes``)
+gives the service its own mount namespace, created anew at each start, whose mounts never
+propagate back to the host (systemd makes the namespace a slave of the host's before it
+sets it up). crishim pins each pod's namespaces with bind mounts under ``/run/crishim/ns``
+and mounts container root file systems under ``/var/lib/crishim``; after a restart or an
+upgrade of crishim (containers keep running under conmon) the new process would find its
+pins empty, and a container's Bidirectional mounts would never reach kubelet. In the
+host's namespace both keep working, at the price of each bound mount being listed twice
+in the host's mount table.
+
+``/opt/crishim`` also holds the record of what the installer did (``install.json``), the
+originals it replaced (``saved/``) and the marker of a finished install (``installed``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from crishim.node.unit import UNIT_NAME, add_settings, render_unit
+
+__all__ = [
+    "BINDS",
+    "CONFIG_FILE",
+    "INSTALLED_MARKER",
+    "OPT_DIR",
+    "RECORD_FILE",
+    "ROOTFS_DIR",
+    "ROOTFS_EXCLUDES",
+    "ROOTFS_UNIT_NAME",
+    "SAVED_DIR",
+    "SERVICE_UNIT_NAME",
+    "STATE_DIR",
+    "UNIT_DIR",
+    "Bind",
+    "host_path",
+    "render_default_config",
+    "render_rootfs_unit",
+    "render_service_unit",
+]
+
+OPT_DIR = "/opt/crishim"
+ROOTFS_DIR = f"{OPT_DIR}/rootfs"
+RECORD_FILE = f"{OPT_DIR}/install.json"
+SAVED_DIR = f"{OPT_DIR}/saved"
+INSTALLED_MARKER = f"{OPT_DIR}/installed"
+UNIT_DIR = "/etc/systemd/system"
+SERVICE_UNIT_NAME = UNIT_NAME
+ROOTFS_UNIT_NAME = "crishim-rootfs.service"
+CONFIG_FILE = "/etc/crishim/crishim.toml"
+STATE_DIR = "/var/lib/crishim"
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host path bound at the same path inside the rootfs."""
+
+    path: str
+    #: a directory (bound with its submounts) or a single file
+    directory: bool = True
+    #: created on the host when missing (and removed again when the installer made it)
+    create: bool = False
+    #: the service starts without it when the host has none
+    optional: bool = False
+
+
+# Order matters: /proc, /sys, /dev and /run first, as a chroot needs them.
+BINDS: tuple[Bind, ...] = (
+    Bind("/proc"),
+    Bind("/sys"),  # with /sys/fs/cgroup: cgroups of both drivers
+    Bind("/dev"),  # with /dev/pts, /dev/shm, /dev/mqueue
+    # The CRI socket, runtime state and namespace pins (/run/crishim), sd_notify's socket
+    # and D-Bus (/run/systemd, /run/dbus) for the systemd cgroup driver, /run/netns.
+    Bind("/run"),
+    Bind(STATE_DIR, create=True),
+    Bind("/var/lib/kubelet", create=True),  # volumes, device plugin and pod directories
+    Bind("/var/log/pods", create=True),  # container logs kubelet reads
+    Bind("/var/lib/cni", create=True),  # host-local IPAM leases and CNI result caches
+    Bind("/etc/cni", create=True),  # network configs a cluster network plugin writes
+    Bind("/opt/cni", create=True),  # plugin binaries a cluster network plugin installs
+    Bind("/etc/crishim", create=True),  # crishim.toml, crishim.d/, certs.d/
+    Bind("/etc/resolv.conf", directory=False, optional=True),  # registry names
+    Bind("/etc/hosts", directory=False, optional=True),
+)
+
+# Never copied from the image: kernel file systems, the host's root as the DaemonSet
+# mounts it, scratch space. Every mount point inside the image's root is left out too.
+ROOTFS_EXCLUDES: tuple[str, ...] = ("/proc", "/sys", "/dev", "/run", "/tmp", "/host", "/var/tmp")
+
+
+def _mount_lines(mount: str, umount: str) -> tuple[list[str], list[str]]:
+    start: list[str] = []
+    for bind in BINDS:
+        how = "--rbind" if bind.directory else "--bind"
+        prefix = "-" if bind.optional else ""
+        start.append(f"ExecStart={prefix}{mount} {how} {bind.path} {ROOTFS_DIR}{bind.path}")
+    stop: list[str] = []
+    for bind in reversed(BINDS):
+        target = f"{ROOTFS_DIR}{bind.path}"
+        # A slave first: unmounting a shared bind would unmount the host's mounts below it.
+        stop.append(f"ExecStopPost=-{mount} --make-rslave {target}")
+        stop.append(f"ExecStopPost=-{umount} --recursive --lazy {target}")
+    return start, stop
+
+
+def render_rootfs_unit(mount: str = "/bin/mount", umount: str = "/bin/umount") -> str:
+    """``crishim-rootfs.service``: the binds of :data:`BINDS` into the rootfs, made with the
+    host's ``mount`` and ``umount`` (absolute paths on the host)."""
+    start, stop = _mount_lines(mount, umount)
+    lines = [
+        "# Written by `crishim node install`: binds the host paths crishim needs into its root",
+        f"# file system {ROOTFS_DIR}, in the host's mount namespace.",
+        "[Unit]",
+        f"Description=Host paths bound into crishim's root file system {ROOTFS_DIR}",
+        "After=local-fs.target",
+        f"Before={SERVICE_UNIT_NAME}",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        *start,
+        *stop,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_service_unit(shipped: str, executable: str) -> str:
+    """``crishim.service`` for the rootfs: the shipped unit running ``executable`` (a path
+    inside the rootfs) chrooted into it, after and bound to ``crishim-rootfs.service``."""
+    text = render_unit(shipped, executable)
+    text = add_settings(
+        text,
+        "Unit",
+        [f"BindsTo={ROOTFS_UNIT_NAME}", f"After={ROOTFS_UNIT_NAME}"],
+    )
+    return add_settings(
+        text,
+        "Service",
+        [
+            "# Installed by `crishim node install`: crishim runs from its image's root file",
+            "# system, chrooted in the host's mount namespace (no namespacing setting may be",
+            "# added: it would give the service a mount namespace its mounts cannot leave).",
+            f"RootDirectory={ROOTFS_DIR}",
+            "MountAPIVFS=no",
+        ],
+    )
+
+
+def render_default_config(cgroup_driver: str) -> str:
+    """The ``crishim.toml`` written when the host has none."""
+    return (
+        "# Written by `crishim node install` (only because there was no crishim.toml).\n"
+        "# Every setting, with its default: `crishim config --default`.\n"
+        f'cgroup_driver = "{cgroup_driver}"  # as kubelet\'s cgroupDriver\n'
+    )
+
+
+def host_path(host_root: str, path: str) -> str:
+    """``path`` (absolute, as the host sees it) under ``host_root``."""
+    relative = PurePosixPath(path).relative_to("/")
+    return str(PurePosixPath(host_root) / relative)
