@@ -31,6 +31,8 @@ from crishim.node.host import HostSystem
 from crishim.node.layout import (
     BINDS,
     CONFIG_FILE,
+    INSTALLED_MARKER,
+    RECORD_FILE,
     ROOTFS_DIR,
     ROOTFS_EXCLUDES,
     ROOTFS_UNIT_NAME,
@@ -71,8 +73,8 @@ class Node:
     @property
     def from_rootfs(self) -> bool:
         """crishim runs from a copy of its image; False when the image is the host itself
-        (``crishim node install --host-root /`` run on a host where crishim is installed)."""
-        return not os.path.samefile(self.image_root, self.host_root)
+        (``crishim node install --host-root /`` run where crishim is installed)."""
+        return os.path.realpath(self.image_root) != os.path.realpath(self.host_root)
 
     def path(self, host_absolute: str) -> Path:
         """A host path as seen from here."""
@@ -144,6 +146,8 @@ class RootfsStep(Step):
         image, host = os.path.realpath(node.image_root), os.path.realpath(node.host_root)
         if host.startswith(image.rstrip("/") + "/"):
             skip.add(os.path.relpath(host, image))
+        # The installer's own files, should the image be a view of the host's root.
+        skip |= {p.strip("/") for p in (ROOTFS_DIR, RECORD_FILE, SAVED_DIR, INSTALLED_MARKER)}
         changes = sync_tree(node.image_root, rootfs, skip)
         _make_mount_targets(rootfs)
         if changes:
@@ -345,7 +349,12 @@ class ServiceStep(Step):
 
     def undo(self, node: Node, data: Data, *, purge: bool) -> str:
         if data.get("was_active"):
-            return f"{SERVICE_UNIT_NAME} ran before: left running"
+            # It ran from the unit install replaced: stopped here, that unit is put back
+            # next; starting it again is the operator's call.
+            node.host.systemctl("stop", SERVICE_UNIT_NAME)
+            if node.from_rootfs:
+                node.host.systemctl("stop", ROOTFS_UNIT_NAME)
+            return f"stopped {SERVICE_UNIT_NAME}; it ran before the install: start it again"
         node.host.systemctl("disable", "--now", SERVICE_UNIT_NAME)
         if node.from_rootfs:
             node.host.systemctl("stop", ROOTFS_UNIT_NAME)
@@ -423,8 +432,18 @@ def kubelet_cgroup_driver(node: Node) -> str:
 
 
 def _kubelet_port(node: Node) -> int:
+    """kubelet's healthz port; 0 when it serves none."""
     port = _kubelet_value(node, "healthzPort", "--healthz-port")
     return int(port) if port and port.isdigit() else 10248
+
+
+def _restart_kubelet(node: Node) -> str:
+    node.host.systemctl("restart", "kubelet.service")
+    port = _kubelet_port(node)
+    if port == 0:
+        return "restarted (it serves no healthz to wait for)"
+    node.host.wait_kubelet(port, KUBELET_TIMEOUT)
+    return "restarted, healthy"
 
 
 def _edit(setup: KubeletSetup, text: str, changes: dict[str, str | None]) -> str:
@@ -471,9 +490,7 @@ class KubeletStep(Step):
             return f"kubelet already uses {endpoint} ({setup.path})"
         write_atomic(target, edited.encode(), stat.S_IMODE(target.stat().st_mode))
         data["written"] = file_digest(target)
-        node.host.systemctl("restart", "kubelet.service")
-        node.host.wait_kubelet(_kubelet_port(node), KUBELET_TIMEOUT)
-        return f"kubelet now uses {endpoint} ({setup.path}); restarted, healthy"
+        return f"kubelet now uses {endpoint} ({setup.path}); {_restart_kubelet(node)}"
 
     def undo(self, node: Node, data: Data, *, purge: bool) -> str:
         setup = KubeletSetup(data["form"], data["path"], data["config"])
@@ -491,9 +508,7 @@ class KubeletStep(Step):
             write_atomic(target, edited.encode(), stat.S_IMODE(target.stat().st_mode))
             saved.unlink(missing_ok=True)
             how = f"{setup.path} changed since install: only its endpoints put back"
-        node.host.systemctl("restart", "kubelet.service")
-        node.host.wait_kubelet(_kubelet_port(node), KUBELET_TIMEOUT)
-        return f"{how}; kubelet restarted, healthy"
+        return f"{how}; kubelet {_restart_kubelet(node)}"
 
 
 STEPS: tuple[Step, ...] = (

@@ -476,6 +476,36 @@ def test_the_command_says_when_there_is_nothing_to_uninstall(
     assert "crishim is not installed" in capsys.readouterr().out
 
 
+def test_the_installers_own_files_in_the_image_are_not_copied(rig: Rig) -> None:
+    # An image root that is a view of the host's own root holds the rootfs being written.
+    (rig.image_root / "opt/crishim/rootfs/usr").mkdir(parents=True)
+    (rig.image_root / "opt/crishim/install.json").write_text("{}")
+    install(rig.node())
+    rootfs = rig.host_root / ROOTFS_DIR.lstrip("/")
+    assert (rootfs / "opt/crishim").is_dir()
+    assert not (rootfs / "opt/crishim/rootfs").exists()
+    assert not (rootfs / "opt/crishim/install.json").exists()
+
+
+def test_a_kubelet_without_healthz_is_not_waited_for(rig: Rig) -> None:
+    config = rig.host_root / "var/lib/kubelet/config.yaml"
+    config.write_text(config.read_text() + "healthzPort: 0\n")
+    install(rig.node())
+    assert "systemctl restart kubelet.service" in rig.host.calls
+    assert not any(c.startswith("wait_kubelet") for c in rig.host.calls)
+
+
+def test_a_crishim_service_running_before_is_stopped_on_uninstall(rig: Rig) -> None:
+    mine = "[Service]\nExecStart=/usr/local/bin/crishim serve\n"
+    (rig.host_root / "etc/systemd/system/crishim.service").write_text(mine)
+    rig.host.active.add("crishim.service")
+    install(rig.node())
+    uninstall(rig.node())
+    assert "crishim.service" not in rig.host.active
+    assert any("start it again" in line for line in rig.lines)
+    assert rig.read("/etc/systemd/system/crishim.service") == mine
+
+
 @pytest.fixture
 def mounted_tree(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """A tree with a host directory bind-mounted into it, as the rootfs has."""
