@@ -5,12 +5,14 @@ image's root file system, ``/opt/crishim/rootfs``, with the host paths a runtime
 bound into it at the same paths. Two systemd units do that:
 
 - ``crishim-rootfs.service`` (oneshot) makes the binds in the host's mount namespace with
-  the host's ``mount``: ``mount --rbind /run /opt/crishim/rootfs/run`` and so on. On a
+  the host's ``mount``: the rootfs onto itself, twice, private (runc needs its root to be
+  a mount point, pivot_root(2) one whose parent mount is not shared), then
+  ``mount --rbind /run /opt/crishim/rootfs/run`` and so on for each host path. On a
   systemd host every mount is shared, so each bind joins its source's peer group and mount
   events travel both ways: volumes kubelet mounts under ``/var/lib/kubelet`` appear in the
   rootfs, and what crishim or a container with Bidirectional propagation mounts there (CSI
-  drivers) appears on the host. Its stop makes every bind a slave first, then detaches it:
-  unmounting a shared bind would propagate and unmount the host's own mounts below it.
+  drivers) appears on the host. Its stop makes every bind a slave first, then detaches the
+  tree: unmounting a shared bind would propagate and unmount the host's own mounts below it.
 - ``crishim.service`` is the shipped unit (``crishim unit``) plus ``RootDirectory=`` (the
   rootfs) and ``MountAPIVFS=no``. With no other namespacing setting systemd then applies
   ``RootDirectory=`` as a plain chroot(2) in the host's mount namespace.
@@ -22,8 +24,9 @@ sets it up). crishim pins each pod's namespaces with bind mounts under ``/run/cr
 and mounts container root file systems under ``/var/lib/crishim``; after a restart or an
 upgrade of crishim (containers keep running under conmon) the new process would find its
 pins empty, and a container's Bidirectional mounts would never reach kubelet. In the
-host's namespace both keep working, at the price of each bound mount being listed twice
-in the host's mount table.
+host's namespace both keep working (tests/systemd/test_node_install.py restarts crishim
+under a running pod), at the price of each mount below a bound path being listed twice in
+the host's mount table.
 
 ``/opt/crishim`` also holds the record of what the installer did (``install.json``), the
 originals it replaced (``saved/``) and the marker of a finished install (``installed``).
@@ -106,17 +109,26 @@ ROOTFS_EXCLUDES: tuple[str, ...] = ("/proc", "/sys", "/dev", "/run", "/tmp", "/h
 
 
 def _mount_lines(mount: str, umount: str) -> tuple[list[str], list[str]]:
-    start: list[str] = []
+    # The rootfs is made a mount point of its own, twice over, both private. runc sets the
+    # propagation of "/" (crishim's root), which only a mount point has, and pivot_root(2)
+    # refuses a root whose parent mount is shared (the host's /): the upper bind's parent
+    # is the lower one. Private, so the binds below are not copied onto the host's /.
+    start = [
+        f"ExecStart={mount} --bind {ROOTFS_DIR} {ROOTFS_DIR}",
+        f"ExecStart={mount} --make-private {ROOTFS_DIR}",
+        f"ExecStart={mount} --bind {ROOTFS_DIR} {ROOTFS_DIR}",
+        f"ExecStart={mount} --make-private {ROOTFS_DIR}",
+    ]
     for bind in BINDS:
         how = "--rbind" if bind.directory else "--bind"
         prefix = "-" if bind.optional else ""
         start.append(f"ExecStart={prefix}{mount} {how} {bind.path} {ROOTFS_DIR}{bind.path}")
-    stop: list[str] = []
-    for bind in reversed(BINDS):
-        target = f"{ROOTFS_DIR}{bind.path}"
-        # A slave first: unmounting a shared bind would unmount the host's mounts below it.
-        stop.append(f"ExecStopPost=-{mount} --make-rslave {target}")
-        stop.append(f"ExecStopPost=-{umount} --recursive --lazy {target}")
+    # Slaves first: unmounting a shared bind would unmount the host's mounts below it.
+    stop = [
+        f"ExecStopPost=-{mount} --make-rslave {ROOTFS_DIR}",
+        f"ExecStopPost=-{umount} --recursive --lazy {ROOTFS_DIR}",
+        f"ExecStopPost=-{umount} --lazy {ROOTFS_DIR}",
+    ]
     return start, stop
 
 

@@ -240,16 +240,24 @@ def test_the_service_unit_adds_no_setting_that_makes_a_mount_namespace(rig: Rig)
     assert added == {"RootDirectory": ROOTFS_DIR, "MountAPIVFS": "no"}
 
 
-def test_the_binds_are_undone_as_slaves_in_reverse_order(rig: Rig) -> None:
+def test_the_binds_are_made_on_a_private_rootfs_and_undone_as_slaves(rig: Rig) -> None:
     install(rig.node())
     lines = rig.read("/etc/systemd/system/crishim-rootfs.service").splitlines()
-    stops = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStopPost=")]
-    assert stops[:2] == [
-        f"-/usr/bin/mount --make-rslave {ROOTFS_DIR}/etc/hosts",
-        f"-/usr/bin/umount --recursive --lazy {ROOTFS_DIR}/etc/hosts",
+    starts = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStart=")]
+    assert starts[:5] == [
+        f"/usr/bin/mount --bind {ROOTFS_DIR} {ROOTFS_DIR}",
+        f"/usr/bin/mount --make-private {ROOTFS_DIR}",
+        f"/usr/bin/mount --bind {ROOTFS_DIR} {ROOTFS_DIR}",
+        f"/usr/bin/mount --make-private {ROOTFS_DIR}",
+        f"/usr/bin/mount --rbind /proc {ROOTFS_DIR}/proc",
     ]
-    assert stops[-1] == f"-/usr/bin/umount --recursive --lazy {ROOTFS_DIR}/proc"
-    assert len(stops) == 2 * len(BINDS)
+    assert len(starts) == 4 + len(BINDS)
+    stops = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStopPost=")]
+    assert stops == [
+        f"-/usr/bin/mount --make-rslave {ROOTFS_DIR}",
+        f"-/usr/bin/umount --recursive --lazy {ROOTFS_DIR}",
+        f"-/usr/bin/umount --lazy {ROOTFS_DIR}",
+    ]
 
 
 def test_kubeadms_flags_file_is_edited_when_it_sets_the_endpoint(tmp_path: Path) -> None:

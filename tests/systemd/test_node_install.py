@@ -1,0 +1,127 @@
+"""``crishim node install|uninstall`` on a booted systemd: crishim from its rootfs, for real.
+
+The bed plays a node with no crishim service and a stand-in kubelet (a unit that sleeps,
+and kubelet's config file with containerd's endpoint). The image root is a plain bind of
+the bed's own root at ``/srv/image`` (Debian, the runtimes, crishim in its venv), so the
+installer copies it to ``/opt/crishim/rootfs`` and runs crishim chrooted there. The tests
+check what the unit tests cannot: that systemd starts crishim in PID 1's mount namespace,
+that it runs pods from the rootfs, that a restart of crishim finds its pods' namespaces
+again (mounts made under the rootfs reach the host), and that uninstall leaves no mount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from crishim.api import v1
+from tests.rig.fixtures import PushedImage
+from tests.systemd.bed import Bed
+from tests.systemd.rig import SystemdRig, _bed_wanted
+from tests.systemd.rootfs import VENV
+
+pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
+
+CONTAINERD = "unix:///run/containerd/containerd.sock"
+KUBELET_CONFIG = f"""\
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+cgroupDriver: systemd
+containerRuntimeEndpoint: {CONTAINERD}
+healthzPort: 0
+"""
+KUBELET_UNIT = "[Service]\nExecStart=/bin/sleep infinity\n\n[Install]\nWantedBy=multi-user.target\n"
+ROOTFS = "/opt/crishim/rootfs"
+
+
+def _write(bed: Bed, path: str, text: str) -> None:
+    target = bed.root / path.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
+
+
+@pytest_asyncio.fixture(name="node", scope="module", loop_scope="module")
+async def node_fixture(
+    tmp_path_factory: pytest.TempPathFactory, busybox_pushed: PushedImage
+) -> AsyncIterator[Bed]:
+    """A booted bed made into a node without crishim: its crishim.service removed, a
+    stand-in kubelet, and the image root at /srv/image."""
+    _bed_wanted()
+    bed = Bed(tmp_path_factory.mktemp("node-install-bed"))
+    try:
+        await asyncio.to_thread(bed.start)
+        bed.systemctl("disable", "--now", "crishim.service")
+        bed.run("rm", "/etc/systemd/system/crishim.service")
+        _write(bed, "/var/lib/kubelet/config.yaml", KUBELET_CONFIG)
+        _write(bed, "/etc/systemd/system/kubelet.service", KUBELET_UNIT)
+        bed.systemctl("daemon-reload")
+        bed.systemctl("enable", "--now", "kubelet.service")
+        bed.run("mkdir", "-p", "/srv/image")
+        bed.run("mount", "--bind", "/", "/srv/image")
+        yield bed
+    finally:
+        await asyncio.to_thread(bed.stop)
+
+
+def _crishim_node(bed: Bed, *args: str) -> str:
+    return bed.run(f"{VENV}/bin/crishim", "node", *args, "--host-root", "/", timeout=600)
+
+
+def _mounts(bed: Bed, pid: str = "1") -> list[str]:
+    return [line.split()[4] for line in bed.read(f"/proc/{pid}/mountinfo").splitlines()]
+
+
+async def test_install_runs_pods_from_the_rootfs_and_uninstall_leaves_the_node_as_it_was(
+    node: Bed, busybox_pushed: PushedImage
+) -> None:
+    out = _crishim_node(node, "install", "--image-root", "/srv/image")
+    assert "crishim installed" in out, out
+    assert node.read("/var/lib/kubelet/config.yaml") == KUBELET_CONFIG.replace(
+        CONTAINERD, "unix:///run/crishim-cri/crishim.sock"
+    )
+    pid = node.show("crishim.service", "MainPID")["MainPID"]
+    assert node.run("readlink", f"/proc/{pid}/root").strip() == ROOTFS
+    # A plain chroot: the service shares PID 1's mount namespace.
+    assert node.run("readlink", f"/proc/{pid}/ns/mnt") == node.run("readlink", "/proc/1/ns/mnt")
+    assert f"{ROOTFS}/var/lib/kubelet" in _mounts(node)
+
+    rig = SystemdRig(node, busybox_pushed.ref)
+    try:
+        pulled = await rig.cri.images.pull_image(
+            v1.PullImageRequest(image=v1.ImageSpec(image=busybox_pushed.ref))
+        )
+        assert pulled.image_ref, rig.journal()
+        pod, _ = await rig.run_pod("installed", "runc")
+        cid = await rig.start_container(pod, "app", ["sleep", "1000"])
+        assert (await rig.exec_out(cid, "echo", "from the rootfs")).strip() == "from the rootfs"
+        # crishim's mounts (the pod's namespace pins) are in the host's mount namespace...
+        pins = [m for m in _mounts(node) if m.startswith(f"{ROOTFS}/run/crishim/ns/")]
+        assert pins, _mounts(node)
+        # ...so a restarted crishim (systemd gives it no new mount namespace) finds them.
+        node.systemctl("restart", "crishim.service")
+        await rig.wait_serving()
+        status = await rig.runtime.pod_sandbox_status(
+            v1.PodSandboxStatusRequest(pod_sandbox_id=pod)
+        )
+        assert status.status is not None
+        assert status.status.state == v1.PodSandboxState.SANDBOX_READY
+        assert (await rig.exec_out(cid, "echo", "after a restart")).strip() == "after a restart"
+        await rig.remove_all_pods()
+        await asyncio.to_thread(rig.remove_slices)
+    finally:
+        rig.close()
+
+    again = _crishim_node(node, "install", "--image-root", "/srv/image")
+    assert "kubelet already uses" in again, again
+
+    out = _crishim_node(node, "uninstall")
+    assert "crishim uninstalled" in out, out
+    assert node.read("/var/lib/kubelet/config.yaml") == KUBELET_CONFIG
+    assert [m for m in _mounts(node) if m.startswith("/opt/crishim")] == []
+    assert node.run("ls", "/opt/crishim").split().count("rootfs") == 0
+    units = node.systemctl("list-unit-files", "--no-legend", "crishim*")
+    assert units.strip() == ""
+    assert node.systemctl("is-active", "kubelet.service").strip() == "active"
