@@ -336,7 +336,8 @@ class ServiceStep(Step):
     name = "service"
 
     def observe(self, node: Node) -> Data:
-        return {"was_active": node.host.unit_active(SERVICE_UNIT_NAME)}
+        # How it runs is recorded: an uninstall by hand (--host-root /) cannot tell.
+        return {"was_active": node.host.unit_active(SERVICE_UNIT_NAME), "rootfs": node.from_rootfs}
 
     def apply(self, node: Node, data: Data) -> str:
         node.host.systemctl("enable", SERVICE_UNIT_NAME)
@@ -348,15 +349,16 @@ class ServiceStep(Step):
         return f"{SERVICE_UNIT_NAME} enabled and running"
 
     def undo(self, node: Node, data: Data, *, purge: bool) -> str:
+        rootfs = data.get("rootfs", node.from_rootfs)
         if data.get("was_active"):
             # It ran from the unit install replaced: stopped here, that unit is put back
             # next; starting it again is the operator's call.
             node.host.systemctl("stop", SERVICE_UNIT_NAME)
-            if node.from_rootfs:
+            if rootfs:
                 node.host.systemctl("stop", ROOTFS_UNIT_NAME)
             return f"stopped {SERVICE_UNIT_NAME}; it ran before the install: start it again"
         node.host.systemctl("disable", "--now", SERVICE_UNIT_NAME)
-        if node.from_rootfs:
+        if rootfs:
             node.host.systemctl("stop", ROOTFS_UNIT_NAME)
             return f"stopped and disabled {SERVICE_UNIT_NAME}, stopped {ROOTFS_UNIT_NAME}"
         return f"stopped and disabled {SERVICE_UNIT_NAME}"

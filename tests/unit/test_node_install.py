@@ -391,6 +391,16 @@ def test_uninstall_restores_the_node_keeping_crishims_state(rig: Rig) -> None:
     assert rig.lines[-1] == "crishim uninstalled"
 
 
+def test_uninstall_by_hand_from_the_host_undoes_the_rootfs_install(rig: Rig) -> None:
+    install(rig.node())
+    rig.host.calls.clear()
+    by_hand = rig.node()
+    by_hand.image_root = by_hand.host_root  # `crishim node uninstall --host-root /`
+    uninstall(by_hand)
+    assert "systemctl stop crishim-rootfs.service" in rig.host.calls
+    assert not rig.exists(ROOTFS_DIR)
+
+
 def test_uninstall_with_purge_leaves_the_node_as_it_was(rig: Rig) -> None:
     before = snapshot(rig.host_root)
     install(rig.node())
