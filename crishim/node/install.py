@@ -19,7 +19,7 @@ from crishim.errors import CrishimError
 from crishim.node.files import remove_tree
 from crishim.node.layout import INSTALLED_MARKER, OPT_DIR, RECORD_FILE, SAVED_DIR
 from crishim.node.record import InstallRecord, StepRecord
-from crishim.node.steps import STEPS, Node, Step, missing_dirs
+from crishim.node.steps import STEPS, Node, Step, missing_dirs, preflight
 
 __all__ = ["InstallFailed", "install", "uninstall"]
 
@@ -37,6 +37,10 @@ def install(node: Node, *, after_step: Callable[[str], None] | None = None) -> N
     once it has been applied (tests inject failures there)."""
     record_path = node.path(RECORD_FILE)
     record = InstallRecord.load(record_path)
+    try:
+        preflight(node)
+    except CrishimError as exc:
+        raise InstallFailed(f"install not started: {exc}") from exc
     if record is None:
         record = InstallRecord(
             crishim_version=__version__, created_dirs=missing_dirs(node, OPT_DIR)

@@ -47,7 +47,7 @@ from crishim.node.layout import (
 )
 from crishim.node.unit import render_unit
 
-__all__ = ["STEPS", "Node", "Step"]
+__all__ = ["STEPS", "Node", "Step", "preflight"]
 
 Data = dict[str, Any]
 CRI_TIMEOUT = 90.0
@@ -511,6 +511,16 @@ class KubeletStep(Step):
             saved.unlink(missing_ok=True)
             how = f"{setup.path} changed since install: only its endpoints put back"
         return f"{how}; kubelet {_restart_kubelet(node)}"
+
+
+def preflight(node: Node) -> None:
+    """Fail before any change on a host the install cannot finish on: no kubelet config
+    to edit, an endpoint set where it cannot be edited, no ``mount`` for the binds."""
+    kubelet_setup(node)
+    kubelet_cgroup_driver(node)
+    if node.from_rootfs:
+        node.host_binary("mount")
+        node.host_binary("umount")
 
 
 STEPS: tuple[Step, ...] = (

@@ -297,6 +297,15 @@ def test_an_endpoint_on_kubelets_command_line_is_refused_and_nothing_left(rig: R
     assert snapshot(rig.host_root) == before
 
 
+def test_a_node_without_kubelet_config_is_refused_before_any_change(rig: Rig) -> None:
+    (rig.host_root / "var/lib/kubelet/config.yaml").unlink()
+    before = snapshot(rig.host_root)
+    with pytest.raises(InstallFailed, match="install not started: kubelet's config not found"):
+        install(rig.node())
+    assert snapshot(rig.host_root) == before
+    assert rig.host.calls == []
+
+
 def test_a_second_install_changes_nothing(rig: Rig) -> None:
     install(rig.node())
     after_first = snapshot(rig.host_root)
