@@ -68,8 +68,6 @@ while [ $# -gt 0 ]; do
 done
 
 [ -n "$push_ref$archive" ] || { usage >&2; die "say where the image goes: --push REF and/or --oci-archive FILE"; }
-[ "$(id -u)" -eq 0 ] || die "run as root (buildah builds here with root's storage)"
-command -v buildah >/dev/null || die "buildah not found: apt-get install buildah"
 case "$tls_verify" in true | false) ;; *) die "--tls-verify takes true or false, not '$tls_verify'" ;; esac
 if [ -n "$apt_sources" ]; then
   [ -f "$apt_sources" ] || die "--apt-sources: no file $apt_sources"
@@ -78,10 +76,11 @@ fi
 if [ -n "$pip_cert" ] && [ ! -f "$pip_cert" ]; then
   die "pip CA bundle $pip_cert (--pip-cert or \$PIP_CERT) is not a file"
 fi
+[ "$(id -u)" -eq 0 ] || die "run as root (buildah builds here with root's storage)"
+command -v buildah >/dev/null || die "buildah not found: apt-get install buildah"
 
 if [ -z "$version" ]; then
-  version=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
-    "$repo/pyproject.toml")
+  version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/pyproject.toml" | head -n 1)
 fi
 revision=$(git -C "$repo" rev-parse HEAD 2>/dev/null || true)
 if [ -n "$revision" ] && [ -n "$(git -C "$repo" status --porcelain -- crishim bundles systemd pyproject.toml docker 2>/dev/null)" ]; then
