@@ -100,6 +100,17 @@ if [ -n "$apt_sources" ]; then
   secrets+=(--secret "id=apt-sources,src=$(realpath "$apt_sources")")
 fi
 
+# The labels that change from build to build go in as --label too: buildah's layer cache
+# does not tell builds apart by the values of build arguments, so a cached LABEL step would
+# keep an earlier build's values.
+created=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+labels=(
+  --label "org.opencontainers.image.version=$version"
+  --label "org.opencontainers.image.revision=$revision"
+  --label "org.opencontainers.image.created=$created"
+  --label "org.opencontainers.image.source=$source_url"
+)
+
 started=$(date +%s)
 echo "== building $tag from $base (crishim $version)"
 buildah build \
@@ -111,8 +122,9 @@ buildah build \
   --build-arg "PIP_INDEX_URL=$pip_index_url" \
   --build-arg "VERSION=$version" \
   --build-arg "REVISION=$revision" \
-  --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+  --build-arg "CREATED=$created" \
   --build-arg "SOURCE=$source_url" \
+  "${labels[@]}" \
   "${secrets[@]}" \
   "$repo"
 
