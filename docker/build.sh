@@ -111,12 +111,20 @@ labels=(
   --label "org.opencontainers.image.source=$source_url"
 )
 
+# The context: only what the Containerfile copies, without bytecode, every file dated
+# 1970: buildah's layer cache compares file times too, and a fresh checkout would otherwise
+# rebuild the dependencies' layer.
+context=$(mktemp -d)
+trap 'rm -rf "$context"' EXIT
+tar -C "$repo" --exclude=__pycache__ --exclude='*.pyc' --mtime=@0 --owner=0 --group=0 -cf - \
+  pyproject.toml README.md crishim bundles systemd docker/Containerfile | tar -C "$context" -xf -
+
 started=$(date +%s)
 echo "== building $tag from $base (crishim $version)"
 buildah build \
   --layers "${no_cache[@]}" \
   --tls-verify="$tls_verify" \
-  --file "$repo/docker/Containerfile" \
+  --file "$context/docker/Containerfile" \
   --tag "$tag" \
   --build-arg "BASE=$base" \
   --build-arg "PIP_INDEX_URL=$pip_index_url" \
@@ -126,7 +134,7 @@ buildah build \
   --build-arg "SOURCE=$source_url" \
   "${labels[@]}" \
   "${secrets[@]}" \
-  "$repo"
+  "$context"
 
 if [ -n "$archive" ]; then
   echo "== writing $archive"
