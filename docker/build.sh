@@ -111,9 +111,8 @@ labels=(
   --label "org.opencontainers.image.source=$source_url"
 )
 
-# The context: only what the Containerfile copies, without bytecode, every file dated
-# 1970: buildah's layer cache compares file times too, and a fresh checkout would otherwise
-# rebuild the dependencies' layer.
+# The context: only what the Containerfile copies, without the bytecode that test runs
+# leave in the checkout (it would change crishim's layer and defeat buildah's layer cache).
 context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
 tar -C "$repo" --exclude=__pycache__ --exclude='*.pyc' --mtime=@0 --owner=0 --group=0 -cf - \
