@@ -272,8 +272,7 @@ async def test_the_images_crishim_runs_a_pod(image_rig: PodRig, handler: str) ->
     await image_rig.wait_state(cid, v1.ContainerState.CONTAINER_RUNNING)
     assert (image_rig.proc.state / "runtimes" / handler / cid).is_dir(), f"not on {handler}"
     assert (await image_rig.exec_out(cid, "cat", "/etc/hostname")).strip() == f"image-{handler}"
-    address = await image_rig.exec_out(cid, "ip", "-o", "-4", "addr", "show", "eth0")
-    assert status.network.ip in address
+    assert status.network.ip in await image_rig.exec_out(cid, "cat", "/proc/net/fib_trie")
     (log,) = image_rig.log_dir.glob(f"*_image-{handler}_*/web/0.log")
     assert "hello from the image" in log.read_text()
     # The container runs under the image's conmon, not the host's.
