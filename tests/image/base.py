@@ -91,16 +91,17 @@ def pip_settings() -> dict[str, str]:
     return found
 
 
-def buildah_env(run_dir: Path) -> dict[str, str]:
+def buildah_env() -> dict[str, str]:
     """The environment for buildah and build.sh: storage in the test cache, not the host's
-    ``/var/lib/containers``."""
+    ``/var/lib/containers`` (its run root in ``/run``, one per cache folder)."""
     storage = cache_dir() / "buildah"
     conf = storage / "storage.conf"
     if not conf.exists():
         storage.mkdir(parents=True, exist_ok=True)
+        tag = hashlib.sha256(str(storage.resolve()).encode()).hexdigest()[:12]
         conf.write_text(
             f'[storage]\ndriver = "overlay"\ngraphroot = "{storage / "storage"}"\n'
-            f'runroot = "{run_dir}"\n'
+            f'runroot = "/run/crishim-tests-buildah-{tag}"\n'
         )
     return {**os.environ, "CONTAINERS_STORAGE_CONF": str(conf)}
 

@@ -179,7 +179,7 @@ def built_image_fixture(
     _require_tools()
     work = tmp_path_factory.mktemp("image")
     log = work / "build.log"
-    env = buildah_env(Path("/run/crishim-tests-buildah"))
+    env = buildah_env()
     seconds: dict[str, float] = {}
 
     started = time.monotonic()
