@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from crishim import __version__
+from crishim.api.admin_service import AdminServicer
 from crishim.api.image_service import ImageServicer
 from crishim.api.instrument import CallTracker
 from crishim.api.metrics_http import MetricsServer
@@ -29,6 +30,7 @@ from crishim.images.snapshots.overlay import (
 )
 from crishim.model import Container, ContainerFilter, Image, Sandbox
 from crishim.network.cni import CniManager
+from crishim.network.default_network import default_network
 from crishim.runtime.binaries import resolve_binary
 from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
 from crishim.runtime.oci_runtime import OciRuntime
@@ -131,7 +133,12 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
     snapshotter.recover()
     registry = RegistryClient(config.registry.config_path)
     images = ImageService(stores.images, content, snapshotter, registry, host_platform())
-    cni = CniManager(config.cni.conf_dir, config.cni.bin_dirs, root / "cni-cache")
+    cni = CniManager(
+        config.cni.conf_dir,
+        config.cni.bin_dirs,
+        root / "cni-cache",
+        default=default_network(config),
+    )
     cgroups = cgroup_driver(config)
     runtimes = oci_runtimes(config, cgroups)
     events = EventBus()
@@ -192,7 +199,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
 def build_servicers(
     services: Services, tracker: CallTracker, streaming: StreamingServer | None = None
 ) -> list[Any]:
-    """The RuntimeService and ImageService servicers."""
+    """The CRI's RuntimeService and ImageService servicers, and crishim's Admin service."""
     runtime = RuntimeServicer(
         services.runtime_info,
         services.sandboxes,
@@ -202,7 +209,11 @@ def build_servicers(
         services.exec,
         streaming,
     )
-    return [runtime, ImageServicer(services.images, services.stats, tracker)]
+    return [
+        runtime,
+        ImageServicer(services.images, services.stats, tracker),
+        AdminServicer(services.images, tracker),
+    ]
 
 
 def streaming_limits(config: StreamingConfig) -> StreamingLimits:

@@ -1,4 +1,4 @@
-"""The ``crishim`` command: serve, version, doctor, config, unit."""
+"""The ``crishim`` command: serve, version, doctor, config, unit, images (import, tag, list)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import uvloop
 
 from crishim import __version__
 from crishim.config import Config, load_config, render_config
-from crishim.errors import CrishimError
+from crishim.errors import CrishimError, InvalidArgument
 from crishim.services.runtime_info import RUNTIME_API_VERSION, RUNTIME_NAME
 
 log = logging.getLogger("crishim")
@@ -52,6 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--default", action="store_true", help="print the commented default config instead"
     )
     sub.add_parser("unit", help="print the systemd unit (crishim.service) for this crishim")
+    images = sub.add_parser("images", help="import, tag and list the images of a running crishim")
+    images_sub = images.add_subparsers(dest="images_command", required=True)
+    load = images_sub.add_parser(
+        "import",
+        parents=[flags],
+        help="import the images of a docker-archive (docker save) or OCI-archive tar",
+        description="Import every image of a docker-archive (docker save) or OCI-archive tar, "
+        "plain or compressed, into the running crishim's image store; - reads standard input.",
+    )
+    load.add_argument("archive", metavar="FILE|-", help="the archive, or - for standard input")
+    tag = images_sub.add_parser("tag", parents=[flags], help="give an image another tag")
+    tag.add_argument("source", help="the image: an ID or a reference")
+    tag.add_argument("target", help="the new tag, e.g. registry.example/app:1")
+    listing = images_sub.add_parser("list", aliases=["ls"], parents=[flags], help="list images")
+    listing.add_argument(
+        "-q", "--quiet", action="store_true", help="print only tags (an untagged image's ID)"
+    )
     return parser
 
 
@@ -117,6 +134,45 @@ def _version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _images(args: argparse.Namespace) -> int:
+    from crishim.api import client
+
+    socket = Path(_load(args).socket)
+    if args.images_command == "import":
+        return _import(socket, args.archive)
+    if args.images_command == "tag":
+        image = asyncio.run(client.tag_image(socket, args.source, args.target))
+        print(f"{image.id} {', '.join(image.repo_tags)}")
+        return 0
+    for found in asyncio.run(client.list_images(socket)):
+        if args.quiet:
+            print("\n".join(found.repo_tags or [found.id]))
+        else:
+            print(f"{found.id}  {found.size / 1e6:9.1f} MB  {', '.join(found.repo_tags) or '-'}")
+    return 0
+
+
+def _import(socket: Path, archive: str) -> int:
+    from crishim.api import client
+
+    if archive == "-":
+        if sys.stdin.isatty():
+            raise InvalidArgument("refusing to read an archive from a terminal; pipe one in")
+        reply = asyncio.run(client.import_archive(socket, sys.stdin.buffer))
+    else:
+        try:
+            source = open(archive, "rb")  # noqa: SIM115 - closed below, around the async call
+        except OSError as exc:
+            raise InvalidArgument(f"{archive}: {exc.strerror}") from None
+        with source:
+            reply = asyncio.run(client.import_archive(socket, source))
+    for image in reply.images:
+        print(f"imported {image.id} {', '.join(image.repo_tags) or '(no name)'}")
+    for note in reply.notes:
+        print(f"crishim: note: {note}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``crishim`` command."""
     args = build_parser().parse_args(argv)
@@ -126,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "doctor": _doctor,
         "config": _config,
         "unit": _unit,
+        "images": _images,
     }
     try:
         return commands[args.command](args)

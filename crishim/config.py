@@ -9,6 +9,7 @@ that introduced it, the key and the problem.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import tomllib
@@ -100,6 +101,63 @@ class RegistryConfig(_Section):
         return _absolute(value)
 
 
+_INTERFACE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+class DefaultNetworkConfig(_Section):
+    """crishim's built-in network, used only while conf_dir holds no CNI config."""
+
+    enabled: bool = Field(
+        default=True,
+        strict=True,
+        description="serve pods on the built-in bridge network while conf_dir holds no config",
+    )
+    # Not 10.88.0.0/16 (podman, containerd's examples), 10.85.0.0/16 (CRI-O), 10.244.0.0/16
+    # (flannel, kind), 10.96.0.0/12 (Kubernetes services), 172.17.0.0/16 (Docker) or
+    # 192.168.0.0/16 (Calico). A /24 holds 253 pods, more than kubelet's 110 per node.
+    subnet: str = Field(
+        default="10.86.0.0/24",
+        description="the pods' subnet (IPv4 or IPv6 CIDR); the bridge takes its first address",
+    )
+    bridge: str = Field(
+        default="crishim0", description="the Linux bridge the pods' veths are attached to"
+    )
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet_is_a_network(cls, value: str) -> str:
+        try:
+            network = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(f"must be a CIDR subnet like 10.86.0.0/24, got {value!r}") from None
+        if str(network) != value:
+            raise ValueError(f"must name the network address: {network}, not {value!r}")
+        # A gateway and at least one pod besides the network (and broadcast) address.
+        if network.num_addresses < 4:
+            raise ValueError(f"{value} is too small: it needs room for a gateway and pods")
+        if network.prefixlen < (8 if network.version == 4 else 16):
+            raise ValueError(f"{value} is too large for one node's pods")
+        if (
+            network.is_loopback
+            or network.is_multicast
+            or network.is_link_local
+            or network.is_unspecified
+            or network.is_reserved
+        ):
+            raise ValueError(f"{value} is a loopback, link-local, multicast or reserved range")
+        return value
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge_is_an_interface_name(cls, value: str) -> str:
+        if not _INTERFACE_NAME_RE.fullmatch(value) or value in (".", ".."):
+            raise ValueError(
+                "must be a Linux interface name: 1 to 15 letters, digits, '_', '.' or '-', "
+                f"got {value!r}"
+            )
+        return value
+
+
 class CniConfig(_Section):
     """Pod networking through CNI plugins."""
 
@@ -111,6 +169,7 @@ class CniConfig(_Section):
         default_factory=lambda: ["/opt/cni/bin", "/usr/lib/cni"],
         description="directories searched, in order, for plugin binaries",
     )
+    default_network: DefaultNetworkConfig = Field(default_factory=DefaultNetworkConfig)
 
     @field_validator("conf_dir")
     @classmethod

@@ -7,6 +7,10 @@ when digest and size match. A partial blob therefore never appears under its fin
 what a crash leaves in ``ingest/`` is removed by ``recover()``.
 
 Concurrent requests for one digest share a single download (``ensure``).
+
+An import from an archive does not know which of the archive's files it keeps until it has
+read them all: it writes each into a :class:`Staging` area in ``ingest/`` and *adopts* the
+ones it needs (moved under their digest); closing the staging area removes the rest.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiofiles
 import anyio.to_thread
 
-from crishim.errors import DataLoss, InvalidArgument
+from crishim.errors import DataLoss, Internal, InvalidArgument
 from crishim.util.disk import disk_full_as
 from crishim.util.tasks import join_shared
 
@@ -151,6 +157,17 @@ class ContentStore:
         if actual != digest:
             raise DataLoss(f"blob {digest}: content has digest {actual}")
 
+    @contextmanager
+    def staging(self) -> Iterator[Staging]:
+        """A staging area for one import; what it has not adopted is removed at the end."""
+        self._counter += 1
+        self._ingest.mkdir(parents=True, exist_ok=True)
+        area = Staging(self, self._ingest, f"import.{os.getpid()}.{self._counter}")
+        try:
+            yield area
+        finally:
+            area.close()
+
     def usage(self) -> tuple[int, int]:
         """Bytes and inodes used by the blobs."""
         used = inodes = 0
@@ -159,3 +176,103 @@ class ContentStore:
             for name in files:
                 used += os.lstat(os.path.join(directory, name)).st_blocks * 512
         return used, inodes
+
+
+@dataclass(frozen=True)
+class StagedBlob:
+    """A file written into a staging area: where it is, its digest and its size."""
+
+    path: Path
+    digest: str
+    size: int
+
+
+class StagedWriter:
+    """One file being written into a staging area, hashed and counted on the way."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("xb")
+        self._hasher = hashlib.sha256()
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``."""
+        self._hasher.update(data)
+        self._size += len(data)
+        self._file.write(data)
+
+    def finish(self) -> StagedBlob:
+        """Close the file; what was written, with its digest."""
+        self._file.close()
+        return StagedBlob(self.path, f"sha256:{self._hasher.hexdigest()}", self._size)
+
+    def abort(self) -> None:
+        """Close and remove the file."""
+        with suppress(OSError):  # its last write may fail again: it goes anyway
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Staging:
+    """Files an import wrote before knowing which it keeps (see the module docstring).
+
+    Synchronous: an import reads its archive in a worker thread.
+    """
+
+    def __init__(self, store: ContentStore, directory: Path, prefix: str) -> None:
+        self._store = store
+        self._directory = directory
+        self._prefix = prefix
+        self._count = 0
+        self._paths: set[Path] = set()
+
+    def create(self) -> StagedWriter:
+        """A new, empty staged file."""
+        self._count += 1
+        path = self._directory / f"{self._prefix}.{self._count}"
+        self._paths.add(path)
+        try:
+            with disk_full_as("staging a file of the import at", path):
+                return StagedWriter(path)
+        except OSError as exc:
+            raise Internal(f"cannot stage a blob in {path.parent}: {exc.strerror}") from exc
+
+    def existing(self, digest: str) -> Path | None:
+        """The store's own copy of the blob ``digest``, if it has one."""
+        path = self._store.path(digest)
+        return path if path.is_file() else None
+
+    def adopt(self, blob: StagedBlob) -> Path:
+        """Move a staged file into the store under its digest (verified when it was
+        written); when the store already holds that blob, the staged copy is dropped."""
+        final = self._store.path(blob.digest)
+        if blob.path == final:
+            return final
+        if final.is_file():
+            blob.path.unlink(missing_ok=True)
+        else:
+            with (
+                disk_full_as(f"storing imported blob {blob.digest} at", final),
+                blob.path.open("rb") as written,
+            ):
+                os.fsync(written.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(blob.path, final)
+        self._paths.discard(blob.path)
+        return final
+
+    def add(self, digest: str, data: bytes) -> Path:
+        """Store a small document made during the import (verified against ``digest``)."""
+        writer = self.create()
+        writer.write(data)
+        blob = writer.finish()
+        if blob.digest != digest:
+            raise DataLoss(f"document {digest}: content has digest {blob.digest}")
+        return self.adopt(blob)
+
+    def close(self) -> None:
+        """Remove every staged file not adopted."""
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+        self._paths.clear()

@@ -36,6 +36,12 @@ LAYER_TYPES = (
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    # Not in the schema 2 spec, but what moby and containerd write for layers they store
+    # uncompressed (docker save since Docker 25, images imported from docker archives) or
+    # compress with zstd.
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
 )
 
 
@@ -117,7 +123,8 @@ def _load(content: bytes, what: str) -> dict[str, Any]:
     return data
 
 
-def _descriptor(raw: Any, what: str) -> Descriptor:
+def parse_descriptor(raw: Any, what: str) -> Descriptor:
+    """A descriptor object (sha256 digests only); InvalidArgument naming ``what``."""
     if not isinstance(raw, dict):
         raise InvalidArgument(f"{what}: descriptor is not an object")
     digest, size, media_type = raw.get("digest"), raw.get("size"), raw.get("mediaType", "")
@@ -155,7 +162,7 @@ def choose_from_index(content: bytes, want: Platform) -> Descriptor:
     entries = data.get("manifests")
     if not isinstance(entries, list):
         raise InvalidArgument("image index has no manifests list")
-    candidates = [_descriptor(e, "image index") for e in entries]
+    candidates = [parse_descriptor(e, "image index") for e in entries]
     matching = [
         d
         for d in candidates
@@ -181,9 +188,9 @@ def parse_manifest(content: bytes) -> Manifest:
     layers_raw = data.get("layers")
     if not isinstance(layers_raw, list):
         raise InvalidArgument("image manifest has no layers list")
-    config = _descriptor(data.get("config"), "image manifest config")
+    config = parse_descriptor(data.get("config"), "image manifest config")
     layers = tuple(
-        _descriptor(raw, f"image manifest layer {i}") for i, raw in enumerate(layers_raw)
+        parse_descriptor(raw, f"image manifest layer {i}") for i, raw in enumerate(layers_raw)
     )
     for layer in layers:
         if layer.media_type not in LAYER_TYPES:

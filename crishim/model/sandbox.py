@@ -54,6 +54,11 @@ class Sandbox(Record):
     infra_pid: int = Field(default=0, description="pid of the process holding a shared PID ns")
     ips: list[str] = Field(default_factory=list, description="pod IPs, primary first")
     network_ready: bool = Field(default=False, description="CNI ADD done and not yet torn down")
+    network: str = Field(default="", description="the CNI network the pod joined")
+    network_config: str = Field(
+        default="",
+        description="where that network's list came from: its file, or 'built-in default'",
+    )
     config: dict[str, object] = Field(
         default_factory=dict, description="the sandbox config, kept for containers and status"
     )

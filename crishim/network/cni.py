@@ -2,7 +2,10 @@
 
 As the CNI convention has it, the configuration is the first file (by name) in the conf
 dir ending in .conflist, .conf or .json that parses; a .conf/.json holding a single plugin
-is treated as a list of one.
+is treated as a list of one. While the conf dir holds no such file at all, crishim's
+built-in default network serves (:mod:`crishim.network.default_network`), if enabled. The
+conf dir is read at every ADD and every status question, so a config written by a network
+plugin takes over at once, without a restart.
 
 :class:`CniManager` runs a list's plugins for ADD (in order, each getting the previous
 one's result as ``prevResult``), CHECK and DEL (in reverse), per CNI 0.3.x-1.0.0. What ADD
@@ -30,6 +33,7 @@ from crishim.errors import (
     Unavailable,
 )
 from crishim.network.cni_result import CniResult, parse_result, version_tuple
+from crishim.network.default_network import DefaultNetwork
 from crishim.network.netns import namespace_alive
 from crishim.util import proc
 from crishim.util.disk import disk_full_as
@@ -37,16 +41,32 @@ from crishim.util.disk import disk_full_as
 log = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".conflist", ".conf", ".json")
+BUILTIN_SOURCE = "built-in default"
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """A usable network configuration: its file, network name and plugin chain."""
+    """A usable network configuration: its file, network name and plugin chain.
 
-    path: Path
+    ``path`` is None for the built-in default network, whose list is ``builtin``.
+    """
+
+    path: Path | None
     name: str
     cni_version: str
     plugin_types: tuple[str, ...]
+    ipam_types: tuple[str, ...] = ()
+    builtin: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def source(self) -> str:
+        """Where the list comes from: its file, or crishim's built-in default."""
+        return str(self.path) if self.path is not None else BUILTIN_SOURCE
+
+    @property
+    def required_plugins(self) -> tuple[str, ...]:
+        """Every plugin binary the list runs: the chain's and their IPAM plugins."""
+        return tuple(dict.fromkeys(self.plugin_types + self.ipam_types))
 
 
 @dataclass(frozen=True)
@@ -71,25 +91,36 @@ def parse_network_config(path: Path, text: str) -> NetworkConfig:
         raise ValueError(f"{path.name}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path.name}: not a JSON object")
-    if path.suffix == ".conflist" or "plugins" in data:
+    return _describe_list(data, path, list_form=path.suffix == ".conflist" or "plugins" in data)
+
+
+def _describe_list(data: Mapping[str, Any], path: Path | None, *, list_form: bool) -> NetworkConfig:
+    label = path.name if path is not None else BUILTIN_SOURCE
+    if list_form:
         plugins = data.get("plugins")
         if not isinstance(plugins, list) or not plugins:
-            raise ValueError(f"{path.name}: 'plugins' must be a non-empty list")
+            raise ValueError(f"{label}: 'plugins' must be a non-empty list")
     else:
         plugins = [data]
     types = []
+    ipam_types = []
     for index, plugin in enumerate(plugins):
         if not isinstance(plugin, dict) or not isinstance(plugin.get("type"), str):
-            raise ValueError(f"{path.name}: plugin {index} has no 'type'")
+            raise ValueError(f"{label}: plugin {index} has no 'type'")
         types.append(plugin["type"])
+        ipam = plugin.get("ipam")
+        if isinstance(ipam, dict) and isinstance(ipam.get("type"), str) and ipam["type"]:
+            ipam_types.append(ipam["type"])
     name = data.get("name")
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{path.name}: 'name' is missing")
+        raise ValueError(f"{label}: 'name' is missing")
     return NetworkConfig(
         path=path,
         name=name,
         cni_version=str(data.get("cniVersion", "")),
         plugin_types=tuple(types),
+        ipam_types=tuple(ipam_types),
+        builtin=dict(data) if path is None else None,
     )
 
 
@@ -98,8 +129,11 @@ def find_network_config(conf_dir: str) -> ConfigSearch:
     directory = Path(conf_dir)
     try:
         candidates = sorted(p for p in directory.iterdir() if p.suffix in CONFIG_SUFFIXES)
-    except OSError:
+    except FileNotFoundError:
         return ConfigSearch(None)
+    except OSError as exc:
+        # Not "no config": what it holds is unknown, so the default network must not serve.
+        return ConfigSearch(None, [f"cannot read {conf_dir}: {exc.strerror}"])
     problems: list[str] = []
     for path in candidates:
         try:
@@ -109,6 +143,23 @@ def find_network_config(conf_dir: str) -> ConfigSearch:
         except ValueError as exc:
             problems.append(str(exc))
     return ConfigSearch(None, problems)
+
+
+def choose_network(conf_dir: str, default: DefaultNetwork | None) -> ConfigSearch:
+    """The network new pods join: the conf dir's config, else the default while it holds none.
+
+    A conf dir with config files that do not parse (one being written, or broken) gets no
+    default: that network is what the node is meant to have.
+    """
+    search = find_network_config(conf_dir)
+    if search.config is None and not search.problems and default is not None:
+        return ConfigSearch(_describe_list(default.conflist(), None, list_form=True))
+    return search
+
+
+def missing_plugins(config: NetworkConfig, bin_dirs: list[str]) -> list[str]:
+    """The plugins ``config`` runs that none of ``bin_dirs`` holds."""
+    return [t for t in config.required_plugins if find_plugin(bin_dirs, t) is None]
 
 
 def find_plugin(bin_dirs: list[str], plugin_type: str) -> str | None:
@@ -176,6 +227,15 @@ def plugin_exec_config(
     return config
 
 
+@dataclass(frozen=True)
+class Attachment:
+    """What ADD did: the network a pod joined, where its list came from, and the result."""
+
+    network: str
+    source: str
+    result: CniResult
+
+
 def load_network_list(path: Path) -> dict[str, Any]:
     """Read a config file as a list (``name``, ``cniVersion``, ``plugins``); ValueError if bad."""
     text = path.read_text()
@@ -202,7 +262,9 @@ class CniManager:
     """Runs the CNI plugin chain of the node's network for pods (ADD, CHECK, DEL).
 
     What ADD used is cached per sandbox (config, arguments, result), so CHECK and DEL use
-    exactly that, after a restart of crishim and even when the conf dir changed since.
+    exactly that, after a restart of crishim and even when the conf dir changed since (a
+    pod set up on the built-in default network is torn down on it after a network plugin
+    wrote its config).
     """
 
     def __init__(
@@ -211,24 +273,26 @@ class CniManager:
         bin_dirs: list[str],
         cache_dir: Path,
         *,
+        default: DefaultNetwork | None = None,
         plugin_timeout: float = PLUGIN_TIMEOUT,
     ) -> None:
         self.conf_dir = conf_dir
         self.bin_dirs = list(bin_dirs)
         self.cache_dir = cache_dir
+        self.default = default
         self.plugin_timeout = plugin_timeout
+        self._last_source: str | None = None
 
     def status(self) -> ConfigSearch:
         """The network config in use, or why there is none (a missing plugin counts)."""
-        search = find_network_config(self.conf_dir)
+        search = choose_network(self.conf_dir, self.default)
         if search.config is None:
             return search
-        missing = [t for t in search.config.plugin_types if find_plugin(self.bin_dirs, t) is None]
+        missing = missing_plugins(search.config, self.bin_dirs)
         if missing:
             where = ":".join(self.bin_dirs)
-            problems = [
-                f"{search.config.path.name}: plugin {t} not found in {where}" for t in missing
-            ]
+            label = search.config.path.name if search.config.path else BUILTIN_SOURCE
+            problems = [f"{label}: plugin {t} not found in {where}" for t in missing]
             return ConfigSearch(None, [*search.problems, *problems])
         return search
 
@@ -240,22 +304,31 @@ class CniManager:
         ifname: str = "eth0",
         args: Mapping[str, str] | None = None,
         capabilities: Mapping[str, object] | None = None,
-    ) -> CniResult:
+    ) -> Attachment:
         """Attach the pod's netns to the network; on failure what was done is undone."""
         cache_path = self._cache_path(sandbox_id)
-        search = find_network_config(self.conf_dir)
-        if search.config is None:
+        search = choose_network(self.conf_dir, self.default)
+        chosen = search.config
+        if chosen is None:
             raise Unavailable("network plugin not ready: " + search.reason(self.conf_dir))
-        try:
-            network = await asyncio.to_thread(load_network_list, search.config.path)
-        except (OSError, ValueError) as exc:
-            raise InvalidArgument(f"CNI config {search.config.path}: {exc}") from None
+        if chosen.path is None:
+            assert chosen.builtin is not None
+            network = dict(chosen.builtin)
+        else:
+            try:
+                network = await asyncio.to_thread(load_network_list, chosen.path)
+            except (OSError, ValueError) as exc:
+                raise InvalidArgument(f"CNI config {chosen.path}: {exc}") from None
+        if chosen.source != self._last_source:
+            log.info("new pods join CNI network %s (%s)", network["name"], chosen.source)
+            self._last_source = chosen.source
         cni_args = dict(args or {})
         caps = dict(capabilities or {})
         call = _Invocation("ADD", sandbox_id, netns, ifname, format_cni_args(cni_args))
         entry: dict[str, Any] = {
             "version": CACHE_VERSION,
             "sandboxId": sandbox_id,
+            "source": chosen.source,
             "network": network,
             "ifname": ifname,
             "netns": netns,
@@ -290,7 +363,7 @@ class CniManager:
             except Exception:
                 log.exception("cleaning up the failed CNI ADD of sandbox %s", sandbox_id)
             raise
-        return result
+        return Attachment(network["name"], chosen.source, result)
 
     async def check(self, sandbox_id: str, netns: str, ifname: str = "eth0") -> None:
         """Ask every plugin whether the pod's network is still as ADD left it."""
@@ -356,10 +429,13 @@ class CniManager:
         tolerate missing state, so a best-effort DEL with the current list is safe.
         """
         log.warning("%s; deleting with the current network config", problem)
-        search = find_network_config(self.conf_dir)
+        search = choose_network(self.conf_dir, self.default)
         if search.config is not None:
             with contextlib.suppress(OSError, ValueError):
-                network = await asyncio.to_thread(load_network_list, search.config.path)
+                if search.config.path is None:
+                    network = dict(search.config.builtin or {})
+                else:
+                    network = await asyncio.to_thread(load_network_list, search.config.path)
                 return {"network": network, "ifname": ifname, "args": {}, "capabilities": {}}
         log.warning("no usable network config: dropping the CNI cache of %s", sandbox_id)
         with contextlib.suppress(FileNotFoundError):

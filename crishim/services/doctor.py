@@ -14,7 +14,8 @@ from pathlib import Path
 from crishim.config import Config
 from crishim.errors import CrishimError
 from crishim.images.snapshots.overlay import overlay_supported, probe_overlay_mount
-from crishim.network.cni import find_network_config, find_plugin
+from crishim.network.cni import choose_network, find_plugin
+from crishim.network.default_network import default_network
 from crishim.runtime.binaries import probe_binary
 from crishim.runtime.cgroups import CgroupMode, detect_layout
 from crishim.runtime.systemd_dbus import SystemdManager
@@ -132,32 +133,50 @@ async def _overlay(config: Config) -> Finding:
 
 def _cni(config: Config) -> list[Finding]:
     cni = config.cni
-    search = find_network_config(cni.conf_dir)
+    default = default_network(config)
+    search = choose_network(cni.conf_dir, default)
     findings = []
     if search.config is None:
+        disabled = (
+            " (the built-in default network is off: [cni.default_network] enabled = false)"
+            if default is None and not search.problems
+            else ""
+        )
         findings.append(
             Finding(
                 Level.WARN,
                 "cni config",
-                search.reason(cni.conf_dir) + "; NetworkReady "
+                search.reason(cni.conf_dir) + disabled + "; NetworkReady "
                 "stays false and only host-network pods can run",
             )
         )
         wanted: tuple[str, ...] = STANDARD_CNI_PLUGINS
+    elif search.config.path is None and default is not None:
+        findings.append(
+            Finding(
+                Level.OK,
+                "cni config",
+                f"none in {cni.conf_dir}: new pods join {default.describe()} "
+                "until a network plugin writes its config there",
+            )
+        )
+        wanted = search.config.required_plugins
     else:
         cfg = search.config
         findings.append(
             Finding(
                 Level.OK,
                 "cni config",
-                f"{cfg.path}: network {cfg.name!r}, plugins {', '.join(cfg.plugin_types)}",
+                f"{cfg.source}: network {cfg.name!r}, plugins {', '.join(cfg.plugin_types)}",
             )
         )
-        wanted = cfg.plugin_types
+        wanted = cfg.required_plugins
     found = {t: find_plugin(cni.bin_dirs, t) for t in wanted}
     missing = [t for t, path in found.items() if path is None]
     if missing:
-        level = Level.WARN if search.config is None else Level.FAIL
+        # Only a config from the conf dir makes missing plugins fatal: a fresh node may get
+        # its plugins with its network plugin.
+        level = Level.WARN if search.config is None or search.config.path is None else Level.FAIL
         findings.append(
             Finding(
                 level, "cni plugins", f"{', '.join(missing)} not found in {', '.join(cni.bin_dirs)}"

@@ -1,4 +1,5 @@
-"""Image use cases: pull, status, list, remove with garbage collection, filesystem usage.
+"""Image use cases: pull, import, tag, status, list, remove with garbage collection,
+filesystem usage.
 
 A pull resolves the reference (mirrors first), picks this host's platform from an index,
 downloads the config and all layers in parallel (bounded), and unpacks each layer into the
@@ -6,7 +7,14 @@ snapshotter as soon as it and the layers below it are present. Each blob is down
 even when pulls overlap, each layer is unpacked once even when images share it, and two
 pulls of the same reference share one operation. The image record is written last, so an
 interrupted pull leaves no image behind, only verified blobs and committed layers that the
-next pull reuses; but when the disk is full, those are removed too, to give the room back.
+next pull reuses; but when the disk is full, those are removed too, to give the room back
+(after an import as well).
+
+An import reads a docker or OCI archive (:mod:`crishim.images.archive`) into the same
+content store and snapshots: every file is staged and verified while the archive streams
+through, the images are planned, their layers unpacked as a pull's are, the blobs they need
+adopted into the store, and the records written last. A failed import leaves no record and
+no staged file.
 """
 
 from __future__ import annotations
@@ -17,21 +25,26 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio.from_thread
 import anyio.to_thread
 
 from crishim.errors import (
+    CrishimError,
     DataLoss,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     Unavailable,
 )
+from crishim.images.archive import ChunkReader, read_archive
+from crishim.images.archive_formats import ImportPlan, PlannedImage, plan_import
 from crishim.images.auth import Credentials
-from crishim.images.content import ContentStore
+from crishim.images.content import ContentStore, Staging
 from crishim.images.manifest import (
     ACCEPT,
     INDEX_TYPES,
@@ -48,6 +61,7 @@ from crishim.images.reference import IdQuery, Reference, parse_image_query, pars
 from crishim.images.registry import RegistryClient
 from crishim.images.snapshots.base import Snapshotter
 from crishim.model import Image, ImageLayer
+from crishim.services.pull_progress import PullMetrics, PullProgress
 from crishim.store import ObjectStore
 from crishim.util.tasks import join_shared
 
@@ -57,67 +71,16 @@ log = logging.getLogger(__name__)
 MAX_PARALLEL_DOWNLOADS = 3
 # A blob whose stream breaks or arrives corrupt is fetched again this many times.
 BLOB_ATTEMPTS = 3
-PROGRESS_INTERVAL_SECONDS = 5.0
 # How long a walk of the image store's disk usage is reused.
 FS_USAGE_TTL_SECONDS = 30.0
-DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
-@dataclass
-class PullMetrics:
-    """Counters for the metrics endpoint: bytes, pulls, failures and a duration histogram."""
+@dataclass(frozen=True)
+class ImportResult:
+    """The images an import recorded, and notes on what the archive held but was left out."""
 
-    bytes_total: int = 0
-    pulls_total: int = 0
-    failures_total: int = 0
-    duration_sum: float = 0.0
-    duration_buckets: dict[float, int] = field(
-        default_factory=lambda: dict.fromkeys(DURATION_BUCKETS, 0)
-    )
-
-    def observe(self, seconds: float, ok: bool) -> None:
-        """Count one finished pull."""
-        self.pulls_total += 1
-        if not ok:
-            self.failures_total += 1
-        self.duration_sum += seconds
-        for bound in self.duration_buckets:
-            if seconds <= bound:
-                self.duration_buckets[bound] += 1
-
-
-class _Progress:
-    """Logs a pull's progress at info level, at most every few seconds."""
-
-    def __init__(self, ref: str, layers: list[Descriptor], metrics: PullMetrics) -> None:
-        self._ref = ref
-        self._total = sum(d.size for d in layers)
-        self._count = len(layers)
-        self._metrics = metrics
-        self.done_bytes = 0
-        self.done_layers = 0
-        self._start = time.monotonic()
-        self._last_log = self._start
-
-    def add(self, count: int) -> None:
-        self.done_bytes += count
-        self._metrics.bytes_total += count
-        now = time.monotonic()
-        if now - self._last_log >= PROGRESS_INTERVAL_SECONDS:
-            self._last_log = now
-            self.log()
-
-    def log(self) -> None:
-        elapsed = max(time.monotonic() - self._start, 1e-6)
-        log.info(
-            "pulling %s: %d/%d layers, %.1f/%.1f MB, %.1f MB/s",
-            self._ref,
-            self.done_layers,
-            self._count,
-            self.done_bytes / 1e6,
-            self._total / 1e6,
-            self.done_bytes / 1e6 / elapsed,
-        )
+    images: list[Image]
+    notes: list[str]
 
 
 @dataclass(frozen=True)
@@ -147,6 +110,7 @@ class ImageService:
         self._registry = registry
         self._platform = platform
         self._pulls: dict[tuple[str, str], asyncio.Task[Image]] = {}
+        self._imports = 0
         self._unpack_locks: dict[str, asyncio.Lock] = {}
         # Serialises changes to image records with garbage collection.
         self._meta_lock = asyncio.Lock()
@@ -179,19 +143,19 @@ class ImageService:
             ok = True
             return image
         except ResourceExhausted:
-            await self._give_back_space(ref)
+            await self._give_back_space(f"pull of {ref}")
             raise
         finally:
             self.metrics.observe(time.monotonic() - start, ok)
 
-    async def _give_back_space(self, ref: Reference) -> None:
-        """After a pull failed on a full disk: remove the blobs and layers it wrote that no
-        image needs. The node needs the room more than a part of an image; a retry
-        fetches it again."""
+    async def _give_back_space(self, what: str) -> None:
+        """After a pull or import failed on a full disk: remove the blobs and layers it
+        wrote that no image needs. The node needs the room more than a part of an image;
+        a retry fetches it again."""
         try:
             await self.collect_garbage(besides=asyncio.current_task())
         except Exception:
-            log.exception("removing what the failed pull of %s left", ref)
+            log.exception("removing what the failed %s left", what)
 
     async def _fetch_document(
         self, ref: Reference, target: str, creds: Credentials
@@ -233,7 +197,7 @@ class ImageService:
                 f"{len(manifest.layers)} layers"
             )
         chains = chain_ids(config.diff_ids)
-        progress = _Progress(str(ref), list(manifest.layers), self.metrics)
+        progress = PullProgress(str(ref), list(manifest.layers), self.metrics)
         semaphore = asyncio.Semaphore(MAX_PARALLEL_DOWNLOADS)
 
         async def download(desc: Descriptor) -> Path:
@@ -282,7 +246,7 @@ class ImageService:
         return stored
 
     async def _fetch_blob(
-        self, ref: Reference, desc: Descriptor, creds: Credentials, progress: _Progress | None
+        self, ref: Reference, desc: Descriptor, creds: Credentials, progress: PullProgress | None
     ) -> Path:
         def source() -> AsyncIterator[bytes]:
             return self._counted(self._registry.stream_blob(ref, desc.digest, creds), progress)
@@ -298,7 +262,7 @@ class ImageService:
 
     @staticmethod
     async def _counted(
-        chunks: AsyncIterator[bytes], progress: _Progress | None
+        chunks: AsyncIterator[bytes], progress: PullProgress | None
     ) -> AsyncIterator[bytes]:
         async for chunk in chunks:
             if progress is not None:
@@ -314,6 +278,109 @@ class ImageService:
                 return
             await anyio.to_thread.run_sync(
                 self._snapshotter.unpack_layer, chain_id, parent, blob, desc.media_type, diff_id
+            )
+
+    # ---- import and tag -----------------------------------------------------------------
+
+    async def import_archive(self, chunks: AsyncIterator[bytes]) -> ImportResult:
+        """Import every image of the archive arriving as ``chunks`` (see the module doc)."""
+        try:
+            return await self._import_archive(chunks)
+        except ResourceExhausted:
+            await self._give_back_space("import")
+            raise
+
+    async def _import_archive(self, chunks: AsyncIterator[bytes]) -> ImportResult:
+        started = time.monotonic()
+        async with self._meta_lock:  # lets a running garbage collection finish first
+            self._imports += 1
+        try:
+            with self._content.staging() as staging:
+                reader = ChunkReader(_chunks_from_loop(chunks))
+                contents = await anyio.to_thread.run_sync(read_archive, reader, staging)
+                plan = await anyio.to_thread.run_sync(plan_import, contents, self._platform)
+                read = time.monotonic() - started
+                for planned in plan.images:
+                    await self._unpack_planned(planned)
+                images = await anyio.to_thread.run_sync(self._adopt, staging, plan)
+                async with self._meta_lock:
+                    records = [await self._record_locked(image) for image in images]
+        finally:
+            self._imports -= 1
+        # Entries of one archive may be the same image (one config under two manifests):
+        # each image once, as last recorded.
+        stored = list({image.id: image for image in records}.values())
+        for image in stored:
+            log.info("imported %s as %s", ", ".join(image.repo_tags) or "an image", image.id)
+        log.info(
+            "imported %d image(s) from %.1f MB in %.2fs (%.2fs reading the archive)",
+            len(stored),
+            reader.size / 1e6,
+            time.monotonic() - started,
+            read,
+        )
+        return ImportResult(stored, plan.notes)
+
+    async def _unpack_planned(self, planned: PlannedImage) -> None:
+        parent: str | None = None
+        for number, layer in enumerate(planned.layers):
+            try:
+                await self._unpack(
+                    layer.chain_id, parent, layer.member.path, layer.descriptor, layer.diff_id
+                )
+            except CrishimError as exc:
+                raise type(exc)(
+                    f'{planned.label}, layer {number} (archive member "{layer.member.name}"): {exc}'
+                ) from None
+            parent = layer.chain_id
+
+    def _adopt(self, staging: Staging, plan: ImportPlan) -> list[Image]:
+        """Move what the planned images need into the store; their records (blocking)."""
+        images = []
+        for planned in plan.images:
+            for member in (*planned.documents, *(layer.member for layer in planned.layers)):
+                staging.adopt(member.blob)
+            for digest, document in planned.written.items():
+                staging.add(digest, document)
+            names = [ref.name for ref in planned.names]
+            images.append(
+                Image(
+                    id=planned.config.digest,
+                    repo_tags=[str(ref) for ref in planned.names],
+                    repo_digests=[f"{name}@{planned.top_digest}" for name in dict.fromkeys(names)],
+                    size=planned.config.size + sum(x.descriptor.size for x in planned.layers),
+                    manifest_digest=planned.manifest_digest,
+                    metadata_blobs=planned.metadata_digests,
+                    layers=[
+                        ImageLayer(
+                            digest=x.descriptor.digest,
+                            size=x.descriptor.size,
+                            media_type=x.descriptor.media_type,
+                            diff_id=x.diff_id,
+                            chain_id=x.chain_id,
+                        )
+                        for x in planned.layers
+                    ],
+                    user=planned.user,
+                    pulled_at=time.time_ns(),
+                )
+            )
+        return images
+
+    async def tag(self, source: str, target: str) -> Image:
+        """Tag the image ``source`` names (an ID or a reference) as ``target``, taking the
+        tag from any image that held it."""
+        ref = parse_reference(target)
+        if ref.digest is not None:
+            raise InvalidArgument(f"{target!r} is not a tag: it names a digest")
+        async with self._meta_lock:
+            image = self.status(source)
+            if image is None:
+                raise NotFound(f"image {source!r} not found")
+            return await self._record_locked(
+                image.model_copy(
+                    update={"repo_tags": [str(ref)], "repo_digests": [], "metadata_blobs": []}
+                )
             )
 
     async def _record(self, pulled: Image) -> Image:
@@ -399,8 +466,9 @@ class ImageService:
             wanted_blobs = set().union(*(i.blobs() for i in images)) if images else set()
             wanted_layers = {c for i in images for c in i.chain()}
             inflight = any(task is not besides for task in self._pulls.values())
-            if inflight:
-                # A running pull has blobs and layers no record names yet: keep everything.
+            if inflight or self._imports:
+                # A running pull or import has blobs and layers no record names yet: keep
+                # everything.
                 return
             for digest in self._content.digests() - wanted_blobs:
                 self._content.delete(digest)
@@ -446,6 +514,18 @@ class ImageService:
             inodes_used=content_inodes + snap_inodes,
             timestamp=time.time_ns(),
         )
+
+
+def _chunks_from_loop(chunks: AsyncIterator[bytes]) -> Callable[[], bytes]:
+    """For a worker thread: the next non-empty chunk (b"" at the end), awaited on the loop."""
+
+    async def next_chunk() -> bytes:
+        async for chunk in chunks:
+            if chunk:
+                return chunk
+        return b""
+
+    return lambda: anyio.from_thread.run(next_chunk)
 
 
 def _without_tag(tag: str) -> Callable[[Image], Image]:

@@ -9,10 +9,13 @@ from crishim import __version__
 from crishim.config import Config
 from crishim.model import HandlerFeatures, RuntimeCondition, RuntimeStatus
 from crishim.model.runtime import NETWORK_READY, RUNTIME_READY
-from crishim.network.cni import find_network_config, find_plugin
+from crishim.network.cni import choose_network, missing_plugins
+from crishim.network.default_network import default_network
 from crishim.runtime.binaries import probe_binary, resolve_binary
 
 RUNTIME_NAME = "crishim"
+# NetworkReady's reason while pods join the built-in network (true, but worth a look).
+DEFAULT_NETWORK_REASON = "DefaultNetworkInUse"
 RUNTIME_API_VERSION = "v1"
 
 
@@ -60,9 +63,11 @@ class RuntimeInfo:
         return RuntimeCondition(type=RUNTIME_READY, status=True)
 
     def network_condition(self) -> RuntimeCondition:
-        """NetworkReady: a valid CNI config exists and its plugins are installed."""
+        """NetworkReady: a valid CNI config exists (or the built-in default serves while the
+        conf dir holds none) and its plugins are installed."""
         cni = self._config.cni
-        search = find_network_config(cni.conf_dir)
+        default = default_network(self._config)
+        search = choose_network(cni.conf_dir, default)
         if search.config is None:
             return RuntimeCondition(
                 type=NETWORK_READY,
@@ -70,15 +75,25 @@ class RuntimeInfo:
                 reason="NetworkPluginNotReady",
                 message=search.reason(cni.conf_dir),
             )
-        missing = [t for t in search.config.plugin_types if find_plugin(cni.bin_dirs, t) is None]
+        missing = missing_plugins(search.config, cni.bin_dirs)
         if missing:
             return RuntimeCondition(
                 type=NETWORK_READY,
                 status=False,
                 reason="NetworkPluginNotReady",
                 message=(
-                    f"CNI plugin(s) {', '.join(missing)} of {search.config.path} not found in "
+                    f"CNI plugin(s) {', '.join(missing)} of {search.config.source} not found in "
                     + ", ".join(cni.bin_dirs)
+                ),
+            )
+        if search.config.path is None and default is not None:
+            return RuntimeCondition(
+                type=NETWORK_READY,
+                status=True,
+                reason=DEFAULT_NETWORK_REASON,
+                message=(
+                    f"no CNI network config in {cni.conf_dir}: new pods join "
+                    f"{default.describe()} until a network plugin writes one"
                 ),
             )
         return RuntimeCondition(type=NETWORK_READY, status=True)
@@ -100,14 +115,16 @@ class RuntimeInfo:
 
     async def _verbose_info(self) -> dict[str, str]:
         config = self._config
-        search = find_network_config(config.cni.conf_dir)
+        search = choose_network(config.cni.conf_dir, default_network(config))
         cni: dict[str, object] = {"confDir": config.cni.conf_dir, "binDirs": config.cni.bin_dirs}
         if search.config is not None:
             cni |= {
-                "config": str(search.config.path),
+                "config": search.config.source,
                 "network": search.config.name,
                 "plugins": list(search.config.plugin_types),
             }
+            if search.config.builtin is not None:
+                cni["conflist"] = search.config.builtin
         if search.problems:
             cni["problems"] = search.problems
         binaries = {}

@@ -28,7 +28,7 @@ from crishim.errors import FailedPrecondition, InvalidArgument, NotFound
 from crishim.model import PodMetadata, Sandbox, SandboxFilter, SandboxState
 from crishim.model.events import EventType
 from crishim.model.specs import LinuxResources, NamespaceMode, SandboxConfig
-from crishim.network.cni import CniManager
+from crishim.network.cni import Attachment, CniManager
 from crishim.network.netns import (
     PodNamespaces,
     create_pod_namespaces,
@@ -239,10 +239,10 @@ class SandboxService:
             await self._make_shm(paths, host_ipc)
             undo.push_async_callback(unmount, paths.shm)
             ips: list[str] = []
-            network_ready = False
+            attachment: Attachment | None = None
             if not host_network and namespaces.network:
-                ips = await self._network_up(sandbox_id, namespaces.network, config)
-                network_ready = True
+                attachment = await self._network_up(sandbox_id, namespaces.network, config)
+                ips = [ip.address.split("/")[0] for ip in attachment.result.ips]
                 undo.push_async_callback(self._network_down, sandbox_id, namespaces.network)
             with disk_full_as("writing hostname, hosts and resolv.conf in", paths.base):
                 self._write_files(paths, config, hostname, ips, host_network)
@@ -270,7 +270,9 @@ class SandboxService:
                 ipcns=namespaces.ipc or "",
                 utsns=namespaces.uts or "",
                 ips=ips,
-                network_ready=network_ready,
+                network_ready=attachment is not None,
+                network=attachment.network if attachment else "",
+                network_config=attachment.source if attachment else "",
                 config=config.model_dump(mode="json"),
             )
             if shared_pid:
@@ -285,11 +287,11 @@ class SandboxService:
         self._events.publish(sandbox.id, sandbox.id, EventType.CREATED)
         self._events.publish(sandbox.id, sandbox.id, EventType.STARTED)
         log.info(
-            "sandbox %s ready (%s/%s, ips %s)",
+            "sandbox %s ready (%s/%s, %s)",
             sandbox_id[:12],
             config.metadata.namespace,
             config.metadata.name,
-            ", ".join(ips) or "host network",
+            f"ips {', '.join(ips)} on network {sandbox.network}" if ips else "host network",
         )
         return sandbox
 
@@ -300,7 +302,7 @@ class SandboxService:
         options = ("nosuid", "nodev", "noexec", "mode=1777", f"size={SHM_SIZE_BYTES}")
         await mount_all([MountRequest("tmpfs", "shm", options)], paths.shm)
 
-    async def _network_up(self, sandbox_id: str, netns: str, config: SandboxConfig) -> list[str]:
+    async def _network_up(self, sandbox_id: str, netns: str, config: SandboxConfig) -> Attachment:
         if self._cni is None:
             raise FailedPrecondition("no CNI network is configured; only host-network pods can run")
         assert config.metadata is not None
@@ -319,7 +321,7 @@ class SandboxService:
             capabilities["portMappings"] = ports
         if self._pod_cidr:
             capabilities["ipRanges"] = [[{"subnet": self._pod_cidr}]]
-        result = await self._cni.add(
+        return await self._cni.add(
             sandbox_id,
             netns,
             args={
@@ -331,7 +333,6 @@ class SandboxService:
             },
             capabilities=capabilities,
         )
-        return [ip.address.split("/")[0] for ip in result.ips]
 
     async def _network_down(self, sandbox_id: str, netns: str | None) -> None:
         if self._cni is not None:

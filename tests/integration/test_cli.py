@@ -109,3 +109,48 @@ def test_doctor_fails_on_missing_cni_plugins(tmp_path: Path) -> None:
     out = crishim("doctor", "--config", str(main))
     assert out.returncode == 1
     assert "FAIL  cni plugins: no-such-plugin not found in /usr/lib/cni" in out.stdout
+
+
+def test_images_import_without_a_running_crishim_says_so(tmp_path: Path) -> None:
+    archive = tmp_path / "archive.tar"
+    archive.write_bytes(b"")
+    socket = tmp_path / "absent.sock"
+    out = crishim("images", "import", "--socket", str(socket), str(archive))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"crishim: cannot reach crishim on {socket} (")
+    assert "is `crishim serve` running" in out.stderr
+
+
+def test_doctor_names_the_default_network_while_the_conf_dir_is_empty(tmp_path: Path) -> None:
+    main = doctor_config(tmp_path)
+    (tmp_path / "cni" / "10-doctor.conflist").unlink()
+    with main.open("a") as file:
+        file.write('[cni.default_network]\nsubnet = "10.86.5.0/24"\nbridge = "crishim-doc0"\n')
+    out = crishim("doctor", "--config", str(main))
+    assert (
+        f"OK    cni config: none in {tmp_path / 'cni'}: new pods join crishim's built-in default "
+        "network 'crishim-default' (bridge crishim-doc0, subnet 10.86.5.0/24) until a network "
+        "plugin writes its config there"
+    ) in out.stdout
+    assert "OK    cni plugins: bridge, portmap, host-local in /usr/lib/cni" in out.stdout
+
+
+def test_doctor_warns_of_an_empty_conf_dir_with_the_default_off(tmp_path: Path) -> None:
+    main = doctor_config(tmp_path)
+    (tmp_path / "cni" / "10-doctor.conflist").unlink()
+    with main.open("a") as file:
+        file.write("[cni.default_network]\nenabled = false\n")
+    out = crishim("doctor", "--config", str(main))
+    assert (
+        f"WARN  cni config: no CNI network config found in {tmp_path / 'cni'} (the built-in "
+        "default network is off: [cni.default_network] enabled = false); NetworkReady stays "
+        "false and only host-network pods can run"
+    ) in out.stdout
+
+
+def test_doctor_warns_when_the_default_networks_plugins_are_missing(tmp_path: Path) -> None:
+    main = doctor_config(tmp_path)
+    (tmp_path / "cni" / "10-doctor.conflist").unlink()
+    main.write_text(main.read_text().replace('bin_dirs = ["/usr/lib/cni"]', 'bin_dirs = ["/x"]'))
+    out = crishim("doctor", "--config", str(main))
+    assert "WARN  cni plugins: bridge, portmap, host-local not found in /x" in out.stdout

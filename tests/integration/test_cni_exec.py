@@ -204,8 +204,8 @@ async def test_two_pods_get_addresses_and_reach_each_other(net: NetEnv) -> None:
     ns_a = await net.pod("poda")
     ns_b = await net.pod("podb")
     args = {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "a"}
-    result_a = await cni.add("poda", ns_a, args=args)
-    result_b = await cni.add("podb", ns_b, args=args | {"K8S_POD_NAME": "b"})
+    result_a = (await cni.add("poda", ns_a, args=args)).result
+    result_b = (await cni.add("podb", ns_b, args=args | {"K8S_POD_NAME": "b"})).result
     [ip_a] = pod_ips(result_a)
     [ip_b] = pod_ips(result_b)
     assert ip_a != ip_b
@@ -234,8 +234,8 @@ async def test_delete_after_restart_without_config_or_netns(net: NetEnv) -> None
     net.write_conflist()
     ns_a = await net.pod("podc")
     ns_b = await net.pod("podd")
-    [ip_a] = pod_ips(await net.manager().add("podc", ns_a))
-    [ip_b] = pod_ips(await net.manager().add("podd", ns_b))
+    [ip_a] = pod_ips((await net.manager().add("podc", ns_a)).result)
+    [ip_b] = pod_ips((await net.manager().add("podd", ns_b)).result)
     assert net.leases() == sorted([ip_a, ip_b])
 
     # A restarted crishim finds an empty conf dir: DEL must rely on the cache alone.
@@ -260,7 +260,7 @@ async def test_port_mapping_creates_and_removes_dnat_rule(net: NetEnv) -> None:
     cni = net.manager()
     ns = await net.pod("pode")
     mapping = {"hostPort": HOST_PORT, "containerPort": 80, "protocol": "tcp", "hostIP": ""}
-    [ip] = pod_ips(await cni.add("pode", ns, capabilities={"portMappings": [mapping]}))
+    [ip] = pod_ips((await cni.add("pode", ns, capabilities={"portMappings": [mapping]})).result)
     dnat = [r for r in iptables_rules("nat") if f"--dport {HOST_PORT}" in r and "DNAT" in r]
     assert dnat, iptables_rules("nat")
     assert any(f"{ip}:80" in r for r in dnat)

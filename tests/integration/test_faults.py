@@ -1,5 +1,5 @@
-"""Faults of the host: a full disk under crishim's root during a pull and a create, and a
-missing or failing runtime, conmon or CNI plugin (root).
+"""Faults of the host: a full disk under crishim's root during a pull, an image import and
+a create, and a missing or failing runtime, conmon or CNI plugin (root).
 
 Each fault must give a clear gRPC status whose message names what was being written, or
 which binary failed and how, must leave nothing half-made behind, and the next call must
@@ -18,7 +18,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,12 @@ import pytest_asyncio
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from crishim.api import v1
+from crishim.api import admin_v1, v1
+from tests.rig.archives import docker_archive, tar_bytes
 from tests.rig.crishim_proc import CrishimProcess
 from tests.rig.fixtures import PushedImage, require_busybox
 from tests.rig.host import active_snapshots, conmons_of, entries, mounts_under, run
+from tests.rig.oci_image import busybox_image
 from tests.rig.pods import PodRig
 
 pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
@@ -254,6 +256,50 @@ async def test_a_pull_on_a_full_disk_is_resource_exhausted_and_stores_nothing(
     image = await image_of(rig)
     assert image is not None
     assert rig.image in image.repo_tags
+
+
+async def test_an_import_on_a_full_disk_is_resource_exhausted_and_stores_nothing(
+    small_disks: SmallDisks,
+) -> None:
+    rig, disk = small_disks.rig, small_disks.root
+    admin = admin_v1.AdminStub(rig.cri.channel)
+    image = busybox_image(labels={"fault": "full-disk-import"})
+    members = docker_archive([(image, ["example.test/full:1"])])
+    archive = tar_bytes(members)
+    # docker archives carry layers uncompressed: the largest member
+    layer_size = max(len(member.data) for member in members)
+    offset = len(rig.proc.log())
+    cases = [
+        # No room for the layer: staging it fails (the config fits).
+        (64 << 10, "staging archive member"),
+        # Room for the staged layer, not for its files: unpacking it fails.
+        (layer_size + (512 << 10), "unpacking layer"),
+    ]
+    for leave, failing_step in cases:
+        disk.fill(leave)
+        try:
+            error = await grpc_error(admin.import_image(archive_messages(archive)))
+        finally:
+            disk.remove()
+        assert error.status is Status.RESOURCE_EXHAUSTED, error.message
+        message = error.message or ""
+        assert failing_step in message, message
+        assert f" {rig.proc.root}/images/" in message
+        assert message.endswith(": the disk is full (No space left on device)"), message
+        print(f"{failing_step}: RESOURCE_EXHAUSTED {message}")
+        # Nothing of the archive stays: no staged file, blob, layer or record.
+        assert image_files(rig.proc.root) == []
+    assert errors_logged(rig, offset) == []
+    # With room again the same import works.
+    reply = await admin.import_image(archive_messages(archive))
+    assert [(i.id, i.repo_tags) for i in reply.images] == [
+        (image.config_digest, ["example.test/full:1"])
+    ]
+
+
+def archive_messages(data: bytes) -> Iterator[admin_v1.ImportImageRequest]:
+    for start in range(0, len(data), 64 << 10):
+        yield admin_v1.ImportImageRequest(data=data[start : start + (64 << 10)])
 
 
 async def test_a_create_on_a_full_disk_is_resource_exhausted_and_leaves_nothing(

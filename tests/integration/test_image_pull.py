@@ -316,7 +316,7 @@ async def test_pull_metrics_and_progress_log(
 ) -> None:
     image = busybox_image(labels={"v": "metrics"})
     push(registry.url, "test/metrics", "v1", image)
-    caplog.set_level("INFO", logger="crishim.services.images")
+    caplog.set_level("INFO", logger="crishim.services")  # images and pull_progress
     async with image_env(tmp_path) as env:
         await env.service.pull(f"{registry.host}/test/metrics:v1", ANON)
         with pytest.raises(NotFound):

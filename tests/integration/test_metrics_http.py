@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from crishim.api.metrics_http import CONTENT_TYPE, MetricsServer
 from crishim.errors import ConfigError
-from crishim.services.images import PullMetrics
+from crishim.services.pull_progress import PullMetrics
 from tests.unit.test_metrics import crishim_metrics
 
 

@@ -75,6 +75,8 @@ async def api(tmp_path: Path) -> AsyncIterator[InMemoryApi]:
     cni.mkdir()
     config = Config(root=str(tmp_path / "root"), state=str(tmp_path / "state"))
     config.cni.conf_dir = str(cni)
+    # Off as in CrishimProcess: a test that wants the built-in network turns it on.
+    config.cni.default_network.enabled = False
     stores = open_stores(Path(config.root))
     tracker = CallTracker()
     snapshotter = CopySnapshotter(tmp_path / "root" / "images" / "snapshots" / "native")

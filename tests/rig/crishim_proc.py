@@ -17,7 +17,9 @@ class CrishimProcess:
 
     ``config`` is extra TOML, written as a drop-in over the generated config (which sets
     root, state, socket, a private CNI conf dir and debug logging), so it may set top-level
-    keys and tables alike.
+    keys and tables alike. The generated config turns the built-in default network off:
+    pods of a test join the network the test writes into the conf dir, or none; tests of
+    the default network turn it on with their own subnet and bridge.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class CrishimProcess:
         base = (
             f'root = "{self.root}"\nstate = "{self.state}"\nsocket = "{self.socket}"\n'
             f'log_level = "debug"\n\n[cni]\nconf_dir = "{self.cni_conf_dir}"\n'
+            "\n[cni.default_network]\nenabled = false\n"
             '\n[metrics]\naddress = "127.0.0.1:0"\n'
         )
         self.config_file.write_text(base)

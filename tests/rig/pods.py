@@ -59,6 +59,7 @@ __all__ = [
     "SUBNET",
     "SUBNET_PREFIX",
     "PodRig",
+    "force_cleanup",
     "pod_rig_fixture",
     "rig_fixture",
 ]
@@ -450,7 +451,7 @@ def _write_conflist(proc: CrishimProcess, ipam_dir: Path) -> None:
     (proc.cni_conf_dir / "10-crishim-pods.conflist").write_text(json.dumps(conflist))
 
 
-def _force_cleanup(proc: CrishimProcess, runtime_name: str) -> None:
+def force_cleanup(proc: CrishimProcess, runtime_name: str) -> None:
     """Last resort after a failed teardown: the conmons this instance started (by pid),
     then every container left in its runtime's state directory."""
     for pid in conmons_of(proc):
@@ -542,7 +543,7 @@ async def pod_rig_fixture(
             if rig is not None:
                 rig.close()
             proc.kill()
-            _force_cleanup(proc, runtime_name)
+            force_cleanup(proc, runtime_name)
             run("ip", "link", "del", BRIDGE, check=False)
             cleanup_iptables(chains_before)
             for point in mounts_under(base):

@@ -102,8 +102,11 @@ def _remove_cgroup_tree(directory: Path) -> None:
 class Bed:
     """One booted container; ``base`` is a fresh directory of the test's."""
 
-    def __init__(self, base: Path, *, crishim_config: str = "") -> None:
+    def __init__(self, base: Path, *, crishim_config: str = "", pod_network: bool = True) -> None:
+        """``pod_network``: the bed's pods join its bridge (``BRIDGE``), which stopping the
+        bed removes with its rules; a bed without it leaves them to the bed that has one."""
         self.base = base
+        self.pod_network = pod_network
         self.lower = ensure_rootfs()
         self.root = base / "root"
         self.cri = base / "cri"
@@ -284,8 +287,9 @@ class Bed:
                 subprocess.run(["umount", "-l", point], capture_output=True, check=False)
             for hierarchy in _host_hierarchies():
                 _remove_cgroup_tree(hierarchy / self.name)
-            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
-            remove_subnet_rules()
+            if self.pod_network:
+                subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, check=False)
+                remove_subnet_rules()
 
     def _power_off(self) -> None:
         if self.nspawn is None:

@@ -86,11 +86,48 @@ async def test_version_names_crishim_and_cri_v1(api: InMemoryApi) -> None:
 
 
 async def test_network_not_ready_without_cni_config(api: InMemoryApi) -> None:
+    assert not api.config.cni.default_network.enabled  # the fixture turns it off
     reply = await api.client.runtime.status(v1.StatusRequest())
     network = conditions(reply)["NetworkReady"]
     assert network.status is False
     assert network.reason == "NetworkPluginNotReady"
     assert api.config.cni.conf_dir in network.message
+
+
+async def test_network_ready_on_the_default_network_while_the_conf_dir_is_empty(
+    api: InMemoryApi, tmp_path: Path
+) -> None:
+    bindir = tmp_path / "cnibin"
+    bindir.mkdir()
+    for plugin in ("bridge", "host-local", "portmap"):
+        (bindir / plugin).write_text("#!/bin/sh\n")
+        os.chmod(bindir / plugin, 0o755)
+    api.config.cni.bin_dirs = [str(bindir)]
+    api.config.cni.default_network.enabled = True
+    api.config.cni.default_network.subnet = "10.86.9.0/24"
+    api.config.cni.default_network.bridge = "crishim-x9"
+    network = conditions(await api.client.runtime.status(v1.StatusRequest()))["NetworkReady"]
+    assert network.status is True
+    assert network.reason == "DefaultNetworkInUse"
+    assert "built-in default network 'crishim-default'" in network.message
+    assert "crishim-x9" in network.message
+    assert "10.86.9.0/24" in network.message
+    assert api.config.cni.conf_dir in network.message
+    verbose = await api.client.runtime.status(v1.StatusRequest(verbose=True))
+    cni = json.loads(verbose.info["cni"])
+    assert cni["config"] == "built-in default"
+    assert cni["conflist"]["plugins"][0]["bridge"] == "crishim-x9"
+
+    os.remove(bindir / "host-local")
+    network = conditions(await api.client.runtime.status(v1.StatusRequest()))["NetworkReady"]
+    assert (network.status, network.reason) == (False, "NetworkPluginNotReady")
+    assert "host-local of built-in default not found" in network.message
+
+    # A network plugin writes its config: it serves at once, with no word of the default.
+    conf = {"cniVersion": "1.0.0", "name": "t", "plugins": [{"type": "bridge"}]}
+    (Path(api.config.cni.conf_dir) / "10-t.conflist").write_text(json.dumps(conf))
+    network = conditions(await api.client.runtime.status(v1.StatusRequest()))["NetworkReady"]
+    assert (network.status, network.reason, network.message) == (True, "", "")
 
 
 async def test_network_ready_with_config_and_plugins(api: InMemoryApi, tmp_path: Path) -> None:

@@ -208,7 +208,12 @@ async def test_add_chains_prev_results_and_caches(env: dict[str, Path]) -> None:
     cni = manager(env)
     args = {"IgnoreUnknown": "1", "K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "p"}
     caps = {"portMappings": [{"hostPort": 80, "containerPort": 8080, "protocol": "tcp"}]}
-    result = await cni.add("sb1", "/proc/1/ns/net", args=args, capabilities=caps)
+    attachment = await cni.add("sb1", "/proc/1/ns/net", args=args, capabilities=caps)
+    assert (attachment.network, attachment.source) == (
+        "fakenet",
+        str(env["conf"] / "10-fake.conflist"),
+    )
+    result = attachment.result
     assert pod_ips(result) == ["10.1.2.3", "fd00::5"]
     assert result.raw == RESULT_100
 
@@ -230,6 +235,7 @@ async def test_add_chains_prev_results_and_caches(env: dict[str, Path]) -> None:
     }
     cached = json.loads((env["cache"] / "sb1.json").read_text())
     assert cached["result"] == RESULT_100
+    assert cached["source"] == str(env["conf"] / "10-fake.conflist")
     assert cached["args"] == args
     assert cached["capabilities"] == caps
     assert cached["network"]["name"] == "fakenet"
@@ -281,7 +287,7 @@ async def test_delete_of_a_pre_040_network_sends_no_prev_result(env: dict[str, P
     }
     (env["conf"] / "10-old.conf").write_text(json.dumps(single))
     cni = manager(env)
-    result = await cni.add("sb2", "/proc/1/ns/net")
+    result = (await cni.add("sb2", "/proc/1/ns/net")).result
     assert pod_ips(result) == ["10.1.2.3"]
     await cni.check("sb2", "/proc/1/ns/net")  # CHECK does not exist before 0.4.0
     await cni.delete("sb2", None)

@@ -27,6 +27,9 @@ def test_defaults_match_the_design() -> None:
     assert set(config.runtimes) == {"runc", "crun"}
     assert config.cni.conf_dir == "/etc/cni/net.d"
     assert config.cni.bin_dirs == ["/opt/cni/bin", "/usr/lib/cni"]
+    assert config.cni.default_network.enabled is True
+    assert config.cni.default_network.subnet == "10.86.0.0/24"
+    assert config.cni.default_network.bridge == "crishim0"
     assert config.streaming.address.startswith("127.0.0.1:")
     assert config.streaming.max_sessions == 128
     assert config.streaming.max_handshakes == 128
@@ -98,6 +101,44 @@ def test_unknown_key_names_file_and_key(tmp_path: Path) -> None:
         ('default_runtime = "nope"', "default_runtime 'nope' is not a configured runtime"),
         ("[cni]\nbin_dirs = []", "cni.bin_dirs: must name at least one directory"),
         ('conmon = " "', "conmon: must name a binary"),
+        (
+            '[cni.default_network]\nsubnet = "10.86.0.1/24"',
+            "cni.default_network.subnet: must name the network address: 10.86.0.0/24, "
+            "not '10.86.0.1/24'",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "10.86.0"',
+            "cni.default_network.subnet: must be a CIDR subnet like 10.86.0.0/24, got '10.86.0'",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "10.86.0.0/31"',
+            "cni.default_network.subnet: 10.86.0.0/31 is too small",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "0.0.0.0/0"',
+            "cni.default_network.subnet: 0.0.0.0/0 is too large",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "127.0.0.0/8"',
+            "cni.default_network.subnet: 127.0.0.0/8 is a loopback, link-local, multicast",
+        ),
+        (
+            '[cni.default_network]\nsubnet = "169.254.0.0/16"',
+            "cni.default_network.subnet: 169.254.0.0/16 is a loopback, link-local, multicast",
+        ),
+        (
+            '[cni.default_network]\nbridge = "crishim-bridge-0"',
+            "cni.default_network.bridge: must be a Linux interface name: 1 to 15 letters",
+        ),
+        (
+            '[cni.default_network]\nbridge = "br 0"',
+            "cni.default_network.bridge: must be a Linux interface name",
+        ),
+        (
+            '[cni.default_network]\nenabled = "yes"',
+            "cni.default_network.enabled: Input should be a valid boolean",
+        ),
+        ("[cni.default_network]\nsize = 3", "cni.default_network.size: unknown key"),
         ('[streaming]\naddress = "localhost"', "streaming.address: must be host:port"),
         ('[streaming]\naddress = "localhost:\u0661\u0662"', "streaming.address: must be host:port"),
         ('[metrics]\naddress = "localhost:\u00b2"', "metrics.address: must be host:port"),

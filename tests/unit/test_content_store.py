@@ -83,3 +83,26 @@ def test_malformed_digests_are_refused(tmp_path: Path) -> None:
     for bad in ("sha256:xyz", "md5:" + "a" * 32, "sha256:../../etc/passwd", "sha256:" + "A" * 64):
         with pytest.raises(InvalidArgument, match="digest"):
             content.path(bad)
+
+
+def test_staging_keeps_only_what_it_adopts(tmp_path: Path) -> None:
+    content = store(tmp_path)
+    with content.staging() as staging:
+        kept, dropped = staging.create(), staging.create()
+        kept.write(b"keep me")
+        dropped.write(b"drop me")
+        blob = kept.finish()
+        dropped.finish()
+        assert staging.adopt(blob) == content.path(digest(b"keep me"))
+        assert staging.existing(digest(b"keep me")) == content.path(digest(b"keep me"))
+        assert staging.existing(digest(b"drop me")) is None
+    assert content.digests() == {digest(b"keep me")}
+    assert list((tmp_path / "content" / "ingest").iterdir()) == []
+
+
+def test_staging_refuses_a_document_that_does_not_match_its_digest(tmp_path: Path) -> None:
+    content = store(tmp_path)
+    with content.staging() as staging, pytest.raises(DataLoss, match="content has digest"):
+        staging.add(digest(b"one"), b"two")
+    assert content.digests() == set()
+    assert list((tmp_path / "content" / "ingest").iterdir()) == []

@@ -9,7 +9,8 @@ import pytest
 from crishim.errors import ConfigError, InvalidArgument
 from crishim.images.hosts import ALL_CAPABILITIES, RegistryHost, hosts_for, load_hosts
 
-SHARED_CERTS_D = Path("/work/shared/conformance/certs.d")
+# The shared conformance folder sits next to the checkout (see shared/conformance/README.md).
+SHARED_CERTS_D = Path(__file__).resolve().parents[3] / "shared" / "conformance" / "certs.d"
 
 
 def write_hosts(root: Path, folder: str, text: str) -> Path:

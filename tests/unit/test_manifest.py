@@ -92,6 +92,22 @@ def test_manifest_layers_and_config() -> None:
 
 
 @pytest.mark.parametrize(
+    "media_type",
+    [
+        "application/vnd.docker.image.rootfs.diff.tar",
+        "application/vnd.docker.image.rootfs.diff.tar.zstd",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar",
+    ],
+)
+def test_docker_layer_types_moby_and_containerd_write_are_accepted(media_type: str) -> None:
+    doc = {
+        "config": {"digest": D1, "size": 1},
+        "layers": [{"mediaType": media_type, "digest": D2, "size": 1}],
+    }
+    assert parse_manifest(json.dumps(doc).encode()).layers[0].media_type == media_type
+
+
+@pytest.mark.parametrize(
     ("layer", "error"),
     [
         ({"mediaType": "application/x-foo", "digest": D2, "size": 1}, "unsupported media type"),

@@ -28,7 +28,6 @@ from crishim.model.stats import (
     SwapUsage,
 )
 from crishim.runtime import process_stats
-from crishim.services.images import PullMetrics
 from crishim.services.metrics import (
     CONTAINER_LABEL_KEYS,
     Counter,
@@ -41,6 +40,7 @@ from crishim.services.metrics import (
     metric_descriptors,
     pod_metrics,
 )
+from crishim.services.pull_progress import PullMetrics
 
 # ---- text format ------------------------------------------------------------------------
 
