@@ -3,7 +3,8 @@ filesystem usage.
 
 A pull resolves the reference (mirrors first), picks this host's platform from an index,
 downloads the config and all layers in parallel (bounded), and unpacks each layer into the
-snapshotter as soon as it and the layers below it are present. Each blob is downloaded once
+snapshotter while it downloads, side by side with the layers below it where the
+snapshotter allows, committing them parent-first (``pull_layers``). Each blob is downloaded once
 even when pulls overlap, each layer is unpacked once even when images share it, and two
 pulls of the same reference share one operation. The image record is written last, so an
 interrupted pull leaves no image behind, only verified blobs and committed layers that the
@@ -20,11 +21,12 @@ no staged file.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ from crishim.images.reference import IdQuery, Reference, parse_image_query, pars
 from crishim.images.registry import RegistryClient
 from crishim.images.snapshots.base import Snapshotter
 from crishim.model import Image, ImageLayer
+from crishim.services.pull_layers import LayerUnpacker, PulledLayer
 from crishim.services.pull_progress import PullMetrics, PullProgress
 from crishim.store import ObjectStore
 from crishim.util.tasks import join_shared
@@ -111,7 +114,7 @@ class ImageService:
         self._platform = platform
         self._pulls: dict[tuple[str, str], asyncio.Task[Image]] = {}
         self._imports = 0
-        self._unpack_locks: dict[str, asyncio.Lock] = {}
+        self._layers = LayerUnpacker(content, snapshotter)
         # Serialises changes to image records with garbage collection.
         self._meta_lock = asyncio.Lock()
         self.metrics = PullMetrics()
@@ -158,8 +161,9 @@ class ImageService:
             log.exception("removing what the failed %s left", what)
 
     async def _fetch_document(
-        self, ref: Reference, target: str, creds: Credentials
+        self, ref: Reference, target: str, creds: Credentials, stores: list[asyncio.Task[Path]]
     ) -> tuple[str, str, bytes]:
+        """A manifest or index, verified; stored by a task added to ``stores``."""
         fetched = await self._registry.fetch_manifest(ref, target, ACCEPT, creds)
         digest = "sha256:" + hashlib.sha256(fetched.content).hexdigest()
         if target.startswith("sha256:") and digest != target:
@@ -169,55 +173,68 @@ class ImageService:
                 f"{ref}: registry says the manifest is {fetched.digest}, its content is {digest}"
             )
         media_type = media_type_of(fetched.content, fetched.media_type)
-        await self._content.put(digest, fetched.content)
+        stores.append(asyncio.create_task(self._content.put(digest, fetched.content)))
         return digest, media_type, fetched.content
 
     async def _pull(self, ref: Reference, creds: Credentials) -> Image:
         started = time.monotonic()
         target = ref.digest or ref.tag or "latest"
-        top_digest, media_type, content = await self._fetch_document(ref, target, creds)
-        metadata = [top_digest]
-        manifest_digest = top_digest
-        if media_type in INDEX_TYPES:
-            chosen = choose_from_index(content, self._platform)
-            manifest_digest, media_type, content = await self._fetch_document(
-                ref, chosen.digest, creds
-            )
-            metadata.append(manifest_digest)
-        if media_type not in MANIFEST_TYPES:
-            raise InvalidArgument(f"{ref}: unsupported manifest media type {media_type!r}")
-        manifest = parse_manifest(content)
-        config_path = await self._fetch_blob(ref, manifest.config, creds, None)
-        config_bytes = await anyio.to_thread.run_sync(config_path.read_bytes)
-        config = parse_config(config_bytes)
-        metadata.append(manifest.config.digest)
-        if len(config.diff_ids) != len(manifest.layers):
-            raise InvalidArgument(
-                f"{ref}: the config lists {len(config.diff_ids)} diff IDs for "
-                f"{len(manifest.layers)} layers"
-            )
-        chains = chain_ids(config.diff_ids)
-        progress = PullProgress(str(ref), list(manifest.layers), self.metrics)
-        semaphore = asyncio.Semaphore(MAX_PARALLEL_DOWNLOADS)
-
-        async def download(desc: Descriptor) -> Path:
-            async with semaphore:
-                return await self._fetch_blob(ref, desc, creds, progress)
-
-        downloads = [asyncio.create_task(download(d)) for d in manifest.layers]
+        # Manifests being stored, layers downloading and unpacking: all go on side by
+        # side, and all are done (every blob stored and durable) before the image
+        # record names them.
+        stores: list[asyncio.Task[Path]] = []
+        downloads: list[asyncio.Task[Path]] = []
+        unpacks: list[asyncio.Task[None]] = []
         try:
+            top_digest, media_type, content = await self._fetch_document(ref, target, creds, stores)
+            metadata = [top_digest]
+            manifest_digest = top_digest
+            if media_type in INDEX_TYPES:
+                chosen = choose_from_index(content, self._platform)
+                manifest_digest, media_type, content = await self._fetch_document(
+                    ref, chosen.digest, creds, stores
+                )
+                metadata.append(manifest_digest)
+            if media_type not in MANIFEST_TYPES:
+                raise InvalidArgument(f"{ref}: unsupported manifest media type {media_type!r}")
+            manifest = parse_manifest(content)
+            progress = PullProgress(str(ref), list(manifest.layers), self.metrics)
+            transfers = asyncio.Semaphore(MAX_PARALLEL_DOWNLOADS)
+            # The layers need only the manifest to start downloading; the config is
+            # fetched meanwhile.
+            downloads = [
+                asyncio.create_task(self._fetch_blob(ref, desc, creds, progress, transfers))
+                for desc in manifest.layers
+            ]
+            config_path = await self._fetch_blob(ref, manifest.config, creds, None, None)
+            config_bytes = await anyio.to_thread.run_sync(config_path.read_bytes)
+            config = parse_config(config_bytes)
+            metadata.append(manifest.config.digest)
+            if len(config.diff_ids) != len(manifest.layers):
+                raise InvalidArgument(
+                    f"{ref}: the config lists {len(config.diff_ids)} diff IDs for "
+                    f"{len(manifest.layers)} layers"
+                )
+            chains = chain_ids(config.diff_ids)
             parent: str | None = None
             for desc, diff_id, chain_id, task in zip(
                 manifest.layers, config.diff_ids, chains, downloads, strict=True
             ):
-                blob = await task
-                await self._unpack(chain_id, parent, blob, desc, diff_id)
-                progress.done_layers += 1
+                layer = PulledLayer(chain_id, parent, desc, diff_id, task, progress)
+                below = unpacks[-1] if unpacks else None
+                unpacks.append(asyncio.create_task(self._layers.unpack_pulled(layer, below)))
                 parent = chain_id
+            if unpacks:
+                await asyncio.wait(unpacks, return_when=asyncio.FIRST_EXCEPTION)
+            for unpack in unpacks:
+                await unpack
+            await asyncio.gather(*downloads, *stores)
         finally:
-            for task in downloads:
+            for unpack in unpacks:
+                unpack.cancel()
+            for task in (*downloads, *stores):
                 task.cancel()
-            await asyncio.gather(*downloads, return_exceptions=True)
+            await asyncio.gather(*unpacks, *downloads, *stores, return_exceptions=True)
         image = Image(
             id=manifest.config.digest,
             repo_tags=[] if ref.tag is None or ref.digest else [str(ref)],
@@ -246,10 +263,15 @@ class ImageService:
         return stored
 
     async def _fetch_blob(
-        self, ref: Reference, desc: Descriptor, creds: Credentials, progress: PullProgress | None
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        creds: Credentials,
+        progress: PullProgress | None,
+        transfers: asyncio.Semaphore | None,
     ) -> Path:
-        def source() -> AsyncIterator[bytes]:
-            return self._counted(self._registry.stream_blob(ref, desc.digest, creds), progress)
+        def source() -> AsyncGenerator[bytes, None]:
+            return self._transfer(ref, desc.digest, creds, progress, transfers)
 
         for attempt in range(1, BLOB_ATTEMPTS + 1):
             try:
@@ -260,25 +282,24 @@ class ImageService:
                 log.warning("%s: blob %s failed (%s); fetching it again", ref, desc.digest, exc)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    async def _counted(
-        chunks: AsyncIterator[bytes], progress: PullProgress | None
-    ) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            if progress is not None:
-                progress.add(len(chunk))
-            yield chunk
-
-    async def _unpack(
-        self, chain_id: str, parent: str | None, blob: Path, desc: Descriptor, diff_id: str
-    ) -> None:
-        lock = self._unpack_locks.setdefault(chain_id, asyncio.Lock())
-        async with lock:
-            if self._snapshotter.has_layer(chain_id):
-                return
-            await anyio.to_thread.run_sync(
-                self._snapshotter.unpack_layer, chain_id, parent, blob, desc.media_type, diff_id
-            )
+    async def _transfer(
+        self,
+        ref: Reference,
+        digest: str,
+        creds: Credentials,
+        progress: PullProgress | None,
+        transfers: asyncio.Semaphore | None,
+    ) -> AsyncGenerator[bytes, None]:
+        """The blob's bytes as they arrive, counted. A slot of ``transfers`` is held while
+        they arrive, not while the content store writes the last ones down and syncs."""
+        async with (
+            transfers or contextlib.nullcontext(),
+            contextlib.aclosing(self._registry.stream_blob(ref, digest, creds)) as chunks,
+        ):
+            async for chunk in chunks:
+                if progress is not None:
+                    progress.add(len(chunk))
+                yield chunk
 
     # ---- import and tag -----------------------------------------------------------------
 
@@ -325,7 +346,7 @@ class ImageService:
         parent: str | None = None
         for number, layer in enumerate(planned.layers):
             try:
-                await self._unpack(
+                await self._layers.unpack_file(
                     layer.chain_id, parent, layer.member.path, layer.descriptor, layer.diff_id
                 )
             except CrishimError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -189,6 +190,59 @@ async def test_dropped_connections_are_retried(registry: Registry, tmp_path: Pat
             assert (
                 await env.service.pull(f"{proxy.host}/test/drop:v1", ANON)
             ).id == image.config_digest
+
+
+async def test_a_layer_is_unpacked_while_it_downloads(registry: Registry, tmp_path: Path) -> None:
+    layer = (
+        LayerBuilder(sort=False)
+        .file("first", b"first")
+        .file("big", os.urandom(1 << 20))
+        .build("none")
+    )
+    image = Image([layer], labels={"v": "streamed"})
+    push(registry.url, "test/streamed", "v1", image)
+    with RegistryProxy(registry.url) as proxy:
+        # About 16 chunks of 64 KiB, 0.1 s apart: the download takes over a second.
+        proxy.add_fault(Fault(path_regex=f"/blobs/{layer.digest}", delay_per_chunk=0.1))
+        async with image_env(tmp_path) as env:
+            pull = asyncio.create_task(env.service.pull(f"{proxy.host}/test/streamed:v1", ANON))
+            work = env.root / "snapshots" / "overlayfs" / "tmp"
+            while not any(work.glob("layer-*/fs/first")):
+                assert not pull.done(), pull
+                await asyncio.sleep(0.01)
+            assert not env.content.has(layer.digest)  # the first file is out already
+            assert (await pull).id == image.config_digest
+            assert env.content.has(layer.digest)
+
+
+@pytest.mark.parametrize("kind", snapshotter_kinds())
+async def test_layers_unpacked_side_by_side_end_as_on_the_layers_below(
+    registry: Registry, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="crishim.services.pull_layers")
+    base = (
+        LayerBuilder()
+        .dir("srv", mode=0o750, uid=7, gid=8)
+        .dir("usr/lib")
+        .symlink("lib", "usr/lib")
+        .file("big", os.urandom(1 << 20))
+        .build("gzip")
+    )
+    # No entries for the parents: they come from the layers below, and "lib" is a link.
+    top = LayerBuilder(sort=False).raw("srv/app/conf", data="c").raw("lib/mod", data="m")
+    image = Image([base, top.build("zstd")], labels={"v": "ahead"})
+    push(registry.url, "test/ahead", "v1", image)
+    async with image_env(tmp_path, kind) as env:
+        pulled = await env.service.pull(f"{registry.host}/test/ahead:v1", ANON)
+        with mounted(env.snapshotter.view("check", pulled.top_chain_id)) as rootfs:
+            srv = os.lstat(rootfs / "srv")
+            assert (srv.st_mode & 0o7777, srv.st_uid, srv.st_gid) == (0o750, 7, 8)
+            assert (rootfs / "srv/app/conf").read_text() == "c"
+            assert (rootfs / "usr/lib/mod").read_text() == "m"
+            assert os.readlink(rootfs / "lib") == "usr/lib"
+        assert os.listdir(env.root / "snapshots" / env.snapshotter.name / "tmp") == []
+    if env.snapshotter.unpacks_ahead:  # the top layer was unpacked ahead, then again
+        assert "unpacking it on top of the layers below" in caplog.text
 
 
 async def test_concurrent_pulls_fetch_each_blob_once(registry: Registry, tmp_path: Path) -> None:

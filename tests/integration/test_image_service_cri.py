@@ -131,9 +131,13 @@ async def test_kill_9_in_the_middle_of_a_pull_then_restart(
         assert any(ingest.iterdir()), "a partial download should be in ingest/"
         blobs_are_intact(proc.root)
         assert not (proc.root / "images" / "content" / "blobs" / "sha256" / big.digest[7:]).exists()
+        # The layer is unpacked while it downloads: half of it is in the snapshotter's tmp/.
+        (snapshots,) = (proc.root / "images" / "snapshots").iterdir()
+        assert any(p.name.startswith("layer-") for p in (snapshots / "tmp").iterdir())
 
         proc.start()
         assert list(ingest.iterdir()) == []
+        assert list((snapshots / "tmp").iterdir()) == []
         channel, images = await with_client(proc)
         try:
             assert (await images.list_images(v1.ListImagesRequest())).images == []

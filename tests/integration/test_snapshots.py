@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import re
+import stat
 import subprocess
 import threading
 import uuid
@@ -296,3 +297,73 @@ def test_overlay_mounts_name_short_snapshot_dirs(blobs: list[Path], tmp_path: Pa
     assert snapshotter.view("v2", CHAIN[1]) == [
         Mount("overlay", "overlay", (f"lowerdir={root}/2/fs:{root}/1/fs",))
     ]
+
+
+def overlay(tmp_path: Path) -> OverlaySnapshotter:
+    if os.geteuid() != 0:
+        pytest.skip("snapshot tests mount file systems: run as root")
+    if not overlay_supported():
+        pytest.skip("the kernel does not list overlay in /proc/filesystems")
+    return OverlaySnapshotter(tmp_path / "snapshots")
+
+
+def test_layers_staged_ahead_commit_parent_first(blobs: list[Path], tmp_path: Path) -> None:
+    snapshotter = overlay(tmp_path)
+    assert snapshotter.unpacks_ahead
+    # Top layer first: none of the layers below it is there yet.
+    staged = [
+        snapshotter.stage_layer(
+            CHAIN[i], blobs[i], LAYERS[i].media_type_for("oci"), LAYERS[i].diff_id
+        )
+        for i in reversed(range(len(LAYERS)))
+    ][::-1]
+    assert snapshotter.layers() == set()
+    assert len(listing(snapshotter, "tmp")) == len(LAYERS)
+    with pytest.raises(NotFound, match="parent layer"):
+        snapshotter.commit_staged(staged[1], CHAIN[1], CHAIN[0])
+    assert listing(snapshotter, "tmp") == sorted(s.work.name for s in (staged[0], staged[2]))
+    assert snapshotter.commit_staged(staged[0], CHAIN[0], None)
+    assert snapshotter.commit_staged(
+        snapshotter.stage_layer(
+            CHAIN[1], blobs[1], LAYERS[1].media_type_for("oci"), LAYERS[1].diff_id
+        ),
+        CHAIN[1],
+        CHAIN[0],
+    )
+    assert snapshotter.commit_staged(staged[2], CHAIN[2], CHAIN[1])
+    assert snapshotter.layers() == set(CHAIN)
+    assert listing(snapshotter, "tmp") == []
+    with mounted(snapshotter.prepare("c", CHAIN[2]), tmp_path / "rootfs") as rootfs:
+        assert sorted(os.listdir(rootfs / "etc")) == ["extra", "keep"]
+        assert os.listdir(rootfs / "opq") == ["new"]
+        assert (rootfs / "bin" / "link").read_text() == "#!/bin/sh\n"
+
+
+def test_a_staged_layer_takes_parents_from_the_layers_below(tmp_path: Path) -> None:
+    snapshotter = overlay(tmp_path)
+    base = (
+        LayerBuilder().dir("srv", mode=0o750, uid=7, gid=8).dir("usr/lib").symlink("lib", "usr/lib")
+    )
+    top = LayerBuilder(sort=False).raw("srv/app/conf", data="c").build("none")
+    via_link = LayerBuilder(sort=False).raw("lib/mod", data="m").build("none")
+    base_blob, top_blob, link_blob = tmp_path / "base", tmp_path / "top", tmp_path / "link"
+    built = base.build("none")
+    base_blob.write_bytes(built.blob)
+    top_blob.write_bytes(top.blob)
+    link_blob.write_bytes(via_link.blob)
+    kind = built.media_type_for("oci")
+    top_staged = snapshotter.stage_layer("top", top_blob, kind, top.diff_id)
+    link_staged = snapshotter.stage_layer("link", link_blob, kind, via_link.diff_id)
+    snapshotter.unpack_layer("base", None, base_blob, kind, built.diff_id)
+    assert snapshotter.commit_staged(top_staged, "top", "base")
+    # "lib" is a symlink below: the layer unpacked ahead made a directory there instead.
+    assert not snapshotter.commit_staged(link_staged, "link", "base")
+    assert listing(snapshotter, "tmp") == []
+    assert not snapshotter.has_layer("link")
+    snapshotter.unpack_layer("link", "base", link_blob, kind, via_link.diff_id)
+    with mounted(snapshotter.view("v", "top"), tmp_path / "top-view") as rootfs:
+        srv = os.lstat(rootfs / "srv")
+        assert (stat.S_IMODE(srv.st_mode), srv.st_uid, srv.st_gid) == (0o750, 7, 8)
+    with mounted(snapshotter.prepare("c", "link"), tmp_path / "link-view") as rootfs:
+        assert (rootfs / "usr" / "lib" / "mod").read_text() == "m"
+        assert os.path.islink(rootfs / "lib")

@@ -1,4 +1,4 @@
-"""A real kubelet, standalone (static pods, no API server), on a private corner of the host.
+"""A real kubelet on a private corner of the host: standalone (static pods) or in a cluster.
 
 :class:`KubeletProcess` writes a KubeletConfiguration for a CRI endpoint and starts the
 binary the environment names (``CRISHIM_TEST_KUBELET``). Everything kubelet owns lives under
@@ -19,7 +19,12 @@ What kubelet would otherwise change on the host, and how it is kept private:
   differ are covered by files holding kubelet's values, so the host keeps its own;
 * ``makeIPTablesUtilChains: false``: no KUBE-FIREWALL or canary chains in the host's
   iptables; ``cgroupsPerQOS: false`` and ``enforceNodeAllocatable: []``: no kubepods
-  cgroups; no ``--kubeconfig``: no node object anywhere.
+  cgroups; no ``--kubeconfig`` (unless a cluster rig gives one): no node object anywhere.
+
+Given a ``kubeconfig`` (``tests/rig/cluster.py``), kubelet registers itself as node
+``node_name`` with the API server and runs the pods scheduled to it; the API server reaches
+its secure port by the node's Hostname address, so a name that resolves to 127.0.0.1
+(``localhost``) keeps that traffic on loopback.
 
 crishim runs in the host's mount namespace and never sees kubelet's mounts, so pods that
 need kubelet-made mounts (memory-backed emptyDir, secrets, projected volumes) would not
@@ -70,9 +75,18 @@ class KubeletProcess:
     """One standalone kubelet with its own directories, ports and feature gates."""
 
     def __init__(
-        self, binary: str, base: Path, runtime_endpoint: str, feature_gates: dict[str, bool]
+        self,
+        binary: str,
+        base: Path,
+        runtime_endpoint: str,
+        feature_gates: dict[str, bool],
+        *,
+        kubeconfig: Path | None = None,
+        node_name: str = NODE_NAME,
     ) -> None:
         self.binary = binary
+        self.kubeconfig = kubeconfig
+        self.node_name = node_name
         self.base = base
         self.runtime_endpoint = runtime_endpoint
         self.feature_gates = feature_gates
@@ -133,9 +147,11 @@ class KubeletProcess:
             f"--root-dir={self.root_dir}",
             f"--cert-dir={self.base / 'pki'}",
             f"--volume-plugin-dir={self.base / 'volume-plugins'}",
-            f"--hostname-override={NODE_NAME}",
+            f"--hostname-override={self.node_name}",
             "--v=2",
         ]
+        if self.kubeconfig is not None:
+            kubelet.append(f"--kubeconfig={self.kubeconfig}")
         masks = [(self.base / "host-var-lib", "/var/lib"), (self.base / "host-var-log", "/var/log")]
         for name, wanted in KUBELET_SYSCTLS.items():
             target = Path("/proc/sys") / name

@@ -34,7 +34,14 @@ import zstandard
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from crishim.images.unpack import LayerResult, UnpackError, WhiteoutStyle, apply_layer
+from crishim.images.unpack import (
+    LayerResult,
+    UnpackError,
+    WhiteoutStyle,
+    apply_layer,
+    apply_layer_ahead,
+    settle_parents,
+)
 from tests.rig.bounds import allocation_peak, outcome
 from tests.rig.tar_bytes import Member, pax_record, sparse_extension, sparse_tail, tar
 
@@ -336,13 +343,20 @@ def _make_sandbox(base: Path) -> Sandbox:
     (lower / "l").symlink_to("../canary")
     (lower / "abs").symlink_to(out / "canary")
     target = out / "rootfs"
+    _plant_target(out, target)
+    return Sandbox(out, target, lower, out / "blob")
+
+
+def _plant_target(out: Path, target: Path) -> None:
+    """A target with a file and links out of it, all of the same times."""
     (target / "etc").mkdir(parents=True)
     (target / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
     (target / "up").symlink_to("../..")
     (target / "esc").symlink_to("../canary")
     (target / "abs").symlink_to(out)
     (target / "canary").symlink_to(out / "canary" / "secret.txt")
-    return Sandbox(out, target, lower, out / "blob")
+    for path in (*target.iterdir(), target / "etc" / "passwd"):
+        os.utime(path, ns=(0, 0), follow_symlinks=False)
 
 
 def _open_fds() -> set[str]:
@@ -459,6 +473,63 @@ def test_garbage_fails_cleanly_whatever_its_media_type(
 ) -> None:
     raw = Archive((), b"".join(magic) + junk, (), None, "none", media_type, None)
     unpack_in_sandbox(sandboxes, raw, style, with_lower=False)
+
+
+def _tree(top: Path) -> dict[str, tuple[object, ...]]:
+    """What an unpack made: the listing with the times of directories and whiteouts left
+    out (they get the time they were made), and every entry's xattrs."""
+    tree: dict[str, tuple[object, ...]] = {}
+    for name, (mode, uid, size, links, mtime, data) in _listing(top, skip=top / "-").items():
+        path = top / name
+        st_ = os.lstat(path)
+        xattrs = {}
+        if not stat.S_ISLNK(mode):
+            for attr in os.listxattr(path, follow_symlinks=False):
+                xattrs[attr] = os.getxattr(path, attr, follow_symlinks=False)
+        made_here = stat.S_ISDIR(mode) or (stat.S_ISCHR(mode) and st_.st_rdev == 0)
+        when = 0 if made_here else mtime
+        tree[name] = (mode, uid, st_.st_gid, size, links, when, data, xattrs)
+    return tree
+
+
+@given(archives())
+@example(_one(_file(b"a/new/f"), _file(b"f/x")))
+@example(_one(_file(b"l/x")))
+@example(_one(_file(b"a/dir/x"), Member(b"5", b"a", mode=0o700)))
+def test_a_layer_unpacked_ahead_and_settled_equals_one_unpacked_on_its_lowers(
+    sandboxes: Path, archive: Archive
+) -> None:
+    """Unpacked before the layers below are there, a layer either ends as it would on
+    them, or is refused or found to differ (then the pull unpacks it again on them)."""
+    box = _make_sandbox(sandboxes)
+    try:
+        box.blob.write_bytes(archive.blob(str(box.out).encode()))
+        on_lowers = outcome(
+            lambda: apply_layer(
+                box.blob, archive.media_type, box.target, lowers=[box.lower], whiteouts=_OVERLAY
+            ),
+            UnpackError,
+            SECONDS,
+        )
+        ahead_target = box.out / "ahead"
+        _plant_target(box.out, ahead_target)
+        ahead = outcome(
+            lambda: apply_layer_ahead(box.blob, archive.media_type, ahead_target),
+            UnpackError,
+            SECONDS,
+        )
+        if isinstance(ahead, UnpackError):
+            event("ahead: refused")
+            return
+        result, guesses = ahead
+        if not settle_parents(ahead_target, guesses, [box.lower]):
+            event("ahead: the lowers differ")
+            return
+        event(f"ahead: settled {min(len(guesses.made), 3)}+ guesses")
+        assert result == on_lowers
+        assert _tree(ahead_target) == _tree(box.target)
+    finally:
+        shutil.rmtree(box.out)
 
 
 _MIB = 1 << 20

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import inspect
 
+import httpcore
 import pytest
 
 from crishim.images.auth import Challenge, Credentials, TokenCache, parse_challenges
+from crishim.images.registry import RESPONSE_READ_BYTES
 
 
 @pytest.mark.parametrize(
@@ -68,3 +71,9 @@ def test_tokens_are_reused_until_near_expiry() -> None:
     cache.put(key, "short", 5)  # inside the renewal margin: treated as expired
     assert cache.get(key) is None
     assert cache.get(("other", "repo", "pull", "u")) is None
+
+
+def test_responses_are_read_in_large_pieces() -> None:
+    # The setting is a class attribute of httpcore's: fail when httpcore stops reading it.
+    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES == RESPONSE_READ_BYTES
+    assert "self.READ_NUM_BYTES" in inspect.getsource(httpcore.AsyncHTTP11Connection._receive_event)

@@ -13,6 +13,10 @@ written and fsynced inside it, and the whole directory renamed into ``snapshots/
 rename is the commit, so a half-made snapshot never appears there. Removal renames the
 directory back into ``tmp/`` before deleting it, for the same reason.
 
+A snapshotter whose layers are independent directories (overlay) can unpack a layer
+ahead of the layers below it (``stage_layer``, in ``tmp/`` too) and commit it once they
+are committed (``commit_staged``): commits stay parent-first.
+
 The methods are synchronous (they unpack and copy files): callers run them in a thread.
 Several threads may call one snapshotter at once; a lock guards its index.
 """
@@ -35,11 +39,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from crishim.errors import AlreadyExists, FailedPrecondition, NotFound
-from crishim.images.unpack import LayerResult, UnpackError
+from crishim.images.unpack import (
+    LayerResult,
+    ParentGuesses,
+    Readable,
+    UnpackError,
+    settle_parents,
+)
 from crishim.util.disk import disk_full_as
 from crishim.util.fs import directory_usage
 
-__all__ = ["Kind", "Mount", "Snapshot", "Snapshotter"]
+__all__ = ["Kind", "Mount", "Snapshot", "Snapshotter", "StagedLayer"]
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +111,28 @@ class Snapshot:
         return LayerResult(diff_id=self.diff_id, size=self.size, entries=self.entries)
 
 
+@dataclass(frozen=True)
+class StagedLayer:
+    """A layer unpacked ahead of the layers below it, in a work dir in ``tmp/`` (which a
+    crash leaves to ``recover``): not a snapshot until :meth:`Snapshotter.commit_staged`."""
+
+    work: Path
+    result: LayerResult
+    guesses: ParentGuesses
+
+    def discard(self) -> None:
+        """Remove the work dir, unless it was committed (renamed away)."""
+        if self.work.exists():
+            shutil.rmtree(self.work)
+
+
 class Snapshotter(ABC):
     """Layers by chain ID and container snapshots on top; subclasses decide how files are
     stacked (overlay mounts, or full copies)."""
 
     name: ClassVar[str]
+    #: whether a layer can be unpacked before the layers below it are (``stage_layer``)
+    unpacks_ahead: ClassVar[bool] = False
 
     def __init__(self, root: Path) -> None:
         """Open the snapshotter at ``root`` (created if missing) and recover it."""
@@ -138,11 +165,12 @@ class Snapshotter(ABC):
         self,
         chain_id: str,
         parent: str | None,
-        blob: Path,
+        blob: Path | Readable,
         media_type: str,
         expected_diff_id: str,
     ) -> LayerResult:
-        """Unpack ``blob`` on top of the layer ``parent`` and commit it as ``chain_id``.
+        """Unpack ``blob`` (a file, or a stream of its bytes read to the end) on top of the
+        layer ``parent`` and commit it as ``chain_id``.
 
         Raises UnpackError when the layer is hostile or damaged or its diff ID is not
         ``expected_diff_id``; nothing is left behind then. When another call committed
@@ -159,11 +187,7 @@ class Snapshotter(ABC):
                 self._workdir(Kind.LAYER) as work,
             ):
                 result = self._unpack(work / _FS, lowers, blob, media_type)
-                if result.diff_id != expected_diff_id:
-                    raise UnpackError(
-                        f"diff_id mismatch: layer {chain_id} (blob {blob}) gives "
-                        f"{result.diff_id}, config says {expected_diff_id}"
-                    )
+                _check_diff_id(chain_id, blob, result, expected_diff_id)
                 with self._lock:
                     if chain_id not in self._layers:
                         self._layers[chain_id] = self._commit(
@@ -173,6 +197,46 @@ class Snapshotter(ABC):
         finally:
             with self._lock:
                 self._unpin(parent)
+
+    def stage_layer(
+        self, chain_id: str, blob: Path | Readable, media_type: str, expected_diff_id: str
+    ) -> StagedLayer:
+        """Unpack ``blob`` for the layer ``chain_id`` before the layers below it are there
+        (only when :attr:`unpacks_ahead`); :meth:`commit_staged` finishes it. Raises
+        UnpackError as :meth:`unpack_layer` does, leaving nothing behind."""
+        with disk_full_as(f"unpacking layer {chain_id} in", self._tmp):
+            work = self._new_workdir(Kind.LAYER)
+            try:
+                result, guesses = self._unpack_ahead(work / _FS, blob, media_type)
+                _check_diff_id(chain_id, blob, result, expected_diff_id)
+            except BaseException:
+                shutil.rmtree(work)
+                raise
+        return StagedLayer(work, result, guesses)
+
+    def commit_staged(self, staged: StagedLayer, chain_id: str, parent: str | None) -> bool:
+        """Commit a staged layer on top of the committed layer ``parent``. False when it
+        cannot be (a layer below has a symlink or a file where it guessed a directory):
+        unpack it with :meth:`unpack_layer` then. ``staged`` is used up either way."""
+        try:
+            with self._lock:
+                if chain_id in self._layers:
+                    return True
+                lowers = self._pin(parent)
+            try:
+                if not settle_parents(staged.work / _FS, staged.guesses, lowers):
+                    return False
+                with disk_full_as(f"committing layer {chain_id} in", self._tmp), self._lock:
+                    if chain_id not in self._layers:
+                        self._layers[chain_id] = self._commit(
+                            staged.work, Kind.LAYER, chain_id, parent, staged.result
+                        )
+                return True
+            finally:
+                with self._lock:
+                    self._unpin(parent)
+        finally:
+            staged.discard()
 
     def remove_layer(self, chain_id: str) -> None:
         """Remove a committed layer (no-op when absent); refused while anything uses it."""
@@ -259,8 +323,16 @@ class Snapshotter(ABC):
     # --- what subclasses provide ---
 
     @abstractmethod
-    def _unpack(self, fs: Path, lowers: list[Path], blob: Path, media_type: str) -> LayerResult:
+    def _unpack(
+        self, fs: Path, lowers: list[Path], blob: Path | Readable, media_type: str
+    ) -> LayerResult:
         """Fill the empty ``fs`` with the layer, given the parent chain's dirs (top first)."""
+
+    def _unpack_ahead(
+        self, fs: Path, blob: Path | Readable, media_type: str
+    ) -> tuple[LayerResult, ParentGuesses]:
+        """Fill the empty ``fs`` with the layer before the layers below are there."""
+        raise NotImplementedError(f"the {self.name} snapshotter does not unpack ahead")
 
     @abstractmethod
     def _make_active(self, directory: Path, lowers: list[Path]) -> None:
@@ -339,15 +411,24 @@ class Snapshotter(ABC):
             users.append("work in progress")
         return users
 
-    @contextmanager
-    def _workdir(self, kind: Kind) -> Iterator[Path]:
-        """A fresh directory in ``tmp/`` with an empty ``fs``; gone afterwards unless
-        committed (renamed away)."""
+    def _new_workdir(self, kind: Kind) -> Path:
+        """A fresh directory in ``tmp/`` with an empty ``fs`` (the caller removes it
+        unless committed)."""
         work = Path(tempfile.mkdtemp(prefix=f"{kind.value}-", dir=self._tmp))
         try:
             # The fs dir becomes a container's "/": the usual mode, not mkdtemp's 0700.
             (work / _FS).mkdir()
             os.chmod(work / _FS, 0o755)  # noqa: S103 (a root dir is world-readable)
+        except BaseException:
+            shutil.rmtree(work)
+            raise
+        return work
+
+    @contextmanager
+    def _workdir(self, kind: Kind) -> Iterator[Path]:
+        """A fresh work dir; gone afterwards unless committed (renamed away)."""
+        work = self._new_workdir(kind)
+        try:
             yield work
         finally:
             if work.exists():
@@ -381,6 +462,17 @@ class Snapshotter(ABC):
         trash = Path(tempfile.mkdtemp(prefix="removed-", dir=self._tmp))
         os.rename(self._dir(snapshot.id), trash / str(snapshot.id))
         return trash
+
+
+def _check_diff_id(
+    chain_id: str, blob: Path | Readable, result: LayerResult, expected_diff_id: str
+) -> None:
+    if result.diff_id != expected_diff_id:
+        source = f"blob {blob}" if isinstance(blob, Path) else "read as downloaded"
+        raise UnpackError(
+            f"diff_id mismatch: layer {chain_id} ({source}) gives "
+            f"{result.diff_id}, config says {expected_diff_id}"
+        )
 
 
 def _write_synced(path: Path, data: bytes) -> None:

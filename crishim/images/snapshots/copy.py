@@ -11,7 +11,7 @@ from pathlib import Path
 
 from crishim.errors import Internal, ResourceExhausted
 from crishim.images.snapshots.base import Mount, Snapshotter
-from crishim.images.unpack import LayerResult, WhiteoutStyle, apply_layer
+from crishim.images.unpack import LayerResult, Readable, WhiteoutStyle, apply_layer
 from crishim.util.proc import run_blocking
 
 __all__ = ["CopySnapshotter"]
@@ -22,7 +22,9 @@ class CopySnapshotter(Snapshotter):
 
     name = "native"
 
-    def _unpack(self, fs: Path, lowers: list[Path], blob: Path, media_type: str) -> LayerResult:
+    def _unpack(
+        self, fs: Path, lowers: list[Path], blob: Path | Readable, media_type: str
+    ) -> LayerResult:
         if lowers:
             _copy_tree(lowers[0], fs)
         return apply_layer(blob, media_type, fs, whiteouts=WhiteoutStyle.DELETE)

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from crishim.errors import ConfigError, FailedPrecondition
 from crishim.images.snapshots.base import Mount, Snapshotter
-from crishim.images.unpack import LayerResult, WhiteoutStyle, apply_layer
+from crishim.images.unpack import (
+    LayerResult,
+    ParentGuesses,
+    Readable,
+    WhiteoutStyle,
+    apply_layer,
+    apply_layer_ahead,
+)
 from crishim.util import proc
 
 __all__ = ["OverlaySnapshotter", "overlay_supported", "probe_overlay_mount"]
@@ -24,6 +31,7 @@ class OverlaySnapshotter(Snapshotter):
     """Layers as overlay lower dirs; containers as overlay mounts with their own upper."""
 
     name = "overlayfs"
+    unpacks_ahead = True
 
     def __init__(self, root: Path) -> None:
         # Mount options are split at "," and lowerdir at ":": a root holding either
@@ -32,8 +40,15 @@ class OverlaySnapshotter(Snapshotter):
             raise ConfigError(f"overlay snapshotter root {root}: path may not contain ',' or ':'")
         super().__init__(root)
 
-    def _unpack(self, fs: Path, lowers: list[Path], blob: Path, media_type: str) -> LayerResult:
+    def _unpack(
+        self, fs: Path, lowers: list[Path], blob: Path | Readable, media_type: str
+    ) -> LayerResult:
         return apply_layer(blob, media_type, fs, lowers=lowers, whiteouts=WhiteoutStyle.OVERLAY)
+
+    def _unpack_ahead(
+        self, fs: Path, blob: Path | Readable, media_type: str
+    ) -> tuple[LayerResult, ParentGuesses]:
+        return apply_layer_ahead(blob, media_type, fs)
 
     def _make_active(self, directory: Path, lowers: list[Path]) -> None:
         (directory / "work").mkdir(mode=0o700)
