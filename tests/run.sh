@@ -16,9 +16,10 @@ fi
 # containerd: its ctr writes archives for the import tests, the kind node's stand-in base
 # carries it as kind's does, and the benchmarks compare with it.
 # openssl: the cluster rig (tests/rig/pki.py) makes its certificates with it.
+# buildah builds the crishim image (docker/build.sh) from a debootstrapped base.
 packages=(runc crun conmon catatonit containernetworking-plugins docker-registry busybox-static
           umoci skopeo iproute2 iptables apache2-utils python3-venv debootstrap systemd-container
-          containerd openssl)
+          containerd openssl buildah)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
