@@ -102,9 +102,18 @@ def _remove_cgroup_tree(directory: Path) -> None:
 class Bed:
     """One booted container; ``base`` is a fresh directory of the test's."""
 
-    def __init__(self, base: Path, *, crishim_config: str = "", pod_network: bool = True) -> None:
+    def __init__(
+        self,
+        base: Path,
+        *,
+        crishim_config: str = "",
+        pod_network: bool = True,
+        binds: tuple[str, ...] = (),
+    ) -> None:
         """``pod_network``: the bed's pods join its bridge (``BRIDGE``), which stopping the
-        bed removes with its rules; a bed without it leaves them to the bed that has one."""
+        bed removes with its rules; a bed without it leaves them to the bed that has one.
+        ``binds``: more paths inside the bed backed by directories of ``base`` (state on the
+        host's file system, as ``/var/lib/crishim`` is: overlayfs refuses an overlay upper)."""
         self.base = base
         self.pod_network = pod_network
         self.lower = ensure_rootfs()
@@ -114,6 +123,7 @@ class Bed:
         self.log_file = base / "nspawn.log"
         self.name = f"crishim-bed-{os.getpid()}"
         self._extra_config = crishim_config
+        self.binds = {inside: base / ("bind" + inside.replace("/", "-")) for inside in binds}
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.pid1 = 0
 
@@ -166,7 +176,8 @@ class Bed:
 
     def start(self) -> None:
         """Lay out the root, install crishim, boot, wait for a running system."""
-        for directory in (self.cri, self.state, self.base / "upper", self.base / "work", self.root):
+        made = (self.cri, self.state, self.base / "upper", self.base / "work", self.root)
+        for directory in (*made, *self.binds.values()):
             directory.mkdir(parents=True, exist_ok=True)
         upper, work = self.base / "upper", self.base / "work"
         options = f"lowerdir={self.lower},upperdir={upper},workdir={work}"
@@ -235,6 +246,7 @@ class Bed:
             str(self.root),
             f"--bind={self.cri}:{CRI_DIR}",
             f"--bind={self.state}:/var/lib/crishim",
+            *(f"--bind={outside}:{inside}" for inside, outside in self.binds.items()),
             INIT,
         ]
         # The shell joins the bed's cgroups, then becomes nspawn: nothing runs outside them.
