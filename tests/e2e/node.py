@@ -153,13 +153,13 @@ class KubeNode:
 
     def _containerd(self, pause_image: str) -> None:
         deb = containerd_deb()
-        shutil.copy2(deb, self.bed.root / "tmp" / deb.name)
+        shutil.copy2(deb, self.bed.root / "root" / deb.name)
         self.write("/etc/containerd/config.toml", containerd_config(pause_image))
         hosts = f'server = "http://{self.registry_host}"\n'
         self.write(f"/etc/containerd/certs.d/{self.registry_host}/hosts.toml", hosts)
         self.bed.run(
             "env", "DEBIAN_FRONTEND=noninteractive", "dpkg", "--force-confold", "-i",
-            f"/tmp/{deb.name}", timeout=300,
+            f"/root/{deb.name}", timeout=300,
         )  # fmt: skip
         self.bed.systemctl("restart", "containerd.service")
 
@@ -183,6 +183,9 @@ class KubeNode:
             cover = f"/etc/kubelet-sysctl/{name.replace('/', '.')}"
             self.write(cover, f"{wanted}\n")
             bed.run("mount", "--bind", cover, f"/proc/sys/{name}")
+        # kubelet's OOM watcher reads the kernel log; nspawn gives no /dev/kmsg (kind's
+        # nodes link the console there too).
+        bed.run("ln", "-sf", "/dev/console", "/dev/kmsg")
         self.write("/etc/systemd/system/kubelet.service", KUBELET_UNIT)
         bed.systemctl("daemon-reload")
         bed.systemctl("enable", "--now", "kubelet.service")

@@ -14,6 +14,7 @@ transcript of the kubectl commands it ran, with their outputs and times.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -70,7 +71,7 @@ class Transcript:
         return "\n".join(self.lines)
 
 
-def test_pod(name: str, image: str) -> dict[str, object]:
+def idle_pod(name: str, image: str) -> dict[str, object]:
     """An idle busybox pod that stops at once on SIGTERM."""
     return {
         "apiVersion": "v1",
@@ -137,9 +138,33 @@ def wait_runtime(transcript: Transcript, node: KubeNode, prefix: str, timeout: f
         time.sleep(1)
 
 
+def diagnose(transcript: Transcript, node: KubeNode) -> None:
+    """What the cluster and the node say, into the transcript, after a failure."""
+    transcript.note("--- after the failure ---")
+    for args in (
+        ("get", "pods", "-A", "-o", "wide"),
+        ("-n", NAMESPACE, "describe", "pods"),
+        (
+            "-n",
+            NAMESPACE,
+            "logs",
+            "--all-containers",
+            "--prefix",
+            "-l",
+            "app.kubernetes.io/part-of=crishim",
+        ),
+    ):
+        with contextlib.suppress(Exception):
+            transcript.kubectl(*args, check=False)
+    if node.bed.pid1:
+        for unit in ("kubelet", "crishim", "crishim-rootfs", "containerd"):
+            transcript.lines.append(f"--- journal of {unit} (the node) ---")
+            transcript.lines.append(node.bed.journal(unit, 40))
+
+
 def run_test_pod(transcript: Transcript, name: str, image: str) -> None:
     """A test pod Ready, and kubectl exec into it."""
-    transcript.kubectl("apply", "-f", "-", input=json.dumps(test_pod(name, image)))
+    transcript.kubectl("apply", "-f", "-", input=json.dumps(idle_pod(name, image)))
     transcript.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=180s")
     transcript.kubectl("get", "pod", name, "-o", "wide")
     out = transcript.kubectl("exec", name, "--", "sh", "-c", f"echo hello from {name}")
@@ -167,7 +192,7 @@ def test_daemonset_switches_the_node_to_crishim_and_back(
         wait_runtime(transcript, node, "crishim://", 420)
         assert node.kubelet_config_text().count(CRISHIM_ENDPOINT) == 1
         transcript.kubectl(
-            "-n", NAMESPACE, "rollout", "status", "daemonset/crishim-install", "--timeout=300s"
+            "-n", NAMESPACE, "rollout", "status", "daemonset/crishim-install", "--timeout=180s"
         )
         transcript.kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide")
         run_test_pod(transcript, "on-crishim", images.busybox)
@@ -191,6 +216,9 @@ def test_daemonset_switches_the_node_to_crishim_and_back(
             "delete", "-f", "-", "--wait=true", "--timeout=120s",
             input=manifest("crishim-uninstall.yaml", built_image.pushed),
         )  # fmt: skip
+    except BaseException:
+        diagnose(transcript, node)
+        raise
     finally:
         print("\n--- transcript ---\n" + transcript.text())
         if os.environ.get("CRISHIM_E2E_TRANSCRIPT"):
