@@ -13,9 +13,10 @@ bound into it at the same paths. Two systemd units do that:
   rootfs, and what crishim or a container with Bidirectional propagation mounts there (CSI
   drivers) appears on the host. Its stop makes every bind a slave first, then detaches the
   tree: unmounting a shared bind would propagate and unmount the host's own mounts below it.
-- ``crishim.service`` is the shipped unit (``crishim unit``) plus ``RootDirectory=`` (the
-  rootfs) and ``MountAPIVFS=no``. With no other namespacing setting systemd then applies
-  ``RootDirectory=`` as a plain chroot(2) in the host's mount namespace.
+- ``crishim.service`` is the shipped unit (``crishim unit``) with ``ExecStart=`` run by the
+  host's ``chroot`` into the rootfs: a plain chroot(2) in the host's mount namespace (what
+  ``RootDirectory=`` with ``MountAPIVFS=no`` would be, had systemd 252 not looked the
+  program up on the host's root).
 
 Why not ``RootDirectory=`` with ``BindPaths=``: any ``BindPaths=`` (or ``MountAPIVFS=yes``)
 gives the service its own mount namespace, created anew at each start, whose mounts never
@@ -153,10 +154,15 @@ def render_rootfs_unit(mount: str = "/bin/mount", umount: str = "/bin/umount") -
     return "\n".join(lines) + "\n"
 
 
-def render_service_unit(shipped: str, executable: str) -> str:
+def render_service_unit(shipped: str, executable: str, chroot: str = "/usr/sbin/chroot") -> str:
     """``crishim.service`` for the rootfs: the shipped unit running ``executable`` (a path
-    inside the rootfs) chrooted into it, after and bound to ``crishim-rootfs.service``."""
-    text = render_unit(shipped, executable)
+    inside the rootfs) chrooted into it by the host's ``chroot`` (an absolute path on the
+    host), after and bound to ``crishim-rootfs.service``.
+
+    Not ``RootDirectory=``: systemd 252 (Debian 12) looks the ``ExecStart=`` program up on
+    the host's root, not in ``RootDirectory=``, and fails ("Failed to locate executable")
+    unless the host happens to have a file at that path too."""
+    text = render_unit(shipped, f"{chroot} {ROOTFS_DIR} {executable}")
     text = add_settings(
         text,
         "Unit",
@@ -169,8 +175,6 @@ def render_service_unit(shipped: str, executable: str) -> str:
             "# Installed by `crishim node install`: crishim runs from its image's root file",
             "# system, chrooted in the host's mount namespace (no namespacing setting may be",
             "# added: it would give the service a mount namespace its mounts cannot leave).",
-            f"RootDirectory={ROOTFS_DIR}",
-            "MountAPIVFS=no",
         ],
     )
 

@@ -109,7 +109,7 @@ def _make_image(root: Path) -> None:
 
 
 def _make_host(root: Path, *, flags: bool = False) -> None:
-    for tool in ("usr/bin/mount", "usr/bin/umount"):
+    for tool in ("usr/bin/mount", "usr/bin/umount", "usr/sbin/chroot"):
         (root / tool).parent.mkdir(parents=True, exist_ok=True)
         (root / tool).write_text("#!/bin/sh\n")
         (root / tool).chmod(0o755)
@@ -206,9 +206,7 @@ def test_install_puts_crishim_on_the_host_and_switches_kubelet(rig: Rig) -> None
     assert 'cgroup_driver = "systemd"' in rig.read("/etc/crishim/crishim.toml")
     # the units
     service = _service(rig.read("/etc/systemd/system/crishim.service"))
-    assert service["Service"]["RootDirectory"] == ROOTFS_DIR
-    assert service["Service"]["MountAPIVFS"] == "no"
-    assert service["Service"]["ExecStart"] == f"{EXECUTABLE} serve"
+    assert service["Service"]["ExecStart"] == f"/usr/sbin/chroot {ROOTFS_DIR} {EXECUTABLE} serve"
     assert service["Unit"]["BindsTo"] == "crishim-rootfs.service"
     binds = rig.read("/etc/systemd/system/crishim-rootfs.service").splitlines()
     assert f"ExecStart=/usr/bin/mount --rbind /proc {ROOTFS_DIR}/proc" in binds
@@ -237,7 +235,7 @@ def test_the_service_unit_adds_no_setting_that_makes_a_mount_namespace(rig: Rig)
     shipped = _service(unit_path().read_text())["Service"]
     service = _service(text)["Service"]
     added = {k: v for k, v in service.items() if k not in shipped}
-    assert added == {"RootDirectory": ROOTFS_DIR, "MountAPIVFS": "no"}
+    assert added == {}
 
 
 def test_the_binds_are_made_on_a_private_rootfs_and_undone_as_slaves(rig: Rig) -> None:
