@@ -148,7 +148,10 @@ def config_value(text: str, key: str) -> str | None:
     """The value of the top-level ``key`` in a kubelet config file's text."""
     if _is_json(text):
         value = _json(text).get(key)
-        return value if isinstance(value, str) else None
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        # numbers as YAML would give them (healthzPort: 0 in a JSON file is 0, not absent)
+        return str(value) if isinstance(value, str | int) else None
     value = None
     for line in _yaml_lines(text):
         match = _YAML_KEY.match(line)

@@ -129,3 +129,12 @@ def test_flag_values_the_last_one_wins() -> None:
     assert flag_value(["--config=/a", "--config", "/b"], "--config") == "/b"
     assert flag_value(["--configx=/a"], "--config") is None
     assert flag_value(["--config"], "--config") is None
+
+
+def test_config_value_of_a_json_file_gives_numbers_and_booleans_as_yaml_would() -> None:
+    text = '{"healthzPort": 0, "failSwapOn": false, "cgroupDriver": "systemd", "a": {}}'
+    assert config_value(text, "healthzPort") == "0"
+    assert config_value(text, "failSwapOn") == "false"
+    assert config_value(text, "cgroupDriver") == "systemd"
+    assert config_value(text, "a") is None
+    assert config_value(text, "missing") is None
