@@ -136,7 +136,10 @@ def _check_mappings(kind: str, mappings: Sequence[IdMapping]) -> None:
                     f"(IDs 0..{_INVALID_ID - 1})"
                 )
     for side in ("container", "host"):
-        ranges = sorted((m.container_id if side == "container" else m.host_id, m) for m in mappings)
+        ranges = sorted(
+            ((m.container_id if side == "container" else m.host_id, m) for m in mappings),
+            key=lambda pair: pair[0],
+        )
         for (start_a, a), (start_b, b) in itertools.pairwise(ranges):
             if start_b < start_a + a.length:
                 raise InvalidArgument(
