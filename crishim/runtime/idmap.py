@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "mount_overlay_idmapped",
     "release_stage",
     "stage_idmapped",
+    "unsearchable_parent",
 ]
 
 # Any mapping serves the probe; this is the first range kubelet gives pods.
@@ -197,4 +199,20 @@ async def idmapped_mounts_supported(path: Path) -> str:
         return f"ID-mapped mount of {path}: {exc.strerror}"
     except (Internal, FailedPrecondition) as exc:
         return exc.message
+    return ""
+
+
+def unsearchable_parent(path: Path) -> str:
+    """The first directory from ``/`` down to ``path`` that others may not search, as a
+    message, or "". The runtime works as the pod's root, a node user without rights, when
+    it mounts the container's root file system: it must reach the bundle."""
+    current = Path("/")
+    for part in path.resolve().parts[1:]:
+        current = current / part
+        try:
+            mode = os.stat(current).st_mode
+        except OSError as exc:
+            return f"{current}: {exc.strerror}"
+        if not mode & stat.S_IXOTH:
+            return f"{current} (mode {stat.S_IMODE(mode):04o}) is not searchable by others"
     return ""

@@ -38,6 +38,7 @@ from crishim.network.netns import (
     remove_pod_namespaces,
 )
 from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
+from crishim.runtime.idmap import unsearchable_parent
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.services.events import EventBus
 from crishim.store import ObjectStore
@@ -207,6 +208,7 @@ class SandboxService:
         userns = pod_userns(config.namespace_options)
         if userns is not None:
             why_not = self.userns_support(handler) if self.userns_support else "not set up"
+            why_not = why_not or unsearchable_parent(self._state)
             if why_not:
                 raise FailedPrecondition(
                     f"runtime handler {handler or '(default)'!r} cannot run pods in a user "

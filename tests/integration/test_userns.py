@@ -1,0 +1,239 @@
+"""Pods in a user namespace of their own (``hostUsers: false``), on runc and on crun (root).
+
+Every pod here gets the mapping kubelet would pick (65536 IDs at a multiple of 65536);
+the tests look from both sides: what the pod sees (``/proc/self/uid_map``, owners, what its
+root may do) and what the node sees (owners of files it wrote, the process' IDs). The
+``rig`` fixture checks that removing the pods leaves no pin, mount or stage behind.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from grpclib.const import Status
+
+from crishim.api import v1
+from tests.rig.checks import SLEEP, container_pid, grpc_error
+from tests.rig.pods import (
+    PodRig,
+    pod_rig_fixture,  # noqa: F401 - the module-scoped fixture ``pod_rig``
+    rig_fixture,  # noqa: F401 - the per-test fixture ``rig``
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.asyncio(loop_scope="module")]
+
+# Node IDs 65536 * 37 .. + 65535: the pod's 0 .. 65535 (far from the node's own users).
+BASE = 65536 * 37
+MAPPING = [v1.IdMapping(host_id=BASE, container_id=0, length=65536)]
+
+
+def userns_options(mappings: list[v1.IdMapping] | None = None) -> v1.NamespaceOption:
+    mapping = mappings if mappings is not None else MAPPING
+    return v1.NamespaceOption(
+        network=v1.NamespaceMode.POD,
+        pid=v1.NamespaceMode.CONTAINER,
+        ipc=v1.NamespaceMode.POD,
+        userns_options=v1.UserNamespace(mode=v1.NamespaceMode.POD, uids=mapping, gids=mapping),
+    )
+
+
+def pod_linux(
+    namespaces: v1.NamespaceOption | None = None, sysctls: dict[str, str] | None = None
+) -> v1.LinuxPodSandboxConfig:
+    return v1.LinuxPodSandboxConfig(
+        security_context=v1.LinuxSandboxSecurityContext(
+            namespace_options=namespaces or userns_options()
+        ),
+        sysctls=sysctls or {},
+    )
+
+
+@pytest.fixture(autouse=True)
+def searchable_state(pod_rig: PodRig) -> None:
+    """pytest makes its temporary directories 0700; the runtime, working as the pod's root
+    (a node user without rights), must reach the bundles under the state directory."""
+    for directory in (pod_rig.proc.state, *pod_rig.proc.state.parents):
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
+async def userns_pod(rig: PodRig, name: str, **overrides: object) -> str:
+    return await rig.run_pod(name, linux=pod_linux(**overrides))  # type: ignore[arg-type]
+
+
+def mapped_mount(container_path: str, host_path: Path) -> v1.Mount:
+    """A volume as kubelet sends it for such a pod: ID-mapped with the pod's mappings."""
+    return v1.Mount(
+        container_path=container_path,
+        host_path=str(host_path),
+        uid_mappings=MAPPING,
+        gid_mappings=MAPPING,
+    )
+
+
+async def test_every_runtime_handler_says_it_runs_user_namespaced_pods(rig: PodRig) -> None:
+    status = await rig.runtime.status(v1.StatusRequest())
+    features = {h.name: h.features for h in status.runtime_handlers}
+    assert set(features) == {"", "runc", "crun"}
+    assert all(f is not None and f.user_namespaces for f in features.values()), features
+
+
+async def test_root_of_the_pod_is_a_mapped_node_user(rig: PodRig) -> None:
+    pod = await userns_pod(rig, "userns-root")
+    status = await rig.pod_status(pod)
+    assert status.linux is not None
+    assert status.linux.namespaces is not None
+    options = status.linux.namespaces.options
+    assert options is not None
+    assert options.userns_options is not None
+    assert options.userns_options.mode == v1.NamespaceMode.POD
+    assert options.userns_options.uids == MAPPING
+
+    cid = await rig.start_container(pod, "main", SLEEP)
+    uid_map = (await rig.exec_out(cid, "cat", "/proc/self/uid_map")).split()
+    assert uid_map == ["0", str(BASE), "65536"]
+    assert (await rig.exec_out(cid, "cat", "/proc/self/gid_map")).split() == uid_map
+    assert (await rig.exec_out(cid, "id", "-u")).strip() == "0"
+    pid = await container_pid(rig, cid)
+    node_ids = Path(f"/proc/{pid}/status").read_text()
+    assert f"Uid:\t{BASE}\t{BASE}\t{BASE}\t{BASE}" in node_ids
+
+    # The image's files are the pod's root's (ID-mapped layers), and the root may write.
+    assert (await rig.exec_out(cid, "stat", "-c", "%u:%g", "/bin", "/etc")).split() == [
+        "0:0",
+        "0:0",
+    ]
+    await rig.exec_out(cid, "sh", "-c", "echo new > /etc/written && touch /made-here")
+    written = os.stat(f"/proc/{pid}/root/etc/written")
+    assert (written.st_uid, written.st_gid) == (BASE, BASE)
+    # /dev/shm is the pod's root's too.
+    assert (await rig.exec_out(cid, "stat", "-c", "%u", "/dev/shm")).strip() == "0"
+
+
+async def test_files_written_to_a_host_directory_belong_to_the_mapped_user(
+    rig: PodRig, tmp_path: Path
+) -> None:
+    empty_dir = tmp_path / "empty-dir"
+    empty_dir.mkdir()
+    empty_dir.chmod(0o777)  # as kubelet makes an emptyDir
+    mapped = tmp_path / "mapped"
+    mapped.mkdir()
+    (mapped / "config").write_text("from the node\n")
+    (mapped / "config").chmod(0o600)
+    pod = await userns_pod(rig, "userns-volumes")
+    cid = await rig.start_container(
+        pod,
+        "main",
+        SLEEP,
+        mounts=[
+            v1.Mount(container_path="/plain", host_path=str(empty_dir)),
+            mapped_mount("/mapped", mapped),
+        ],
+    )
+    await rig.exec_out(cid, "sh", "-c", "echo hi > /plain/by-pod-root")
+    owner = os.stat(empty_dir / "by-pod-root")
+    assert (owner.st_uid, owner.st_gid) == (BASE, BASE)
+
+    # An ID-mapped volume keeps the owners the pod sees: node root's file is the pod root's.
+    assert (await rig.exec_out(cid, "stat", "-c", "%u:%g", "/mapped/config")).strip() == "0:0"
+    assert await rig.exec_out(cid, "cat", "/mapped/config") == "from the node\n"
+    await rig.exec_out(cid, "sh", "-c", "echo hi > /mapped/by-pod-root")
+    owner = os.stat(mapped / "by-pod-root")
+    assert (owner.st_uid, owner.st_gid) == (0, 0)
+    # The same host directory, not ID-mapped, is nobody's in the pod.
+    status = await rig.status(cid)
+    assert [m.host_path for m in status.mounts] == [str(empty_dir), str(mapped)]
+
+
+async def test_root_of_the_pod_cannot_write_what_its_node_user_cannot(
+    rig: PodRig, tmp_path: Path
+) -> None:
+    host_dir = tmp_path / "node-files"
+    host_dir.mkdir()
+    (host_dir / "node-owned").write_text("keep\n")
+    (host_dir / "node-owned").chmod(0o644)
+    pod = await userns_pod(rig, "userns-limits")
+    cid = await rig.start_container(
+        pod, "main", SLEEP, mounts=[v1.Mount(container_path="/host", host_path=str(host_dir))]
+    )
+    for cmd in (
+        "echo x > /host/node-owned",
+        "rm /host/node-owned",
+        "chmod 666 /host/node-owned",
+        "touch /host/new-file",
+    ):
+        reply = await rig.exec(cid, "sh", "-c", cmd)
+        assert reply.exit_code != 0, f"{cmd!r} worked for the pod's root"
+    assert (host_dir / "node-owned").read_text() == "keep\n"
+    assert stat.S_IMODE(os.stat(host_dir / "node-owned").st_mode) == 0o644
+    assert sorted(os.listdir(host_dir)) == ["node-owned"]
+
+
+async def test_sysctls_and_capabilities_are_the_pods_namespaces(rig: PodRig) -> None:
+    pod = await userns_pod(
+        rig, "userns-netns", sysctls={"net.ipv4.ip_unprivileged_port_start": "80"}
+    )
+    net_admin = v1.LinuxContainerConfig(
+        security_context=v1.LinuxContainerSecurityContext(
+            capabilities=v1.Capability(add_capabilities=["NET_ADMIN"])
+        )
+    )
+    cid = await rig.start_container(pod, "main", SLEEP, linux=net_admin)
+    sysctl = "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+    assert (await rig.exec_out(cid, "cat", sysctl)).strip() == "80"
+    # CAP_NET_ADMIN of the pod's root counts in the pod's network namespace only because
+    # the pod's user namespace owns it.
+    await rig.exec_out(cid, "busybox", "ip", "link", "set", "lo", "mtu", "1400")
+    assert "mtu 1400" in await rig.exec_out(cid, "busybox", "ip", "link", "show", "lo")
+    # Without the capability the same root may not.
+    plain = await rig.start_container(pod, "plain", SLEEP)
+    reply = await rig.exec(plain, "busybox", "ip", "link", "set", "lo", "mtu", "1300")
+    assert reply.exit_code != 0
+
+
+async def test_exec_logs_and_a_crishim_restart(rig: PodRig) -> None:
+    pod = await userns_pod(rig, "userns-restart")
+    command = ["sh", "-c", "cat /proc/self/uid_map; sleep 1000"]
+    cid = await rig.start_container(pod, "main", command)
+    await rig.restart()
+    assert (await rig.pod_status(pod)).state == v1.PodSandboxState.SANDBOX_READY
+    assert (await rig.exec_out(cid, "cat", "/proc/self/uid_map")).split() == [
+        "0",
+        str(BASE),
+        "65536",
+    ]
+    after = await rig.start_container(pod, "after-restart", SLEEP)
+    assert (await rig.exec_out(after, "id", "-u")).strip() == "0"
+    log = (await rig.status(cid)).log_path
+    assert f"{BASE}" in Path(log).read_text()
+
+
+async def test_bad_user_namespace_requests_are_invalid(rig: PodRig) -> None:
+    overlapping = [
+        v1.IdMapping(host_id=BASE, container_id=0, length=65536),
+        v1.IdMapping(host_id=BASE + 1000, container_id=65536, length=1000),
+    ]
+    err = await grpc_error(
+        rig, rig.run_pod("userns-bad", linux=pod_linux(userns_options(overlapping)))
+    )
+    assert err.status == Status.INVALID_ARGUMENT
+    assert "overlap on the host side" in (err.message or "")
+
+    pod = await userns_pod(rig, "userns-other")
+    other = [v1.IdMapping(host_id=BASE + 65536, container_id=0, length=65536)]
+    config = rig.container_config("main", SLEEP, userns_options(other))
+    err = await grpc_error(rig, rig.create_container_raw(pod, config))
+    assert err.status == Status.INVALID_ARGUMENT
+    assert "differ from its pod's" in (err.message or "")
+
+    config = rig.container_config(
+        "main", SLEEP, userns_options(), mounts=[mapped_mount("/x", Path("/"))]
+    )
+    config.mounts[0].uid_mappings = other
+    err = await grpc_error(rig, rig.create_container_raw(pod, config))
+    assert err.status == Status.INVALID_ARGUMENT
+    assert "mount /x: its UID/GID mappings differ" in (err.message or "")
