@@ -8,6 +8,7 @@ root may do) and what the node sees (owners of files it wrote, the process' IDs)
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -17,6 +18,7 @@ from grpclib.const import Status
 
 from crishim.api import v1
 from tests.rig.checks import SLEEP, container_pid, grpc_error
+from tests.rig.host import mounts_under, run
 from tests.rig.pods import (
     PodRig,
     pod_rig_fixture,  # noqa: F401 - the module-scoped fixture ``pod_rig``
@@ -237,3 +239,29 @@ async def test_bad_user_namespace_requests_are_invalid(rig: PodRig) -> None:
     err = await grpc_error(rig, rig.create_container_raw(pod, config))
     assert err.status == Status.INVALID_ARGUMENT
     assert "mount /x: its UID/GID mappings differ" in (err.message or "")
+
+
+async def test_recovery_removes_user_namespace_pins_and_stages_no_record_owns(
+    rig: PodRig, tmp_path: Path
+) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "data").write_text("precious\n")
+    orphan_pod, orphan_container = "e" * 64, "f" * 64
+    state = rig.proc.state
+    pin = state / "ns" / "user" / orphan_pod
+    stage = state / "idmapped" / orphan_container / "volume-0"
+    rig.close()
+    rig.proc.kill()
+    # What a crishim killed half-way through a user-namespaced pod and container leaves.
+    pin.parent.mkdir(parents=True, exist_ok=True)
+    pin.touch()
+    run("mount", "--bind", "/proc/self/ns/user", str(pin))
+    stage.mkdir(parents=True)
+    run("mount", "--bind", str(volume), str(stage))
+    await asyncio.to_thread(rig.proc.start)
+    rig.connect()
+    assert not pin.exists(), rig.log_tail()
+    assert not (state / "idmapped" / orphan_container).exists(), rig.log_tail()
+    assert mounts_under(state / "idmapped") == []
+    assert (volume / "data").read_text() == "precious\n"
