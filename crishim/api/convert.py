@@ -187,10 +187,10 @@ def pod_sandbox_status(sandbox: model.Sandbox) -> v1.PodSandboxStatus:
     )
 
 
-def _userns_status(sandbox: model.Sandbox) -> v1.UserNamespace:
-    """The pod's user namespace: its own with its mappings, or the node's."""
+def _userns_status(sandbox: model.Sandbox) -> v1.UserNamespace | None:
+    """The pod's own user namespace with its mappings; None (unset) for the node's."""
     if not sandbox.userns:
-        return v1.UserNamespace(mode=v1.NamespaceMode.NODE)
+        return None
     userns = specs.SandboxConfig.model_validate(sandbox.config).namespace_options.userns_options
     assert userns is not None  # a pinned user namespace was asked for
 
