@@ -95,6 +95,9 @@ class Recovery:
                 runtime_ids |= {s.id for s in await runtime.list()}
             except CrishimError as exc:
                 log.warning("recovery: listing %s's containers: %s", runtime.name, exc)
+        if self._cni:
+            for name in await anyio.to_thread.run_sync(self._cni.discard_unfinished_writes):
+                log.info("recovery: removed the half-written CNI cache file %s", name)
         pod_traces = _names(self._state / "sandboxes") | set(
             self._cni.cached_sandboxes() if self._cni else []
         )
