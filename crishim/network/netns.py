@@ -15,8 +15,8 @@ crishim writes the ID maps, pins all four from ``/proc/<child>/ns/`` and lets th
 go; the thread that sets hostname, ``lo`` and sysctls joins the pinned namespaces with
 ``setns(2)`` instead of making them.
 
-``ns_dir`` is turned into a mount point of its own with private propagation (as ``ip netns``
-does for ``/run/netns``), so the bind mounts of namespace files never propagate into other
+``ns_dir`` is turned into a mount point of its own with private propagation
+(:mod:`crishim.util.mountpoint`), so the bind mounts of namespace files never propagate into other
 mount namespaces, where they would keep namespaces alive behind crishim's back.
 
 The same thread sets the hostname, brings ``lo`` up and writes the namespaced sysctls:
@@ -36,7 +36,6 @@ import os
 import re
 import socket
 import struct
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from crishim.model.specs import UserNamespace
 from crishim.model.userns import id_map_text
 from crishim.network.sysctl import Sysctl, SysctlNamespace, parse_sysctl
 from crishim.util import syscalls
+from crishim.util.mountpoint import make_private_mount_point
 from crishim.util.threads import in_own_thread
 from crishim.util.userns import user_namespace_holder
 
@@ -58,10 +58,6 @@ _HOSTNAME_MAX = 64
 
 # ioctl(NS_GET_NSTYPE) from <linux/nsfs.h>: answers only on namespace files.
 _NS_GET_NSTYPE = 0xB703
-
-# Serialises the check-then-mount of ns_dir: two pods created at once must not stack two
-# bind mounts. A threading lock (taken in a worker thread) works across event loops.
-_prepare_lock = threading.Lock()
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -128,7 +124,7 @@ async def create_pod_namespaces(
     if not (network or ipc or uts):
         return PodNamespaces(None, None, None)
 
-    await asyncio.to_thread(_prepare_ns_dir, ns_dir)
+    await asyncio.to_thread(make_private_mount_point, ns_dir)
     pods = PodNamespaces(
         network=str(ns_dir / "net" / sandbox_id) if network else None,
         ipc=str(ns_dir / "ipc" / sandbox_id) if ipc else None,
@@ -181,27 +177,6 @@ def _validate_sysctls(sysctls: Mapping[str, str], *, network: bool, ipc: bool) -
             )
         wanted.append(sysctl)
     return wanted
-
-
-def _prepare_ns_dir(ns_dir: Path) -> None:
-    """Make ``ns_dir`` a private mount point (bind-mounted onto itself when it is not one)."""
-    with _prepare_lock:
-        ns_dir.mkdir(parents=True, exist_ok=True)
-        target = os.path.realpath(ns_dir)
-        if not _is_mount_point(target):
-            _mount(target, target, syscalls.MS_BIND)
-        _mount("none", target, syscalls.MS_PRIVATE)
-
-
-def _is_mount_point(path: str) -> bool:
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            # Field 5 is the mount point, with spaces and the like escaped as octal.
-            mount_point = line.split(" ", 5)[4]
-            decoded = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount_point)
-            if decoded == path:
-                return True
-    return False
 
 
 def _mount(source: str, target: str, flags: int) -> None:

@@ -14,6 +14,10 @@ crishim makes these mounts itself, so every runtime handler gets them (runc 1.1 
   directory, which the runtime then bind-mounts like any host path. The stage is released
   with the container: entries are unmounted and removed one by one, never recursively, so
   a volume can never lose its files to a cleanup.
+
+The directory holding the stages is a private mount point (:func:`prepare_stage_root`):
+on a shared mount the staged volumes would otherwise propagate into every mount namespace
+with a shared or slave view of it (containers with ``rslave`` binds of ``/run``, the host).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import anyio.to_thread
 
 from crishim.errors import FailedPrecondition, Internal, InvalidArgument
 from crishim.util import syscalls
+from crishim.util.mountpoint import make_private_mount_point
 from crishim.util.userns import user_namespace_holder
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "idmapped_mounts_supported",
     "mount_bind_idmapped",
     "mount_overlay_idmapped",
+    "prepare_stage_root",
     "release_stage",
     "stage_idmapped",
     "unsearchable_parent",
@@ -149,6 +155,12 @@ def _stage(source: str, stage: Path, name: str, userns: str) -> str:
             _remove_entry(where)
             raise
     return str(where)
+
+
+async def prepare_stage_root(root: Path) -> None:
+    """Make ``root``, the directory of every container's stage, a private mount point, so
+    that no staged mount propagates out of crishim's mount namespace."""
+    await anyio.to_thread.run_sync(make_private_mount_point, root)
 
 
 async def stage_idmapped(source: str, stage: Path, name: str, userns: str) -> str:

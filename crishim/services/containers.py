@@ -53,7 +53,7 @@ from crishim.runtime.conmon import (
     discard_container,
     reopen_log,
 )
-from crishim.runtime.idmap import release_stage
+from crishim.runtime.idmap import prepare_stage_root, release_stage
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.runtime.oci_runtime import ExecResult, OciRuntime
 from crishim.services.container_context import SpecContexts
@@ -222,6 +222,8 @@ class ContainerService:
                 paths.bundle.mkdir(parents=True)
             undo.push_async_callback(remove_tree, paths.base)
             undo.push_async_callback(release_stage, paths.idmapped)
+            if idmap is not None:
+                await prepare_stage_root(paths.idmapped.parent)
             spec_config = await stage_volumes(config, sandbox_config, idmap, paths.idmapped)
             mounts = await anyio.to_thread.run_sync(
                 snapshotter.prepare, container_id, image.top_chain_id or None

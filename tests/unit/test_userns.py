@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from crishim.errors import InvalidArgument
@@ -29,6 +31,7 @@ from crishim.model.userns import (
 from crishim.oci import opts
 from crishim.oci.context import BuildContext
 from crishim.oci.spec import base_spec
+from crishim.util.mountpoint import is_mount_point
 
 KUBELET = [IdMapping(host_id=65536, container_id=0, length=65536)]
 POD = UserNamespace(mode=NamespaceMode.POD, uids=KUBELET, gids=KUBELET)
@@ -220,3 +223,10 @@ def test_a_container_with_other_mappings_than_its_pod_is_refused() -> None:
     other = UserNamespace(mode=NamespaceMode.POD, uids=[m(0, 131072, 65536)], gids=KUBELET)
     with pytest.raises(InvalidArgument, match="differ from its pod's"):
         opts.with_namespaces(base_spec(), _config(other), _context(POD))
+
+
+def test_mount_points_are_told_from_plain_directories(tmp_path: Path) -> None:
+    # What decides whether the stages' directory still needs its private bind mount.
+    assert is_mount_point("/")
+    assert is_mount_point("/proc")
+    assert not is_mount_point(str(tmp_path))
