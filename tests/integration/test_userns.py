@@ -17,8 +17,10 @@ import pytest
 from grpclib.const import Status
 
 from crishim.api import v1
+from tests.integration.test_streaming_server import ws_connect, ws_url
 from tests.rig.checks import SLEEP, container_pid, grpc_error
-from tests.rig.host import mounts_under, run
+from tests.rig.host import mounts_below, run
+from tests.rig.node_spdy import run_node
 from tests.rig.pods import (
     PodRig,
     pod_rig_fixture,  # noqa: F401 - the module-scoped fixture ``pod_rig``
@@ -263,5 +265,157 @@ async def test_recovery_removes_user_namespace_pins_and_stages_no_record_owns(
     rig.connect()
     assert not pin.exists(), rig.log_tail()
     assert not (state / "idmapped" / orphan_container).exists(), rig.log_tail()
-    assert mounts_under(state / "idmapped") == []
+    assert mounts_below(state / "idmapped") == []
     assert (volume / "data").read_text() == "precious\n"
+
+
+async def test_attach_to_a_user_namespaced_container(rig: PodRig) -> None:
+    pod = await userns_pod(rig, "userns-attach")
+    cid = await rig.start_container(
+        pod, "app", ["sh", "-c", "while read line; do echo got:$line:$(id -u); done"], stdin=True
+    )
+    await rig.wait_state(cid, v1.ContainerState.CONTAINER_RUNNING)
+    reply = await rig.runtime.attach(
+        v1.AttachRequest(container_id=cid, stdin=True, stdout=True, stderr=True)
+    )
+    received = b""
+    async with ws_connect(ws_url(reply.url)) as client:
+        await client.send(b"\x00hello attach\n")
+        while b"got:hello attach" not in received:
+            message = await asyncio.wait_for(client.recv(), 20)
+            assert isinstance(message, bytes)
+            if message[0] == 1:
+                received += message[1:]
+    assert b"got:hello attach:0\n" in received, received
+
+
+async def test_port_forward_reaches_the_loopback_of_a_user_namespaced_pod(
+    rig: PodRig, node_client: Path
+) -> None:
+    pod = await userns_pod(rig, "userns-portfwd")
+    cid = await rig.start_container(
+        pod,
+        "web",
+        ["sh", "-c", "while :; do echo -n pong-$(id -u) | nc -l -p 8080 127.0.0.1; done"],
+    )
+
+    async def listening() -> bool:
+        reply = await rig.exec(cid, "grep", "-q", "0100007F:1F90 00000000:0000 0A", "/proc/net/tcp")
+        return reply.exit_code == 0
+
+    await rig.until(listening, "the pod's listener on 127.0.0.1:8080")
+    reply = await rig.runtime.port_forward(v1.PortForwardRequest(pod_sandbox_id=pod, port=[8080]))
+    result = await run_node(
+        node_client,
+        {"url": reply.url, "portforward": [{"port": 8080, "requestId": "0", "data": "ping"}]},
+    )
+    assert result["forwards"][0]["data"] == "pong-0", result
+
+
+async def test_stats_of_a_user_namespaced_pod(rig: PodRig) -> None:
+    pod = await userns_pod(rig, "userns-stats")
+    cid = await rig.start_container(
+        pod, "burner", ["sh", "-c", "i=0; while :; do i=$((i+1)); done"]
+    )
+    await asyncio.sleep(0.5)
+    stats = (await rig.runtime.container_stats(v1.ContainerStatsRequest(container_id=cid))).stats
+    assert stats is not None
+    assert stats.attributes is not None
+    assert stats.attributes.id == cid
+    assert stats.cpu is not None
+    assert stats.cpu.usage_core_nano_seconds is not None
+    assert stats.cpu.usage_core_nano_seconds.value > 0, stats
+    assert stats.memory is not None
+    assert stats.memory.working_set_bytes is not None
+    assert stats.memory.working_set_bytes.value > 0, stats
+
+    request = v1.PodSandboxStatsRequest(pod_sandbox_id=pod)
+    pod_stats = (await rig.runtime.pod_sandbox_stats(request)).stats
+    assert pod_stats is not None, rig.log_tail()
+    assert pod_stats.linux is not None, rig.log_tail()
+    linux = pod_stats.linux
+    assert linux.cpu is not None
+    assert linux.cpu.usage_core_nano_seconds is not None
+    assert linux.cpu.usage_core_nano_seconds.value > 0, linux
+    assert linux.memory is not None
+    assert linux.memory.working_set_bytes is not None
+    assert linux.memory.working_set_bytes.value > 0, linux
+    assert [c.attributes.id for c in linux.containers if c.attributes] == [cid]
+    # The pod's network namespace (owned by its user namespace) is read too.
+    assert linux.network is not None, linux
+    assert linux.network.default_interface is not None, linux
+    assert linux.network.default_interface.name == "eth0"
+
+
+def propagation(mount_point: Path) -> list[str]:
+    """The optional fields (``shared:N``, ``master:N``...) of ``mount_point`` in crishim's
+    (our) mount namespace, of the topmost mount there; [] is private."""
+    found: list[str] | None = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mount_point):
+            found = fields[6 : fields.index("-")]
+    assert found is not None, f"{mount_point} is not a mount point"
+    return found
+
+
+def mounts_seen_by(pid: int, path: Path) -> list[str]:
+    """Mount points at or below ``path`` in the mount namespace of process ``pid``."""
+    points = [line.split()[4] for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()]
+    return [p for p in points if p == str(path) or p.startswith(f"{path}/")]
+
+
+async def test_staged_volumes_do_not_propagate_to_other_mount_namespaces(
+    rig: PodRig, tmp_path: Path
+) -> None:
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "data").write_text("precious\n")
+    state = rig.proc.state
+    stages = state / "idmapped"
+    # As /run on a systemd host: the state directory on a shared mount, and another mount
+    # namespace (a container with an rslave bind of /run, say) that receives its mounts.
+    run("mount", "--rbind", str(state), str(state))
+    observer: asyncio.subprocess.Process | None = None
+    try:
+        run("mount", "--make-shared", str(state))
+        observer = await asyncio.create_subprocess_exec(
+            "unshare", "--mount", "--propagation", "slave", "sleep", "1000"
+        )
+        own = os.readlink("/proc/self/ns/mnt")
+
+        async def observer_ready() -> bool:
+            assert observer is not None
+            try:
+                return os.readlink(f"/proc/{observer.pid}/ns/mnt") != own
+            except OSError:
+                return False
+
+        await rig.until(observer_ready, "the observer's mount namespace")
+        probe = state / "propagation-probe"
+        probe.mkdir()
+        try:  # the observer does receive what is mounted on the state directory
+            run("mount", "-t", "tmpfs", "probe", str(probe))
+            assert mounts_seen_by(observer.pid, probe) == [str(probe)]
+        finally:
+            run("umount", str(probe), check=False)
+            probe.rmdir()
+
+        pod = await userns_pod(rig, "userns-propagation")
+        cid = await rig.start_container(pod, "main", SLEEP, mounts=[mapped_mount("/v", volume)])
+        assert await rig.exec_out(cid, "cat", "/v/data") == "precious\n"
+        assert mounts_below(stages / cid) == [str(stages / cid / "volume-0")]
+        assert propagation(stages) == [], "the stages' directory is not a private mount point"
+        assert mounts_seen_by(observer.pid, stages / cid) == []
+
+        await rig.runtime.stop_pod_sandbox(v1.StopPodSandboxRequest(pod_sandbox_id=pod))
+        await rig.runtime.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id=pod))
+        assert mounts_below(stages) == []
+        assert not (stages / cid).exists()
+        assert mounts_seen_by(observer.pid, stages) in ([], [str(stages)])
+        assert (volume / "data").read_text() == "precious\n"
+    finally:
+        if observer is not None:
+            observer.kill()
+            await observer.wait()
+        run("umount", "-l", str(state), check=False)
