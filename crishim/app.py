@@ -167,6 +167,8 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
     )
     sandboxes.reap_containers = containers.reap_sandbox
     sandboxes.check_runtime = containers.check_runtime
+    runtime_info = RuntimeInfo(config)
+    sandboxes.userns_support = runtime_info.userns_support
     infra = InfraProcesses(
         state_dir=state,
         sandboxes=sandboxes,
@@ -177,7 +179,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
     sandboxes.start_infra = infra.start
     sandboxes.stop_infra = infra.stop
     return Services(
-        runtime_info=RuntimeInfo(config),
+        runtime_info=runtime_info,
         sandboxes=sandboxes,
         containers=containers,
         images=images,
@@ -243,6 +245,7 @@ async def serve(config: Config) -> None:
     stores = open_stores(Path(config.root))
     snapshotter = await choose_snapshotter(Path(config.root) / "images")
     services = build_services(config, stores, snapshotter)
+    await services.runtime_info.probe_user_namespaces(snapshotter.root)
     await services.recovery.sweep(set(services.sandboxes.ids()), set(services.containers.ids()))
     await services.sandboxes.refresh()
     await services.containers.refresh()

@@ -1,8 +1,9 @@
-"""A protobuf codec that also sends bytes encoded ahead of time.
+"""The protobuf codec of the gRPC server: fast encoding, and bytes encoded ahead of time.
 
-Encoding long lists with betterproto2 costs tens of milliseconds; kubelet asks for them
-every second. Handlers that keep each item's encoded form send a ``PreEncoded`` reply,
-which this codec passes through untouched.
+Replies are encoded by :mod:`crishim.api.wire` (the same bytes as betterproto2, an order
+of magnitude sooner). Encoding long lists still costs; kubelet asks for them every
+second. Handlers that keep each item's encoded form send a ``PreEncoded`` reply, which
+this codec passes through untouched.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from grpclib.encoding.proto import ProtoCodec
+
+from crishim.api import wire
 
 
 class PreEncoded:
@@ -22,9 +25,13 @@ class PreEncoded:
 
 
 class CriCodec(ProtoCodec):
-    """grpclib's protobuf codec, plus pass-through of ``PreEncoded`` replies."""
+    """grpclib's protobuf codec, encoding with :func:`wire.encode`; ``PreEncoded`` as is."""
 
     def encode(self, message: Any, message_type: Any) -> bytes:
         if type(message) is PreEncoded:
             return message.data
-        return super().encode(message, message_type)
+        if not isinstance(message, message_type):
+            raise TypeError(
+                f"reply must be a {message_type.__name__}, not {type(message).__name__}"
+            )
+        return wire.encode(message)

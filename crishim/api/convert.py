@@ -168,6 +168,7 @@ def pod_sandbox_status(sandbox: model.Sandbox) -> v1.PodSandboxStatus:
             else v1.NamespaceMode.CONTAINER
         ),
         ipc=v1.NamespaceMode.NODE if sandbox.host_ipc else v1.NamespaceMode.POD,
+        userns_options=_userns_status(sandbox),
     )
     return v1.PodSandboxStatus(
         id=sandbox.id,
@@ -183,6 +184,24 @@ def pod_sandbox_status(sandbox: model.Sandbox) -> v1.PodSandboxStatus:
         labels=dict(sandbox.labels),
         annotations=dict(sandbox.annotations),
         runtime_handler=sandbox.runtime_handler,
+    )
+
+
+def _userns_status(sandbox: model.Sandbox) -> v1.UserNamespace | None:
+    """The pod's own user namespace with its mappings; None (unset) for the node's."""
+    if not sandbox.userns:
+        return None
+    userns = specs.SandboxConfig.model_validate(sandbox.config).namespace_options.userns_options
+    assert userns is not None  # a pinned user namespace was asked for
+
+    def mappings(items: list[specs.IdMapping]) -> list[v1.IdMapping]:
+        return [
+            v1.IdMapping(host_id=m.host_id, container_id=m.container_id, length=m.length)
+            for m in items
+        ]
+
+    return v1.UserNamespace(
+        mode=v1.NamespaceMode.POD, uids=mappings(userns.uids), gids=mappings(userns.gids)
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol, TypeVar
 
 from grpclib.const import Handler
 
-from crishim.api import convert, v1
+from crishim.api import convert, v1, wire
 from crishim.api.codec import PreEncoded
 from crishim.api.encoded import EncodedItems
 from crishim.api.instrument import CallTracker, StreamHandler, build_mapping
@@ -67,10 +67,10 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         self._exec = exec_service or ExecService(containers, sandboxes)
         self._streaming = streaming
         self._encoded_sandboxes: EncodedItems[Sandbox] = EncodedItems(
-            _LIST_FIELD, lambda s: bytes(convert.pod_sandbox(s))
+            _LIST_FIELD, lambda s: wire.encode(convert.pod_sandbox(s))
         )
         self._encoded_containers: EncodedItems[Container] = EncodedItems(
-            _LIST_FIELD, lambda c: bytes(convert.container(c))
+            _LIST_FIELD, lambda c: wire.encode(convert.container(c))
         )
 
     def __mapping__(self) -> dict[str, Handler]:

@@ -51,6 +51,7 @@ class Sandbox(Record):
     netns: str = Field(default="", description="pinned network namespace ('' = host)")
     ipcns: str = Field(default="", description="pinned IPC namespace ('' = host)")
     utsns: str = Field(default="", description="pinned UTS namespace ('' = host)")
+    userns: str = Field(default="", description="pinned user namespace ('' = the node's)")
     infra_pid: int = Field(default=0, description="pid of the process holding a shared PID ns")
     ips: list[str] = Field(default_factory=list, description="pod IPs, primary first")
     network_ready: bool = Field(default=False, description="CNI ADD done and not yet torn down")

@@ -175,7 +175,8 @@ class ImageSpec(_Frozen):
 class MountSpec(_Frozen):
     """CRI ``Mount``: a host path (or image) made visible at ``container_path``.
 
-    ID-mapped mounts (uidMappings/gidMappings) are not mirrored.
+    ``uid_mappings``/``gid_mappings`` ask for an ID-mapped mount (a pod with its own user
+    namespace: the files keep the owners the pod sees).
     """
 
     container_path: str
@@ -186,6 +187,8 @@ class MountSpec(_Frozen):
     recursive_read_only: bool = False
     image: ImageSpec | None = None
     image_sub_path: str = ""
+    uid_mappings: list[IdMapping] = Field(default_factory=list)
+    gid_mappings: list[IdMapping] = Field(default_factory=list)
 
 
 class DeviceSpec(_Frozen):

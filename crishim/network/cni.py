@@ -442,6 +442,21 @@ class CniManager:
             self._cache_path(sandbox_id).unlink()
         return None
 
+    def discard_unfinished_writes(self) -> list[str]:
+        """Remove cache files a crash left half-written (never renamed into place); called
+        at start, before anything writes the cache. Returns their names."""
+        try:
+            names = os.listdir(self.cache_dir)
+        except FileNotFoundError:
+            return []
+        removed = []
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.cache_dir / name).unlink()
+                removed.append(name)
+        return sorted(removed)
+
     def cached_sandboxes(self) -> list[str]:
         """The sandboxes ADD has cached a network for (DEL removes the entry)."""
         try:

@@ -7,8 +7,16 @@ keeps each one alive by bind-mounting ``/proc/thread-self/ns/<kind>`` onto a fil
 Containers then join the namespaces by path; removing the pod unmounts and deletes the
 files, and the kernel frees each namespace once its last process has left.
 
-``ns_dir`` is turned into a mount point of its own with private propagation (as ``ip netns``
-does for ``/run/netns``), so the bind mounts of namespace files never propagate into other
+A pod with a user namespace of its own (``hostUsers: false``) is made differently: crishim
+cannot make a user namespace from a thread, so a child process (:mod:`crishim.util.userns`)
+creates the user namespace together with the network, IPC and UTS ones, which it then owns
+(the pod's root may set its network sysctls, mount sysfs, hold capabilities over them).
+crishim writes the ID maps, pins all four from ``/proc/<child>/ns/`` and lets the child
+go; the thread that sets hostname, ``lo`` and sysctls joins the pinned namespaces with
+``setns(2)`` instead of making them.
+
+``ns_dir`` is turned into a mount point of its own with private propagation
+(:mod:`crishim.util.mountpoint`), so the bind mounts of namespace files never propagate into other
 mount namespaces, where they would keep namespaces alive behind crishim's back.
 
 The same thread sets the hostname, brings ``lo`` up and writes the namespaced sysctls:
@@ -28,15 +36,18 @@ import os
 import re
 import socket
 import struct
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from crishim.errors import AlreadyExists, Internal, InvalidArgument
+from crishim.model.specs import UserNamespace
+from crishim.model.userns import id_map_text
 from crishim.network.sysctl import Sysctl, SysctlNamespace, parse_sysctl
 from crishim.util import syscalls
+from crishim.util.mountpoint import make_private_mount_point
 from crishim.util.threads import in_own_thread
+from crishim.util.userns import user_namespace_holder
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +58,6 @@ _HOSTNAME_MAX = 64
 
 # ioctl(NS_GET_NSTYPE) from <linux/nsfs.h>: answers only on namespace files.
 _NS_GET_NSTYPE = 0xB703
-
-# Serialises the check-then-mount of ns_dir: two pods created at once must not stack two
-# bind mounts. A threading lock (taken in a worker thread) works across event loops.
-_prepare_lock = threading.Lock()
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -64,10 +71,16 @@ class PodNamespaces:
     network: str | None
     ipc: str | None
     uts: str | None
+    user: str | None = None
 
     def paths(self) -> list[str]:
         """The pinned files, in a fixed order."""
-        return [p for p in (self.network, self.ipc, self.uts) if p is not None]
+        return [p for p in (self.network, self.ipc, self.uts, self.user) if p is not None]
+
+    def kinds(self) -> list[tuple[str, str]]:
+        """(``/proc/<pid>/ns`` name, pin) of each pinned namespace."""
+        pins = (("net", self.network), ("ipc", self.ipc), ("uts", self.uts), ("user", self.user))
+        return [(kind, pin) for kind, pin in pins if pin is not None]
 
 
 def namespace_alive(path: str | os.PathLike[str]) -> bool:
@@ -94,10 +107,12 @@ async def create_pod_namespaces(
     uts: bool,
     hostname: str,
     sysctls: Mapping[str, str],
+    userns: UserNamespace | None = None,
 ) -> PodNamespaces:
     """Create and pin the pod's own namespaces, set its hostname and sysctls.
 
-    ``network``/``ipc``/``uts`` say which namespaces the pod gets of its own (False = host).
+    ``network``/``ipc``/``uts`` say which namespaces the pod gets of its own (False = host);
+    ``userns`` (validated mappings) gives the pod a user namespace owning the others.
     Raises InvalidArgument for a bad id, hostname or sysctl (naming it), AlreadyExists when
     pins for the id exist, Internal when the host fails. Nothing is left behind on failure.
     """
@@ -109,18 +124,23 @@ async def create_pod_namespaces(
     if not (network or ipc or uts):
         return PodNamespaces(None, None, None)
 
-    await asyncio.to_thread(_prepare_ns_dir, ns_dir)
+    await asyncio.to_thread(make_private_mount_point, ns_dir)
     pods = PodNamespaces(
         network=str(ns_dir / "net" / sandbox_id) if network else None,
         ipc=str(ns_dir / "ipc" / sandbox_id) if ipc else None,
         uts=str(ns_dir / "uts" / sandbox_id) if uts else None,
+        user=str(ns_dir / "user" / sandbox_id) if userns is not None else None,
     )
     created: list[str] = []
     try:
         for path in pods.paths():
             _create_pin_file(Path(path))
             created.append(path)
-        await _unshare(pods, hostname if uts else "", wanted)
+        if userns is not None:
+            await _make_in_user_namespace(pods, userns)
+            await _join(pods, hostname if uts else "", wanted)
+        else:
+            await _unshare(pods, hostname if uts else "", wanted)
     except BaseException:
         # Also on cancellation: a half-made pod must not leak mounts or files.
         await remove_pod_namespaces(
@@ -128,6 +148,7 @@ async def create_pod_namespaces(
                 network=pods.network if pods.network in created else None,
                 ipc=pods.ipc if pods.ipc in created else None,
                 uts=pods.uts if pods.uts in created else None,
+                user=pods.user if pods.user in created else None,
             )
         )
         raise
@@ -156,27 +177,6 @@ def _validate_sysctls(sysctls: Mapping[str, str], *, network: bool, ipc: bool) -
             )
         wanted.append(sysctl)
     return wanted
-
-
-def _prepare_ns_dir(ns_dir: Path) -> None:
-    """Make ``ns_dir`` a private mount point (bind-mounted onto itself when it is not one)."""
-    with _prepare_lock:
-        ns_dir.mkdir(parents=True, exist_ok=True)
-        target = os.path.realpath(ns_dir)
-        if not _is_mount_point(target):
-            _mount(target, target, syscalls.MS_BIND)
-        _mount("none", target, syscalls.MS_PRIVATE)
-
-
-def _is_mount_point(path: str) -> bool:
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            # Field 5 is the mount point, with spaces and the like escaped as octal.
-            mount_point = line.split(" ", 5)[4]
-            decoded = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount_point)
-            if decoded == path:
-                return True
-    return False
 
 
 def _mount(source: str, target: str, flags: int) -> None:
@@ -221,6 +221,31 @@ def _enter_new_namespaces(pods: PodNamespaces, hostname: str, sysctls: list[Sysc
     for kind, pin in (("net", pods.network), ("ipc", pods.ipc), ("uts", pods.uts)):
         if pin is not None:
             _mount(f"/proc/thread-self/ns/{kind}", pin, syscalls.MS_BIND)
+    _set_up(pods, hostname, sysctls)
+
+
+def _join_namespaces(pods: PodNamespaces, hostname: str, sysctls: list[Sysctl]) -> None:
+    """In a thread of its own: enter the pinned namespaces and set them up. The thread must
+    end afterwards."""
+    for kind, pin, nstype in (
+        ("network", pods.network, syscalls.CLONE_NEWNET),
+        ("IPC", pods.ipc, syscalls.CLONE_NEWIPC),
+        ("UTS", pods.uts, syscalls.CLONE_NEWUTS),
+    ):
+        if pin is None:
+            continue
+        fd = os.open(pin, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            syscalls.setns(fd, nstype)
+        except OSError as exc:
+            raise Internal(f"entering the pod's {kind} namespace {pin}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+    _set_up(pods, hostname, sysctls)
+
+
+def _set_up(pods: PodNamespaces, hostname: str, sysctls: list[Sysctl]) -> None:
+    """Hostname, ``lo`` up and sysctls, in the namespaces of the calling thread."""
     if hostname:
         socket.sethostname(hostname)
     if pods.network:
@@ -241,3 +266,20 @@ async def _unshare(pods: PodNamespaces, hostname: str, sysctls: list[Sysctl]) ->
     await in_own_thread(
         "crishim-pod-namespaces", lambda: _enter_new_namespaces(pods, hostname, sysctls)
     )
+
+
+async def _join(pods: PodNamespaces, hostname: str, sysctls: list[Sysctl]) -> None:
+    await in_own_thread("crishim-pod-namespaces", lambda: _join_namespaces(pods, hostname, sysctls))
+
+
+async def _make_in_user_namespace(pods: PodNamespaces, userns: UserNamespace) -> None:
+    """Make the user namespace and, owned by it, the others the pod gets; pin them all."""
+    flags = [
+        flag
+        for flag, pin in (("--net", pods.network), ("--ipc", pods.ipc), ("--uts", pods.uts))
+        if pin is not None
+    ]
+    uid_map, gid_map = id_map_text(userns.uids), id_map_text(userns.gids)
+    async with user_namespace_holder(uid_map, gid_map, flags) as pid:
+        for kind, pin in pods.kinds():
+            await asyncio.to_thread(_mount, f"/proc/{pid}/ns/{kind}", pin, syscalls.MS_BIND)

@@ -197,9 +197,10 @@ def _no_passwd() -> PasswdView:
 class BuildContext:
     """Everything a container's spec depends on besides the CRI container config.
 
-    ``namespace_paths`` maps "network", "ipc", "uts" and "pid" to the sandbox's pinned
-    namespace files (pid only when the pod shares one). ``extra_mounts`` are the sandbox's
-    /etc/hosts, /etc/resolv.conf, /etc/hostname and /dev/shm. ``warnings`` collects what was
+    ``namespace_paths`` maps "network", "ipc", "uts", "user" and "pid" to the sandbox's
+    pinned namespace files (pid only when the pod shares one, user only when it has one).
+    ``extra_mounts`` are the sandbox's /etc/hosts, /etc/resolv.conf, /etc/hostname and
+    /dev/shm. ``warnings`` collects what was
     requested but could not be honoured on this host.
     """
 

@@ -18,12 +18,14 @@ from crishim.errors import InvalidArgument
 from crishim.model.specs import (
     ContainerConfig,
     DeviceSpec,
+    IdMapping,
     MountPropagation,
     MountSpec,
     NamespaceMode,
     SupplementalGroupsPolicy,
 )
 from crishim.model.specs import LinuxResources as CriResources
+from crishim.model.userns import check_container_userns, pod_userns
 from crishim.oci.context import (
     CONTAINER_TYPE_CONTAINER,
     BuildContext,
@@ -38,6 +40,7 @@ from crishim.oci.spec import (
     LinuxDevice,
     LinuxDeviceCgroup,
     LinuxHugepageLimit,
+    LinuxIdMapping,
     LinuxMemory,
     LinuxNamespace,
     LinuxResources,
@@ -303,14 +306,26 @@ def _pod_namespace(kind: str, ctx: BuildContext) -> LinuxNamespace:
     return LinuxNamespace(type=kind, path=path)
 
 
+def _oci_mappings(mappings: list[IdMapping]) -> list[LinuxIdMapping]:
+    return [
+        LinuxIdMapping(container_id=m.container_id, host_id=m.host_id, size=m.length)
+        for m in mappings
+    ]
+
+
 def with_namespaces(spec: Spec, config: ContainerConfig, ctx: BuildContext) -> None:
-    """Join the pod's network, IPC and UTS namespaces (NODE: stay in the host's); the PID
+    """Join the pod's user namespace when it has one (with its mappings, which runtimes
+    check), its network, IPC and UTS namespaces (NODE: stay in the host's); the PID
     namespace per mode (POD: the pod's, CONTAINER: a new one, TARGET: another container's,
     NODE: the host's); new mount and cgroup namespaces (no cgroup one when privileged)."""
     opts = namespace_options(config, ctx)
-    if opts.userns_options is not None and opts.userns_options.mode is NamespaceMode.POD:
-        raise InvalidArgument("user namespaces are not supported")
+    userns = pod_userns(ctx.sandbox.namespace_options)
+    check_container_userns(config.security_context.namespace_options, userns)
     namespaces: list[LinuxNamespace] = []
+    if userns is not None:
+        namespaces.append(_pod_namespace("user", ctx))
+        spec_linux(spec).uid_mappings = _oci_mappings(userns.uids)
+        spec_linux(spec).gid_mappings = _oci_mappings(userns.gids)
     if opts.pid is NamespaceMode.POD:
         namespaces.append(_pod_namespace("pid", ctx))
     elif opts.pid is NamespaceMode.CONTAINER:

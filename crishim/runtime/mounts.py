@@ -14,7 +14,8 @@ from pathlib import Path
 
 import anyio.to_thread
 
-from crishim.errors import Internal
+from crishim.errors import CrishimError, Internal
+from crishim.runtime.idmap import Idmap, mount_bind_idmapped, mount_overlay_idmapped
 from crishim.util import syscalls
 from crishim.util.disk import disk_full_as
 
@@ -55,10 +56,17 @@ def split_options(options: Sequence[str]) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
-def _mount_one(mount: MountRequest, target: str) -> None:
+def _mount_one(mount: MountRequest, target: str, idmap: Idmap | None, stage: Path | None) -> None:
     options = [o for o in mount.options if o not in ("bind", "rbind")]
     flags, data = split_options(options)
-    if mount.type == "bind":
+    if idmap is not None and mount.type == "bind":
+        mount_bind_idmapped(mount.source, target, idmap, recursive="rbind" in mount.options)
+        if flags & syscalls.MS_RDONLY:
+            syscalls.mount(None, target, None, syscalls.MS_REMOUNT | syscalls.MS_BIND | flags)
+    elif idmap is not None and mount.type == "overlay" and "lowerdir=" in data:
+        assert stage is not None, "an ID-mapped overlay needs a stage directory"
+        mount_overlay_idmapped(flags, data, target, idmap, stage)
+    elif mount.type == "bind":
         recursive = syscalls.MS_REC if "rbind" in mount.options else 0
         syscalls.mount(mount.source, target, None, syscalls.MS_BIND | recursive)
         if flags & syscalls.MS_RDONLY:
@@ -68,21 +76,31 @@ def _mount_one(mount: MountRequest, target: str) -> None:
         syscalls.mount(mount.source, target, mount.type, flags, data or None)
 
 
-def _mount_all(mounts: Sequence[MountRequest], target: Path) -> None:
+def _mount_all(
+    mounts: Sequence[MountRequest], target: Path, idmap: Idmap | None, stage: Path | None
+) -> None:
     with disk_full_as("making the mount point", target):
         target.mkdir(parents=True, exist_ok=True)
     for mount in mounts:
         try:
-            _mount_one(mount, str(target))
+            _mount_one(mount, str(target), idmap, stage)
+        except CrishimError:
+            raise
         except OSError as exc:
             raise Internal(
                 f"mounting {mount.type} {mount.source} on {target}: {exc.strerror}"
             ) from None
 
 
-async def mount_all(mounts: Sequence[MountRequest], target: Path) -> None:
-    """Mount ``mounts`` in order on ``target``, creating the directory."""
-    await anyio.to_thread.run_sync(_mount_all, mounts, target)
+async def mount_all(
+    mounts: Sequence[MountRequest],
+    target: Path,
+    idmap: Idmap | None = None,
+    stage: Path | None = None,
+) -> None:
+    """Mount ``mounts`` in order on ``target``, creating the directory. With ``idmap``, the
+    files show through that user namespace (overlay layers staged under ``stage``)."""
+    await anyio.to_thread.run_sync(_mount_all, mounts, target, idmap, stage)
 
 
 def _unmount(target: Path) -> None:

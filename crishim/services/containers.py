@@ -8,9 +8,8 @@ running; the exit directory and ``runc state`` tell crishim afterwards what happ
 (services/exits.py), and recovery removes what half-made ones left. The infra process of
 pods sharing a PID namespace is in services/infra.py.
 
-Layout per container under the state directory: ``containers/<id>/bundle/`` (config.json,
-rootfs mount point, conmon's pid files), ``exits/<id>`` (exit code), ``attach/<id>/``
-(attach socket).
+The files of a container, and how a pod with its own user namespace sees them, are in
+services/container_files.py.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio.to_thread
@@ -55,9 +53,11 @@ from crishim.runtime.conmon import (
     discard_container,
     reopen_log,
 )
+from crishim.runtime.idmap import prepare_stage_root, release_stage
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.runtime.oci_runtime import ExecResult, OciRuntime
 from crishim.services.container_context import SpecContexts
+from crishim.services.container_files import ContainerPaths, pod_idmap, stage_volumes
 from crishim.services.events import EventBus
 from crishim.services.exits import ExitTracker
 from crishim.services.images import ImageService
@@ -68,31 +68,6 @@ from crishim.util.fs import remove_tree
 from crishim.util.tasks import BackgroundTasks, join_shared
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ContainerPaths:
-    """Where one container's files live."""
-
-    base: Path
-    exits: Path
-    attach: Path
-
-    @property
-    def bundle(self) -> Path:
-        return self.base / "bundle"
-
-    @property
-    def rootfs(self) -> Path:
-        return self.bundle / "rootfs"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.bundle / "pidfile"
-
-    @property
-    def conmon_pid_file(self) -> Path:
-        return self.bundle / "conmon.pid"
 
 
 class ContainerService:
@@ -175,6 +150,7 @@ class ContainerService:
             self._state / "containers" / container_id,
             self._state / "exits",
             self._state / "attach",
+            self._state / "idmapped" / container_id,
         )
 
     def runtime_for(self, handler: str) -> OciRuntime:
@@ -240,16 +216,24 @@ class ContainerService:
         self.runtime_for(sandbox.runtime_handler)  # an unknown handler fails the create
         sandbox_config = SandboxConfig.model_validate(sandbox.config)
         snapshotter = self._images.snapshotter
+        idmap = pod_idmap(sandbox, sandbox_config)
         async with contextlib.AsyncExitStack() as undo:
             with disk_full_as("making the bundle directory", paths.bundle):
                 paths.bundle.mkdir(parents=True)
             undo.push_async_callback(remove_tree, paths.base)
+            undo.push_async_callback(release_stage, paths.idmapped)
+            if idmap is not None:
+                await prepare_stage_root(paths.idmapped.parent)
+            spec_config = await stage_volumes(config, sandbox_config, idmap, paths.idmapped)
             mounts = await anyio.to_thread.run_sync(
                 snapshotter.prepare, container_id, image.top_chain_id or None
             )
             undo.callback(snapshotter.remove, container_id)
             await mount_all(
-                [MountRequest(m.type, m.source, m.options) for m in mounts], paths.rootfs
+                [MountRequest(m.type, m.source, m.options) for m in mounts],
+                paths.rootfs,
+                idmap,
+                paths.layers_stage,
             )
             undo.push_async_callback(unmount, paths.rootfs)
             image_config = self._images.config(image)
@@ -258,13 +242,13 @@ class ContainerService:
                 container_id,
                 sandbox,
                 sandbox_config,
-                config,
+                spec_config,
                 image_config,
                 paths.rootfs,
                 self._sandboxes.paths(sandbox.id),
                 self._target_pid(config),
             )
-            spec = build_container_spec(config, ctx)
+            spec = build_container_spec(spec_config, ctx)
             for warning in ctx.warnings:
                 log.warning("container %s: %s", container_id[:12], warning)
             write_spec(paths.bundle, dump_spec(spec))
@@ -529,6 +513,7 @@ class ContainerService:
                 )
             await self._cgroups.release(parent, container.id)
         await unmount(paths.rootfs)
+        await release_stage(paths.idmapped)
         await anyio.to_thread.run_sync(self._images.snapshotter.remove, container.id)
         await remove_tree(paths.exits / container.id)
         await remove_tree(paths.base)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import signal
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from crishim.runtime.cgroup_driver import CgroupDriver
 from crishim.runtime.conmon import MonitorSpec, create_container, discard_container
 from crishim.runtime.oci_runtime import OciRuntime
 from crishim.services.container_context import SpecContexts
+from crishim.services.container_files import pod_idmap
 from crishim.services.sandboxes import SandboxService
 from crishim.util.fs import remove_tree
 
@@ -64,6 +66,10 @@ class InfraProcesses:
         rootfs = infra / "rootfs"
         rootfs.mkdir(parents=True, exist_ok=True)
         shutil.copy2(binary, rootfs / "catatonit")
+        idmap = pod_idmap(sandbox, sandbox_config)
+        if idmap is not None:
+            # The runtime, as the pod's root, makes the mount points (/proc, /dev) in it.
+            os.chown(rootfs, idmap.root_uid, idmap.root_gid)
         ctx = self._contexts.for_infra(sandbox, sandbox_config, rootfs)
         spec = build_sandbox_infra_spec(["/catatonit", "-P"], ctx)
         write_spec(infra, dump_spec(spec))

@@ -8,9 +8,10 @@ Contract (what the other services guarantee and this relies on):
   is whole, or was being made or removed.
 - Everything a half-made or half-removed object can have left is named by its id: its
   state directory (``containers/<id>``, ``sandboxes/<id>``), namespace pins
-  (``ns/{net,ipc,uts}/<id>``), the CNI cache entry written before the first plugin ran,
-  a conmon whose bundle lies under the state directory, the runtimes' state, a writable
-  snapshot keyed by the container id, its exit file and attach link.
+  (``ns/{net,ipc,uts,user}/<id>``), the CNI cache entry written before the first plugin
+  ran, a conmon whose bundle lies under the state directory, the runtimes' state, a
+  writable snapshot keyed by the container id, its ID-mapped volume mounts
+  (``idmapped/<id>``), its exit file and attach link.
 - An object that has a record is left to its own calls: kubelet stops and removes it, and
   every step of those calls tolerates what is already gone.
 
@@ -37,6 +38,7 @@ from crishim.network.netns import PodNamespaces, namespace_alive, remove_pod_nam
 from crishim.runtime.bundle import cgroups_path as bundle_cgroups_path
 from crishim.runtime.cgroup_driver import CgroupDriver
 from crishim.runtime.conmon import find_conmons, kill_conmon
+from crishim.runtime.idmap import release_stage
 from crishim.runtime.mounts import unmount
 from crishim.runtime.oci_runtime import OciRuntime
 from crishim.util.fs import remove_tree
@@ -45,7 +47,7 @@ __all__ = ["Recovery", "SweepReport"]
 
 log = logging.getLogger(__name__)
 
-_NAMESPACES = ("net", "ipc", "uts")
+_NAMESPACES = ("net", "ipc", "uts", "user")
 
 
 @dataclass
@@ -93,6 +95,9 @@ class Recovery:
                 runtime_ids |= {s.id for s in await runtime.list()}
             except CrishimError as exc:
                 log.warning("recovery: listing %s's containers: %s", runtime.name, exc)
+        if self._cni:
+            for name in await anyio.to_thread.run_sync(self._cni.discard_unfinished_writes):
+                log.info("recovery: removed the half-written CNI cache file %s", name)
         pod_traces = _names(self._state / "sandboxes") | set(
             self._cni.cached_sandboxes() if self._cni else []
         )
@@ -103,6 +108,7 @@ class Recovery:
             | set(self._snapshotter.active())
             | _names(self._state / "exits")
             | _names(self._state / "attach")
+            | _names(self._state / "idmapped")
             | set(conmons)
             | runtime_ids
         )
@@ -154,6 +160,7 @@ class Recovery:
         if cgroup is not None:
             await self._cgroups.release(self._cgroups.parent_of(cgroup), cid)
         await unmount(base / "bundle" / "rootfs")
+        await release_stage(self._state / "idmapped" / cid)
         await anyio.to_thread.run_sync(self._snapshotter.remove, cid)
         for path in (self._state / "exits" / cid, self._state / "attach" / cid, base):
             await remove_tree(path)
@@ -171,6 +178,7 @@ class Recovery:
                 network=str(pins["net"]) if pins["net"].exists() else None,
                 ipc=str(pins["ipc"]) if pins["ipc"].exists() else None,
                 uts=str(pins["uts"]) if pins["uts"].exists() else None,
+                user=str(pins["user"]) if pins["user"].exists() else None,
             )
         )
         for path in (self._state / "exits" / pod_id, self._state / "attach" / pod_id, base):

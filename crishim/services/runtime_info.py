@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from crishim import __version__
 from crishim.config import Config
@@ -12,6 +14,9 @@ from crishim.model.runtime import NETWORK_READY, RUNTIME_READY
 from crishim.network.cni import choose_network, missing_plugins
 from crishim.network.default_network import default_network
 from crishim.runtime.binaries import probe_binary, resolve_binary
+from crishim.runtime.idmap import idmapped_mounts_supported
+
+log = logging.getLogger(__name__)
 
 RUNTIME_NAME = "crishim"
 # NetworkReady's reason while pods join the built-in network (true, but worth a look).
@@ -33,6 +38,20 @@ class RuntimeInfo:
 
     def __init__(self, config: Config) -> None:
         self._config = config
+        self._userns_problem = "not probed yet"
+
+    async def probe_user_namespaces(self, snapshots: Path) -> None:
+        """Find out whether pods can have user namespaces of their own here: crishim makes
+        ID-mapped mounts of the image layers under ``snapshots`` and of volumes itself, and
+        runc (>= 1.1) and crun (>= 1.8) both join a user namespace given by path, so this
+        holds for every handler alike."""
+        self._userns_problem = await idmapped_mounts_supported(snapshots)
+        if self._userns_problem:
+            log.warning("pods cannot have user namespaces here: %s", self._userns_problem)
+
+    def userns_support(self, handler: str) -> str:
+        """Why ``handler`` cannot run pods in user namespaces of their own ("" = it can)."""
+        return self._userns_problem
 
     def version(self) -> VersionInfo:
         """crishim's name, its version and the CRI version it serves."""
@@ -101,9 +120,10 @@ class RuntimeInfo:
     async def status(self, verbose: bool) -> RuntimeStatus:
         """Both conditions, the runtime handlers and, if verbose, debug info."""
         # runc >= 1.1 and crun >= 1.8 apply "rro" with mount_setattr (Linux >= 5.12).
-        handlers = [HandlerFeatures(name="", recursive_read_only_mounts=True)] + [
-            HandlerFeatures(name=name, recursive_read_only_mounts=True)
-            for name in self._config.runtimes
+        userns = not self._userns_problem
+        handlers = [
+            HandlerFeatures(name=name, recursive_read_only_mounts=True, user_namespaces=userns)
+            for name in ["", *self._config.runtimes]
         ]
         info = await self._verbose_info() if verbose else {}
         return RuntimeStatus(

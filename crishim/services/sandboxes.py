@@ -1,6 +1,7 @@
 """Pod sandbox use cases: run, stop, remove, status and list.
 
-A sandbox is a set of pinned namespaces (network, IPC, UTS) under the state directory,
+A sandbox is a set of pinned namespaces (network, IPC, UTS, and user for a pod with
+``hostUsers: false``) under the state directory,
 its network (CNI), a /dev/shm, and the files containers mount: hostname, hosts and
 resolv.conf. No infra container exists unless the pod shares one PID namespace; then a
 catatonit process holds it. Every step of RunPodSandbox registers its undo, so a failure
@@ -27,7 +28,8 @@ from pathlib import Path
 from crishim.errors import FailedPrecondition, InvalidArgument, NotFound
 from crishim.model import PodMetadata, Sandbox, SandboxFilter, SandboxState
 from crishim.model.events import EventType
-from crishim.model.specs import LinuxResources, NamespaceMode, SandboxConfig
+from crishim.model.specs import LinuxResources, NamespaceMode, SandboxConfig, UserNamespace
+from crishim.model.userns import host_id_of, pod_userns
 from crishim.network.cni import Attachment, CniManager
 from crishim.network.netns import (
     PodNamespaces,
@@ -36,6 +38,7 @@ from crishim.network.netns import (
     remove_pod_namespaces,
 )
 from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
+from crishim.runtime.idmap import unsearchable_parent
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.services.events import EventBus
 from crishim.store import ObjectStore
@@ -75,6 +78,8 @@ class SandboxPaths:
 ContainerReaper = Callable[[str, bool], Awaitable[None]]
 # Raises unless a runtime handler's binary is installed; set by the app.
 RuntimeCheck = Callable[[str], None]
+# Why a runtime handler cannot run pods with their own user namespace ("" = it can).
+UsernsSupport = Callable[[str], str]
 # Start and stop the process holding a shared PID namespace; set by the app.
 InfraStarter = Callable[[Sandbox, SandboxConfig], Awaitable[int]]
 InfraStopper = Callable[[Sandbox], Awaitable[None]]
@@ -104,6 +109,7 @@ class SandboxService:
         self._locks: dict[str, asyncio.Lock] = {}
         self.reap_containers: ContainerReaper | None = None
         self.check_runtime: RuntimeCheck | None = None
+        self.userns_support: UsernsSupport | None = None
         self.start_infra: InfraStarter | None = None
         self.stop_infra: InfraStopper | None = None
 
@@ -168,7 +174,7 @@ class SandboxService:
         for sandbox in self._store.list():
             if sandbox.state is not SandboxState.READY:
                 continue
-            pins = [p for p in (sandbox.netns, sandbox.ipcns, sandbox.utsns) if p]
+            pins = [p for p in (sandbox.netns, sandbox.ipcns, sandbox.utsns, sandbox.userns) if p]
             if all(namespace_alive(p) for p in pins):
                 continue
             log.warning("sandbox %s lost its namespaces: marking it not ready", sandbox.id[:12])
@@ -199,6 +205,15 @@ class SandboxService:
                     f"pod sandbox {meta.name}/{meta.namespace} attempt {meta.attempt} exists as "
                     f"{existing.id} and is not ready; remove it first"
                 )
+        userns = pod_userns(config.namespace_options)
+        if userns is not None:
+            why_not = self.userns_support(handler) if self.userns_support else "not set up"
+            why_not = why_not or unsearchable_parent(self._state)
+            if why_not:
+                raise FailedPrecondition(
+                    f"runtime handler {handler or '(default)'!r} cannot run pods in a user "
+                    f"namespace of their own here: {why_not}"
+                )
         if self.check_runtime is not None:
             # Before anything is made: no container of the pod could run.
             self.check_runtime(handler)
@@ -222,6 +237,7 @@ class SandboxService:
         # Like containerd: no hostname asked for means the node's name.
         hostname = config.hostname or os.uname().nodename
         sysctls = dict(linux.sysctls) if linux else {}
+        userns = pod_userns(ns_opts)
         async with contextlib.AsyncExitStack() as undo:
             with disk_full_as("making the pod sandbox directory", paths.base):
                 paths.base.mkdir(parents=True, exist_ok=True)
@@ -234,9 +250,10 @@ class SandboxService:
                 uts=not host_network,
                 hostname=hostname,
                 sysctls=sysctls,
+                userns=userns,
             )
             undo.push_async_callback(remove_pod_namespaces, namespaces)
-            await self._make_shm(paths, host_ipc)
+            await self._make_shm(paths, host_ipc, userns)
             undo.push_async_callback(unmount, paths.shm)
             ips: list[str] = []
             attachment: Attachment | None = None
@@ -269,6 +286,7 @@ class SandboxService:
                 netns=namespaces.network or "",
                 ipcns=namespaces.ipc or "",
                 utsns=namespaces.uts or "",
+                userns=namespaces.user or "",
                 ips=ips,
                 network_ready=attachment is not None,
                 network=attachment.network if attachment else "",
@@ -295,11 +313,18 @@ class SandboxService:
         )
         return sandbox
 
-    async def _make_shm(self, paths: SandboxPaths, host_ipc: bool) -> None:
+    async def _make_shm(
+        self, paths: SandboxPaths, host_ipc: bool, userns: UserNamespace | None
+    ) -> None:
         paths.shm.mkdir(parents=True, exist_ok=True)
         if host_ipc:
             return  # containers bind the host's /dev/shm
-        options = ("nosuid", "nodev", "noexec", "mode=1777", f"size={SHM_SIZE_BYTES}")
+        options: tuple[str, ...] = ("nosuid", "nodev", "noexec", "mode=1777")
+        options += (f"size={SHM_SIZE_BYTES}",)
+        if userns is not None:
+            # Owned by the pod's root, as it is in a pod of the node's user namespace.
+            uid, gid = host_id_of(0, userns.uids), host_id_of(0, userns.gids)
+            options += (f"uid={uid}", f"gid={gid}")
         await mount_all([MountRequest("tmpfs", "shm", options)], paths.shm)
 
     async def _network_up(self, sandbox_id: str, netns: str, config: SandboxConfig) -> Attachment:
@@ -417,6 +442,7 @@ class SandboxService:
                     network=sandbox.netns or None,
                     ipc=sandbox.ipcns or None,
                     uts=sandbox.utsns or None,
+                    user=sandbox.userns or None,
                 )
             )
             await remove_tree(self.paths(sandbox.id).base)

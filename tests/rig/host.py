@@ -22,6 +22,7 @@ __all__ = [
     "entries",
     "iptables_chains",
     "iptables_rules",
+    "mounts_below",
     "mounts_under",
     "run",
 ]
@@ -78,6 +79,11 @@ def mounts_under(path: Path) -> list[str]:
         if point == prefix or point.startswith(prefix + "/"):
             points.append(point)
     return sorted(set(points), key=len, reverse=True)
+
+
+def mounts_below(path: Path) -> list[str]:
+    """Mount points strictly below ``path`` (not ``path`` itself), deepest first."""
+    return [point for point in mounts_under(path) if point != str(path)]
 
 
 def cgroups_of(ids: set[str]) -> list[str]:

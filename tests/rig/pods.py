@@ -47,6 +47,7 @@ from tests.rig.host import (
     entries,
     iptables_chains,
     iptables_rules,
+    mounts_below,
     mounts_under,
     run,
 )
@@ -412,9 +413,12 @@ class PodRig:
         for kind in ("containers", "sandboxes"):
             found += [f"mount {m}" for m in mounts_under(self.proc.state / kind)]
             found += [f"{kind} dir {d[:12]}" for d in entries(self.proc.state / kind)]
-        for ns in ("net", "ipc", "uts"):
+        for ns in ("net", "ipc", "uts", "user"):
             found += [f"mount {m}" for m in mounts_under(self.proc.state / "ns" / ns)]
             found += [f"{ns} pin {d[:12]}" for d in entries(self.proc.state / "ns" / ns)]
+        # (``idmapped`` itself is a private mount point, made once and kept)
+        found += [f"mount {m}" for m in mounts_below(self.proc.state / "idmapped")]
+        found += [f"idmapped dir {d[:12]}" for d in entries(self.proc.state / "idmapped")]
         found += [f"exit file {e[:12]}" for e in entries(self.proc.state / "exits")]
         found += [f"attach dir {e[:12]}" for e in entries(self.proc.state / "attach")]
         found += [f"CNI cache {e[:12]}" for e in entries(self.proc.root / "cni-cache")]
