@@ -11,7 +11,6 @@ machine: its absolute speed drifts from run to run.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.rig.cni import bridge_conflist
 from tests.rig.crishim_proc import CrishimProcess
 from tests.rig.oci_image import busybox_image, push
 from tests.rig.registry import Registry
@@ -51,27 +51,7 @@ def push_images(registry: Registry) -> Images:
 def conflist(name: str, ipam_dir: Path) -> str:
     """A bridge + host-local network on the runtime's own bridge and subnet."""
     bridge, subnet = NETWORKS[name]
-    return json.dumps(
-        {
-            "cniVersion": "1.0.0",
-            "name": f"bench-{name}",
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": bridge,
-                    "isGateway": True,
-                    "ipMasq": False,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": subnet}]],
-                        "dataDir": str(ipam_dir),
-                    },
-                },
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-                {"type": "loopback"},
-            ],
-        }
-    )
+    return bridge_conflist(f"bench-{name}", bridge, subnet, ipam_dir)
 
 
 def rss_kib(pid: int) -> int:

@@ -10,7 +10,6 @@ and well under a minute later, from buildah's layer cache in ``$CRISHIM_TEST_CAC
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shlex
 import subprocess
@@ -28,6 +27,7 @@ from tests.image.rig import (
     ImageCrishim,
     built_image_fixture,  # noqa: F401 - the session fixture ``built_image``
 )
+from tests.rig.cni import bridge_conflist
 from tests.rig.fixtures import PushedImage
 from tests.rig.host import conmons_of, drop_chain, iptables_chains, iptables_rules, run
 from tests.rig.pods import PodRig
@@ -147,27 +147,9 @@ def test_the_images_crishim_finds_its_host_programs(
 
 
 def _write_conflist(proc: ImageCrishim, ipam_dir: Path) -> None:
-    conflist = {
-        "cniVersion": "1.0.0",
-        "name": NETWORK,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": BRIDGE,
-                "isGateway": True,
-                "ipMasq": False,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": SUBNET}]],
-                    "dataDir": str(ipam_dir),
-                },
-            },
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-            {"type": "loopback"},
-        ],
-    }
     proc.cni_conf_dir.mkdir(parents=True, exist_ok=True)
-    (proc.cni_conf_dir / "10-image.conflist").write_text(json.dumps(conflist))
+    conflist = bridge_conflist(NETWORK, BRIDGE, SUBNET, ipam_dir)
+    (proc.cni_conf_dir / "10-image.conflist").write_text(conflist)
 
 
 def _subnet_rules() -> list[str]:

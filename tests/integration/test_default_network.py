@@ -32,6 +32,7 @@ from grpclib.const import Status
 
 from crishim.api import v1
 from crishim.network.default_network import DEFAULT_NETWORK_NAME
+from tests.rig.cni import bridge_conflist
 from tests.rig.crishim_proc import CrishimProcess
 from tests.rig.fixtures import PushedImage, require_busybox
 from tests.rig.host import (
@@ -102,27 +103,7 @@ def lease_files(directory: Path) -> list[str]:
 
 def cluster_conflist(ipam_dir: Path) -> str:
     """What a cluster's network plugin would write: another bridge on another subnet."""
-    return json.dumps(
-        {
-            "cniVersion": "1.0.0",
-            "name": CLUSTER_NETWORK,
-            "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": CLUSTER_BRIDGE,
-                    "isGateway": True,
-                    "ipMasq": False,
-                    "ipam": {
-                        "type": "host-local",
-                        "ranges": [[{"subnet": CLUSTER_SUBNET}]],
-                        "dataDir": str(ipam_dir),
-                    },
-                },
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-                {"type": "loopback"},
-            ],
-        }
-    )
+    return bridge_conflist(CLUSTER_NETWORK, CLUSTER_BRIDGE, CLUSTER_SUBNET, ipam_dir)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from grpclib.client import Channel
 
 from crishim.api import v1
 from tests.kubelet.manifests import NAMESPACE
+from tests.rig.cni import bridge_conflist
 from tests.rig.crishim_fixtures import CriClient
 from tests.rig.crishim_proc import CrishimProcess
 from tests.rig.fixtures import PushedImage, require_busybox
@@ -219,26 +220,9 @@ def subnet_rules() -> list[str]:
 
 
 def write_conflist(proc: CrishimProcess, ipam_dir: Path) -> None:
-    conflist = {
-        "cniVersion": "1.0.0",
-        "name": NETWORK,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": BRIDGE,
-                "isGateway": True,
-                "ipMasq": False,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": SUBNET}]],
-                    "dataDir": str(ipam_dir),
-                },
-            },
-            {"type": "loopback"},
-        ],
-    }
     proc.cni_conf_dir.mkdir(parents=True, exist_ok=True)
-    (proc.cni_conf_dir / "10-crishim-kubelet.conflist").write_text(json.dumps(conflist))
+    conflist = bridge_conflist(NETWORK, BRIDGE, SUBNET, ipam_dir)
+    (proc.cni_conf_dir / "10-crishim-kubelet.conflist").write_text(conflist)
 
 
 def require_host() -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -36,6 +35,7 @@ import pytest_asyncio
 from grpclib.client import Channel
 
 from crishim.api import v1
+from tests.rig.cni import bridge_conflist
 from tests.rig.crishim_fixtures import CriClient
 from tests.rig.crishim_proc import CrishimProcess
 from tests.rig.fixtures import PushedImage, require_busybox
@@ -432,27 +432,9 @@ class PodRig:
 
 
 def _write_conflist(proc: CrishimProcess, ipam_dir: Path) -> None:
-    conflist = {
-        "cniVersion": "1.0.0",
-        "name": NETWORK,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": BRIDGE,
-                "isGateway": True,
-                "ipMasq": False,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": SUBNET}]],
-                    "dataDir": str(ipam_dir),
-                },
-            },
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-            {"type": "loopback"},
-        ],
-    }
     proc.cni_conf_dir.mkdir(parents=True, exist_ok=True)
-    (proc.cni_conf_dir / "10-crishim-pods.conflist").write_text(json.dumps(conflist))
+    conflist = bridge_conflist(NETWORK, BRIDGE, SUBNET, ipam_dir)
+    (proc.cni_conf_dir / "10-crishim-pods.conflist").write_text(conflist)
 
 
 def force_cleanup(proc: CrishimProcess, runtime_name: str) -> None:
