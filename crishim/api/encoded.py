@@ -9,23 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
+from crishim.api.wire import varint
 from crishim.model import Record
 
 R = TypeVar("R", bound=Record)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def frame_field(field_number: int, payload: bytes) -> bytes:
     """A length-delimited field: key, length, payload."""
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+    return varint(field_number << 3 | 2) + varint(len(payload)) + payload
 
 
 class EncodedItems(Generic[R]):
