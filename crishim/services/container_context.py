@@ -82,10 +82,7 @@ class SpecContexts:
             image_name=config.image.image if config.image else "",
             rootfs=str(rootfs),
             namespace_paths={
-                "network": sandbox.netns or None,
-                "ipc": sandbox.ipcns or None,
-                "uts": sandbox.utsns or None,
-                "user": sandbox.userns or None,
+                **_pod_namespaces(sandbox),
                 "pid": f"/proc/{sandbox.infra_pid}/ns/pid" if sandbox.infra_pid else None,
             },
             target_pid=target_pid,
@@ -112,12 +109,7 @@ class SpecContexts:
             sandbox_id=sandbox.id,
             sandbox=sandbox_config,
             rootfs=str(rootfs),
-            namespace_paths={
-                "network": sandbox.netns or None,
-                "ipc": sandbox.ipcns or None,
-                "uts": sandbox.utsns or None,
-                "user": sandbox.userns or None,
-            },
+            namespace_paths=_pod_namespaces(sandbox),
             cgroups_path=self._cgroups.container_cgroups_path(sandbox.cgroup_parent, sandbox.id),
             min_oom_score_adj=self._min_oom,
             swap_available=self._swap,
@@ -142,3 +134,13 @@ def _as_node(device: HostDevice) -> DeviceNode:
 
 def _device_node(path: str) -> DeviceNode:
     return _as_node(stat_device(path))
+
+
+def _pod_namespaces(sandbox: Sandbox) -> dict[str, str | None]:
+    """The pinned namespaces of the pod that its containers join (None: the pod has none)."""
+    return {
+        "network": sandbox.netns or None,
+        "ipc": sandbox.ipcns or None,
+        "uts": sandbox.utsns or None,
+        "user": sandbox.userns or None,
+    }
