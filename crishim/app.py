@@ -33,6 +33,7 @@ from crishim.network.cni import CniManager
 from crishim.network.default_network import default_network
 from crishim.runtime.binaries import resolve_binary
 from crishim.runtime.cgroup_driver import CgroupDriver, CgroupfsDriver
+from crishim.runtime.host_paths import HostPaths
 from crishim.runtime.oci_runtime import OciRuntime
 from crishim.runtime.systemd_cgroups import SystemdDriver
 from crishim.services.containers import ContainerService
@@ -160,6 +161,7 @@ def build_services(config: Config, stores: Stores, snapshotter: Snapshotter) -> 
         cgroups=cgroups,
         conmon=config.conmon,
         events=events,
+        host_paths=HostPaths(config.host_root),
     )
     events.pod_state = lambda sandbox_id: (
         sandboxes.find(sandbox_id),

@@ -31,6 +31,11 @@ def _config_flags() -> argparse.ArgumentParser:
     flags.add_argument("--state", help="runtime state directory (default /run/crishim)")
     flags.add_argument("--socket", help="CRI socket (default /run/crishim/crishim.sock)")
     flags.add_argument(
+        "--host-root",
+        dest="host_root_dir",
+        help="where crishim sees the node's root file system (default /; config: host_root)",
+    )
+    flags.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         help="log level (default info)",
@@ -82,6 +87,9 @@ def _node_parser(node: argparse.ArgumentParser) -> None:
         default=Path("/"),
         help="where the host's root file system is mounted (the DaemonSet: /host; default /)",
     )
+    # The host's transient unit a DaemonSet's pod hands its work to: run here, not again
+    # handed off (crishim.node.install).
+    where.add_argument("--on-host", action="store_true", help=argparse.SUPPRESS)
     actions = node.add_subparsers(dest="action", required=True)
     install = actions.add_parser(
         "install",
@@ -112,6 +120,7 @@ def _load(args: argparse.Namespace) -> Config:
             "root": args.root,
             "state": args.state,
             "socket": args.socket,
+            "host_root": args.host_root_dir,
             "log_level": args.log_level,
         },
     )
@@ -173,6 +182,7 @@ def _node(args: argparse.Namespace) -> int:
         executable=crishim_executable(),
         shipped_unit=unit_path().read_text(),
         say=lambda line: print(line, flush=True),
+        on_host=args.on_host,
     )
     if args.action == "install":
         install(node)

@@ -269,6 +269,12 @@ class Config(_Section):
     cgroup_driver: CgroupDriver = Field(
         default="cgroupfs", description="cgroupfs or systemd; must match kubelet's cgroupDriver"
     )
+    host_root: str = Field(
+        default="/",
+        description="where crishim sees the node's root file system: / unless crishim runs "
+        "from a root of its own (`crishim node install` binds the node's root at /host); node "
+        "paths of volumes that crishim does not see at their own path resolve under it",
+    )
     default_runtime: str = Field(
         default="runc", description="runtime used when a pod names no runtime handler"
     )
@@ -286,7 +292,7 @@ class Config(_Section):
     streaming: StreamingConfig = Field(default_factory=StreamingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
-    @field_validator("root", "state", "socket")
+    @field_validator("root", "state", "socket", "host_root")
     @classmethod
     def _paths_absolute(cls, value: str) -> str:
         return _absolute(value)

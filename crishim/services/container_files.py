@@ -14,9 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.to_thread
+
 from crishim.model import Sandbox
 from crishim.model.specs import ContainerConfig, SandboxConfig
 from crishim.model.userns import check_mount_mappings, host_id_of, pod_userns
+from crishim.runtime.host_paths import HostPaths
 from crishim.runtime.idmap import Idmap, stage_idmapped
 
 
@@ -75,3 +78,21 @@ async def stage_volumes(
         staged = await stage_idmapped(mount.host_path, stage, f"volume-{n}", idmap.userns)
         mounts.append(mount.model_copy(update={"host_path": staged}))
     return config.model_copy(update={"mounts": mounts})
+
+
+async def volumes_seen_here(config: ContainerConfig, host_paths: HostPaths) -> ContainerConfig:
+    """The config with each volume's node path replaced by the path naming the node's file
+    from crishim's root (the same config when crishim runs on the node's own root)."""
+    if host_paths.identity or not config.mounts:
+        return config
+
+    def resolve() -> ContainerConfig:
+        mounts = [
+            m.model_copy(update={"host_path": host_paths.resolve(m.host_path)})
+            if m.host_path
+            else m
+            for m in config.mounts
+        ]
+        return config.model_copy(update={"mounts": mounts})
+
+    return await anyio.to_thread.run_sync(resolve)

@@ -53,11 +53,17 @@ from crishim.runtime.conmon import (
     discard_container,
     reopen_log,
 )
+from crishim.runtime.host_paths import HostPaths
 from crishim.runtime.idmap import prepare_stage_root, release_stage
 from crishim.runtime.mounts import MountRequest, mount_all, unmount
 from crishim.runtime.oci_runtime import ExecResult, OciRuntime
 from crishim.services.container_context import SpecContexts
-from crishim.services.container_files import ContainerPaths, pod_idmap, stage_volumes
+from crishim.services.container_files import (
+    ContainerPaths,
+    pod_idmap,
+    stage_volumes,
+    volumes_seen_here,
+)
 from crishim.services.events import EventBus
 from crishim.services.exits import ExitTracker
 from crishim.services.images import ImageService
@@ -85,6 +91,7 @@ class ContainerService:
         cgroups: CgroupDriver,
         conmon: str = "conmon",
         events: EventBus | None = None,
+        host_paths: HostPaths | None = None,
     ) -> None:
         self._store = store
         self._state = state_dir
@@ -95,6 +102,7 @@ class ContainerService:
         self._cgroups = cgroups
         self._contexts = SpecContexts(cgroups)
         self._conmon = conmon
+        self._host_paths = host_paths or HostPaths()
         self._events = events or EventBus()
         self._creating: dict[tuple[str, str, int], asyncio.Task[Container]] = {}
         # Containers whose create finished after its caller gave up, by (sandbox, name, attempt).
@@ -224,7 +232,8 @@ class ContainerService:
             undo.push_async_callback(release_stage, paths.idmapped)
             if idmap is not None:
                 await prepare_stage_root(paths.idmapped.parent)
-            spec_config = await stage_volumes(config, sandbox_config, idmap, paths.idmapped)
+            spec_config = await volumes_seen_here(config, self._host_paths)
+            spec_config = await stage_volumes(spec_config, sandbox_config, idmap, paths.idmapped)
             mounts = await anyio.to_thread.run_sync(
                 snapshotter.prepare, container_id, image.top_chain_id or None
             )
