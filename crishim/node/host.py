@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 import httpx
+from grpclib import GRPCError
 from grpclib.client import Channel
 
 from crishim.api import v1
@@ -49,6 +50,15 @@ class HostSystem(Protocol):
 
     def wait_kubelet(self, port: int, timeout: float) -> None:
         """Wait until kubelet's healthz on 127.0.0.1:``port`` answers ok."""
+
+    def remove_pods(self, socket: Path, timeout: float) -> int:
+        """Stop and remove every pod of the CRI runtime on ``socket``; how many there were."""
+
+    def in_container(self) -> bool:
+        """Whether this process runs in a container (not in the host's mount namespace)."""
+
+    def start_transient(self, unit: str, argv: list[str]) -> None:
+        """Start ``argv`` as the host's transient service ``unit`` (gone once it ends)."""
 
 
 def _same_mount_namespace_as_init() -> bool:
@@ -92,6 +102,20 @@ class RealHost:
     def wait_cri(self, socket: Path, timeout: float) -> str:
         return asyncio.run(_wait_cri(socket, timeout))
 
+    def remove_pods(self, socket: Path, timeout: float) -> int:
+        return asyncio.run(_remove_pods(socket, timeout))
+
+    def in_container(self) -> bool:
+        return bool(self._prefix)
+
+    def start_transient(self, unit: str, argv: list[str]) -> None:
+        command = ["systemd-run", f"--unit={unit}", "--collect", "--quiet"]
+        command += ["--service-type=exec", "--", *argv]
+        result = run_blocking([*self._prefix, *command], what="systemd-run")
+        if result.returncode != 0:
+            output = (result.stderr or result.stdout).decode(errors="replace").strip()
+            raise FailedPrecondition(f"systemd-run --unit={unit} failed: {output}")
+
     def wait_kubelet(self, port: int, timeout: float) -> None:
         url = f"http://127.0.0.1:{port}/healthz"
         deadline = time.monotonic() + timeout
@@ -125,3 +149,24 @@ async def _wait_cri(socket: Path, timeout: float) -> str:
                 channel.close()
         await asyncio.sleep(0.5)
     raise DeadlineExceeded(f"crishim did not answer on {socket} within {timeout:g}s: {problem}")
+
+
+async def _remove_pods(socket: Path, timeout: float) -> int:
+    if not socket.exists():
+        return 0
+    channel = Channel(path=str(socket))
+    try:
+        stub = v1.RuntimeServiceStub(channel)
+        listed = await stub.list_pod_sandbox(v1.ListPodSandboxRequest(), timeout=timeout)
+        for pod in listed.items:
+            await stub.stop_pod_sandbox(
+                v1.StopPodSandboxRequest(pod_sandbox_id=pod.id), timeout=timeout
+            )
+            await stub.remove_pod_sandbox(
+                v1.RemovePodSandboxRequest(pod_sandbox_id=pod.id), timeout=timeout
+            )
+        return len(listed.items)
+    except (TimeoutError, OSError, GRPCError) as exc:
+        raise FailedPrecondition(f"removing the pods of the runtime on {socket}: {exc}") from exc
+    finally:
+        channel.close()

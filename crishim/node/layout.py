@@ -13,6 +13,10 @@ bound into it at the same paths. Two systemd units do that:
   rootfs, and what crishim or a container with Bidirectional propagation mounts there (CSI
   drivers) appears on the host. Its stop makes every bind a slave first, then detaches the
   tree: unmounting a shared bind would propagate and unmount the host's own mounts below it.
+  The node's whole root is bound at ``/opt/crishim/rootfs/host`` too (a slave: the
+  node's mounts reach it, none go back), and crishim runs with ``--host-root /host``:
+  a volume kubelet names by a node path that is not bound at its own path
+  (``hostPath: /etc/ssl``, or ``/`` itself) is taken from there, not from the image.
 - ``crishim.service`` is the shipped unit (``crishim unit``) with ``ExecStart=`` run by the
   host's ``chroot`` into the rootfs: a plain chroot(2) in the host's mount namespace (what
   ``RootDirectory=`` with ``MountAPIVFS=no`` would be, had systemd 252 not looked the
@@ -43,7 +47,10 @@ from crishim.node.unit import UNIT_NAME, add_settings, render_unit
 __all__ = [
     "BINDS",
     "CONFIG_FILE",
+    "HOST_IN_ROOTFS",
     "INSTALLED_MARKER",
+    "LOCK_FILE",
+    "NODE_UNIT_NAME",
     "OPT_DIR",
     "RECORD_FILE",
     "ROOTFS_DIR",
@@ -69,6 +76,12 @@ UNIT_DIR = "/etc/systemd/system"
 SERVICE_UNIT_NAME = UNIT_NAME
 ROOTFS_UNIT_NAME = "crishim-rootfs.service"
 CONFIG_FILE = "/etc/crishim/crishim.toml"
+#: where the rootfs holds the node's whole root (crishim's ``host_root``)
+HOST_IN_ROOTFS = "/host"
+#: the transient unit a DaemonSet's install or uninstall hands its work to
+NODE_UNIT_NAME = "crishim-node.service"
+#: held by whoever installs or uninstalls (on the node's /run: gone at reboot)
+LOCK_FILE = "/run/crishim-node.lock"
 STATE_DIR = "/var/lib/crishim"
 
 
@@ -106,7 +119,15 @@ BINDS: tuple[Bind, ...] = (
 
 # Never copied from the image: kernel file systems, the host's root as the DaemonSet
 # mounts it, scratch space. Every mount point inside the image's root is left out too.
-ROOTFS_EXCLUDES: tuple[str, ...] = ("/proc", "/sys", "/dev", "/run", "/tmp", "/host", "/var/tmp")
+ROOTFS_EXCLUDES: tuple[str, ...] = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/tmp",
+    HOST_IN_ROOTFS,
+    "/var/tmp",
+)
 
 
 def _mount_lines(mount: str, umount: str) -> tuple[list[str], list[str]]:
@@ -119,6 +140,14 @@ def _mount_lines(mount: str, umount: str) -> tuple[list[str], list[str]]:
         f"ExecStart={mount} --make-private {ROOTFS_DIR}",
         f"ExecStart={mount} --bind {ROOTFS_DIR} {ROOTFS_DIR}",
         f"ExecStart={mount} --make-private {ROOTFS_DIR}",
+    ]
+    # The node's whole root at /host, a slave: the node's mounts reach it, nothing done
+    # there goes back. crishim resolves volume paths it does not see at their own path
+    # below it (crishim.runtime.host_paths). Made before the binds below, so that it holds
+    # none of them.
+    start += [
+        f"ExecStart={mount} --rbind / {ROOTFS_DIR}{HOST_IN_ROOTFS}",
+        f"ExecStart={mount} --make-rslave {ROOTFS_DIR}{HOST_IN_ROOTFS}",
     ]
     for bind in BINDS:
         how = "--rbind" if bind.directory else "--bind"
@@ -163,6 +192,13 @@ def render_service_unit(shipped: str, executable: str, chroot: str = "/usr/sbin/
     the host's root, not in ``RootDirectory=``, and fails ("Failed to locate executable")
     unless the host happens to have a file at that path too."""
     text = render_unit(shipped, f"{chroot} {ROOTFS_DIR} {executable}")
+    text = (
+        "\n".join(
+            f"{line} --host-root {HOST_IN_ROOTFS}" if line.startswith("ExecStart=") else line
+            for line in text.splitlines()
+        )
+        + "\n"
+    )
     text = add_settings(
         text,
         "Unit",

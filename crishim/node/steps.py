@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from crishim.config import load_config
-from crishim.errors import ConfigError, FailedPrecondition
+from crishim.config import Config, load_config
+from crishim.errors import ConfigError, CrishimError, FailedPrecondition
 from crishim.node import kubelet
 from crishim.node.files import file_digest, mount_points, remove_tree, sync_tree, write_atomic
 from crishim.node.host import HostSystem
@@ -52,6 +52,10 @@ __all__ = ["STEPS", "Node", "Step", "preflight"]
 Data = dict[str, Any]
 CRI_TIMEOUT = 90.0
 KUBELET_TIMEOUT = 120.0
+#: seconds each CRI call removing a pod may take (a stop waits for the containers' grace)
+POD_TIMEOUT = 60.0
+#: kubelet's runtime endpoint when its config names none (containerd's socket)
+DEFAULT_RUNTIME_ENDPOINT = "unix:///run/containerd/containerd.sock"
 _HOST_BINARY_DIRS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
 
 
@@ -69,6 +73,8 @@ class Node:
     say: Callable[[str], None] = print
     #: something changed in this run: the service is restarted
     changed: set[str] = field(default_factory=set)
+    #: run here even in a container (the host's transient unit a DaemonSet handed to)
+    on_host: bool = False
 
     @property
     def from_rootfs(self) -> bool:
@@ -168,9 +174,8 @@ def _mounts_inside(root: Path) -> set[str]:
 
 
 def _make_mount_targets(rootfs: Path) -> None:
-    for excluded in ROOTFS_EXCLUDES:
-        if excluded != "/host":
-            _ensure_inside(rootfs, excluded, directory=True)
+    for excluded in ROOTFS_EXCLUDES:  # /host included: the node's root is bound there
+        _ensure_inside(rootfs, excluded, directory=True)
     for name in ("tmp", "var/tmp"):
         os.chmod(rootfs / name, 0o1777)  # noqa: S103 - scratch space, sticky as on any host
     for bind in BINDS:
@@ -367,7 +372,10 @@ class ServiceStep(Step):
 
 
 def crishim_socket(node: Node) -> str:
-    """crishim's socket, a host path (the rootfs binds /run at /run)."""
+    """crishim's socket, a host path (the rootfs binds /run at /run); the default one
+    while the host has no crishim.toml yet."""
+    if not node.path(CONFIG_FILE).exists():
+        return str(Config().socket)
     return str(_config_of(node).socket)
 
 
@@ -441,6 +449,43 @@ def _kubelet_port(node: Node) -> int:
     return int(port) if port and port.isdigit() else 10248
 
 
+def kubelet_on_crishim(node: Node) -> bool:
+    """Whether kubelet's runtime endpoint is crishim's socket already."""
+    setup = kubelet_setup(node)
+    text = node.path(setup.path).read_text()
+    return _endpoints_before(setup, text)[_runtime_key(setup)] == f"unix://{crishim_socket(node)}"
+
+
+def _endpoint_socket(endpoint: str | None) -> str:
+    """The socket path of a CRI endpoint (kubelet's default: containerd's)."""
+    value = endpoint or DEFAULT_RUNTIME_ENDPOINT
+    return value.removeprefix("unix://")
+
+
+def _remove_pods(node: Node, endpoint: str | None) -> str:
+    """Every pod of the runtime kubelet leaves, stopped and removed: kubelet starts them
+    anew on the other one, and they would run twice (ports, IPs, volumes) otherwise."""
+    socket = _endpoint_socket(endpoint)
+    try:
+        count = node.host.remove_pods(node.path(socket), POD_TIMEOUT)
+    except CrishimError as exc:
+        return f"WARNING: its pods on {socket} not removed: {exc}"
+    return f"removed its {count} pod(s) on {socket}"
+
+
+def _switch_kubelet(node: Node, leaving: str | None, change: Callable[[], None]) -> str:
+    """kubelet stopped, the pods of the runtime it leaves removed, ``change`` made,
+    kubelet started again (also when the change fails)."""
+    node.host.systemctl("stop", "kubelet.service")
+    try:
+        removed = _remove_pods(node, leaving)
+        change()
+    except BaseException:
+        node.host.systemctl("restart", "kubelet.service")
+        raise
+    return f"kubelet stopped, {removed}, {_restart_kubelet(node)}"
+
+
 def _restart_kubelet(node: Node) -> str:
     node.host.systemctl("restart", "kubelet.service")
     port = _kubelet_port(node)
@@ -461,6 +506,10 @@ def _endpoints_before(setup: KubeletSetup, text: str) -> dict[str, str | None]:
         flags = kubelet.flags_of(text)
         return {f: kubelet.flag_value(flags, f) for f in kubelet.FLAGS}
     return {k: kubelet.config_value(text, k) for k in kubelet.CONFIG_KEYS}
+
+
+def _runtime_key(setup: KubeletSetup) -> str:
+    return kubelet.FLAGS[0] if setup.form == "flags" else kubelet.CONFIG_KEYS[0]
 
 
 class KubeletStep(Step):
@@ -485,16 +534,20 @@ class KubeletStep(Step):
         changes: dict[str, str | None] = {
             k: endpoint for k, v in data["before"].items() if v is not None
         }
-        changes[kubelet.FLAGS[0] if setup.form == "flags" else kubelet.CONFIG_KEYS[0]] = endpoint
+        changes[_runtime_key(setup)] = endpoint
         try:
             edited = _edit(setup, text, changes)
         except FailedPrecondition as exc:
             raise FailedPrecondition(f"{setup.path}: {exc}") from exc
         if edited == text:
             return f"kubelet already uses {endpoint} ({setup.path})"
-        write_atomic(target, edited.encode(), stat.S_IMODE(target.stat().st_mode))
-        data["written"] = file_digest(target)
-        return f"kubelet now uses {endpoint} ({setup.path}); {_restart_kubelet(node)}"
+
+        def switch() -> None:
+            write_atomic(target, edited.encode(), stat.S_IMODE(target.stat().st_mode))
+            data["written"] = file_digest(target)
+
+        switched = _switch_kubelet(node, data["before"][_runtime_key(setup)], switch)
+        return f"kubelet now uses {endpoint} ({setup.path}); {switched}"
 
     def undo(self, node: Node, data: Data, *, purge: bool) -> str:
         setup = KubeletSetup(data["form"], data["path"], data["config"])
@@ -503,16 +556,21 @@ class KubeletStep(Step):
         if data.get("written") is None:
             saved.unlink(missing_ok=True)
             return "kubelet not changed"
-        if file_digest(target) == data.get("written") or not target.exists():
-            _restore_original(node, setup.path)
-            how = f"{setup.path} restored"
-        else:
-            # Changed since: put back only the endpoints, keep the rest of the change.
-            edited = _edit(setup, target.read_text(), data["before"])
-            write_atomic(target, edited.encode(), stat.S_IMODE(target.stat().st_mode))
-            saved.unlink(missing_ok=True)
-            how = f"{setup.path} changed since install: only its endpoints put back"
-        return f"{how}; kubelet {_restart_kubelet(node)}"
+        said = []
+
+        def switch_back() -> None:
+            if file_digest(target) == data.get("written") or not target.exists():
+                _restore_original(node, setup.path)
+                said.append(f"{setup.path} restored")
+            else:
+                # Changed since: put back only the endpoints, keep the rest of the change.
+                edited = _edit(setup, target.read_text(), data["before"])
+                write_atomic(target, edited.encode(), stat.S_IMODE(target.stat().st_mode))
+                saved.unlink(missing_ok=True)
+                said.append(f"{setup.path} changed since install: only its endpoints put back")
+
+        switched = _switch_kubelet(node, f"unix://{crishim_socket(node)}", switch_back)
+        return f"{said[0]}; {switched}"
 
 
 def preflight(node: Node) -> None:

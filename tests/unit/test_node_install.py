@@ -7,179 +7,40 @@ the installer on a booted one).
 
 from __future__ import annotations
 
-import configparser
 import os
-import stat
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from crishim.cli import main
-from crishim.errors import DeadlineExceeded, FailedPrecondition
+from crishim.errors import FailedPrecondition
 from crishim.node.files import remove_tree, sync_tree
 from crishim.node.install import InstallFailed, install, uninstall
 from crishim.node.layout import BINDS, ROOTFS_DIR
 from crishim.node.record import InstallRecord
-from crishim.node.steps import STEPS, Node
+from crishim.node.steps import STEPS
 from crishim.node.unit import unit_path
-
-CRISHIM = "unix:///run/crishim/crishim.sock"
-CONTAINERD = "unix:///run/containerd/containerd.sock"
-EXECUTABLE = "/opt/venv/bin/crishim"
-
-KUBELET_CONFIG = f"""\
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-# kubeadm's
-cgroupDriver: systemd
-containerRuntimeEndpoint: {CONTAINERD}
-staticPodPath: /etc/kubernetes/manifests
-"""
-KUBEADM_FLAGS = (
-    f'KUBELET_KUBEADM_ARGS="--container-runtime-endpoint={CONTAINERD} '
-    '--pod-infra-container-image=registry.k8s.io/pause:3.9"\n'
+from tests.unit.node_fakes import (
+    CONTAINERD,
+    CRISHIM,
+    EXECUTABLE,
+    KUBEADM_FLAGS,
+    KUBELET_CONFIG,
+    FakeHost,
+    Rig,
+    make_host,
+    make_image,
+    make_rig,
+    service_of,
+    snapshot,
 )
-
-
-@dataclass
-class FakeHost:
-    """The host's systemd and kubelet: records calls, fails the first one that starts
-    with ``fail`` (once: the undo's own call of it succeeds)."""
-
-    kubelet: list[str] | None = field(default_factory=lambda: ["/usr/bin/kubelet"])
-    fail: str | None = None
-    calls: list[str] = field(default_factory=list)
-    active: set[str] = field(default_factory=set)
-    enabled: set[str] = field(default_factory=set)
-
-    def _call(self, what: str) -> None:
-        self.calls.append(what)
-        if self.fail is not None and what.startswith(self.fail):
-            self.fail = None
-            raise FailedPrecondition(f"{what}: injected failure")
-
-    def systemctl(self, *args: str) -> None:
-        self._call("systemctl " + " ".join(args))
-        verb, units = args[0], [a for a in args[1:] if not a.startswith("--")]
-        if verb == "enable":
-            self.enabled.update(units)
-        elif verb == "restart":
-            self.active.update(units)
-        elif verb in ("stop", "disable"):
-            self.enabled.difference_update(units)
-            if verb == "stop" or "--now" in args:
-                self.active.difference_update(units)
-
-    def unit_active(self, unit: str) -> bool:
-        return unit in self.active
-
-    def kubelet_args(self) -> list[str] | None:
-        return self.kubelet
-
-    def wait_cri(self, socket: Path, timeout: float) -> str:
-        self._call(f"wait_cri {socket.name}")
-        if "crishim.service" not in self.active:
-            raise DeadlineExceeded("crishim is not running")
-        return "crishim 0.1.0"
-
-    def wait_kubelet(self, port: int, timeout: float) -> None:
-        self._call(f"wait_kubelet {port}")
-
-
-def _make_image(root: Path) -> None:
-    """A small image root: crishim in a venv, a library, links, a file mounted in."""
-    (root / "opt/venv/bin").mkdir(parents=True)
-    (root / "opt/venv/bin/crishim").write_text("#!/opt/venv/bin/python\n")
-    (root / "opt/venv/bin/crishim").chmod(0o755)
-    (root / "opt/venv/bin/python").symlink_to("/usr/bin/python3")
-    (root / "usr/lib/cni").mkdir(parents=True)
-    (root / "usr/lib/cni/bridge").write_bytes(b"\x7fELF" + bytes(range(256)))
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "usr/bin/conmon").write_bytes(b"\x7fELF conmon")
-    (root / "lib").symlink_to("usr/lib")
-    (root / "etc").mkdir()
-    (root / "etc/os-release").write_text("ID=debian\n")
-    (root / "etc/resolv.conf").symlink_to("/run/systemd/resolve/stub-resolv.conf")
-    (root / "var/lib/dpkg").mkdir(parents=True)
-    for excluded in ("proc/1", "run/secrets", "tmp/junk"):
-        (root / excluded).mkdir(parents=True)
-
-
-def _make_host(root: Path, *, flags: bool = False) -> None:
-    for tool in ("usr/bin/mount", "usr/bin/umount", "usr/sbin/chroot"):
-        (root / tool).parent.mkdir(parents=True, exist_ok=True)
-        (root / tool).write_text("#!/bin/sh\n")
-        (root / tool).chmod(0o755)
-    (root / "etc/systemd/system").mkdir(parents=True)
-    (root / "etc/resolv.conf").write_text("nameserver 192.0.2.53\n")
-    (root / "var/lib/kubelet").mkdir(parents=True)
-    (root / "var/lib/kubelet/config.yaml").write_text(
-        KUBELET_CONFIG.replace(f"containerRuntimeEndpoint: {CONTAINERD}\n", "")
-        if flags
-        else KUBELET_CONFIG
-    )
-    (root / "var/lib/kubelet/config.yaml").chmod(0o600)
-    if flags:
-        (root / "var/lib/kubelet/kubeadm-flags.env").write_text(KUBEADM_FLAGS)
-    (root / "run").mkdir()
-    (root / "etc/cni/net.d").mkdir(parents=True)
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int, bytes]]:
-    """Every path below ``root``: its kind, mode and content (link target)."""
-    found: dict[str, tuple[str, int, bytes]] = {}
-    for path in sorted(root.rglob("*")):
-        st = path.lstat()
-        rel = str(path.relative_to(root))
-        if stat.S_ISLNK(st.st_mode):
-            found[rel] = ("link", 0, os.readlink(path).encode())
-        elif stat.S_ISDIR(st.st_mode):
-            found[rel] = ("dir", stat.S_IMODE(st.st_mode), b"")
-        else:
-            found[rel] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
-    return found
-
-
-@dataclass
-class Rig:
-    host_root: Path
-    image_root: Path
-    host: FakeHost
-    lines: list[str]
-
-    def node(self) -> Node:
-        return Node(
-            host_root=self.host_root,
-            image_root=self.image_root,
-            host=self.host,
-            executable=EXECUTABLE,
-            shipped_unit=unit_path().read_text(),
-            say=self.lines.append,
-        )
-
-    def read(self, path: str) -> str:
-        return (self.host_root / path.lstrip("/")).read_text()
-
-    def exists(self, path: str) -> bool:
-        return (self.host_root / path.lstrip("/")).exists()
 
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Rig:
-    host_root, image_root = tmp_path / "host", tmp_path / "image"
-    _make_host(host_root)
-    _make_image(image_root)
-    return Rig(host_root, image_root, FakeHost(), [])
-
-
-def _service(text: str) -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(interpolation=None, strict=False)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read_string(text)
-    return parser
+    return make_rig(tmp_path)
 
 
 def test_install_puts_crishim_on_the_host_and_switches_kubelet(rig: Rig) -> None:
@@ -205,8 +66,10 @@ def test_install_puts_crishim_on_the_host_and_switches_kubelet(rig: Rig) -> None
     # the config: kubelet's cgroup driver
     assert 'cgroup_driver = "systemd"' in rig.read("/etc/crishim/crishim.toml")
     # the units
-    service = _service(rig.read("/etc/systemd/system/crishim.service"))
-    assert service["Service"]["ExecStart"] == f"/usr/sbin/chroot {ROOTFS_DIR} {EXECUTABLE} serve"
+    service = service_of(rig.read("/etc/systemd/system/crishim.service"))
+    assert service["Service"]["ExecStart"] == (
+        f"/usr/sbin/chroot {ROOTFS_DIR} {EXECUTABLE} serve --host-root /host"
+    )
     assert service["Unit"]["BindsTo"] == "crishim-rootfs.service"
     binds = rig.read("/etc/systemd/system/crishim-rootfs.service").splitlines()
     assert f"ExecStart=/usr/bin/mount --rbind /proc {ROOTFS_DIR}/proc" in binds
@@ -218,6 +81,9 @@ def test_install_puts_crishim_on_the_host_and_switches_kubelet(rig: Rig) -> None
         "systemctl restart crishim-rootfs.service",
         "systemctl restart crishim.service",
         "wait_cri crishim.sock",
+        # the pods of the runtime kubelet leaves are removed while kubelet is stopped
+        "systemctl stop kubelet.service",
+        "remove_pods containerd.sock",
         "systemctl restart kubelet.service",
         "wait_kubelet 10248",
     ]
@@ -232,8 +98,8 @@ def test_install_puts_crishim_on_the_host_and_switches_kubelet(rig: Rig) -> None
 def test_the_service_unit_adds_no_setting_that_makes_a_mount_namespace(rig: Rig) -> None:
     install(rig.node())
     text = rig.read("/etc/systemd/system/crishim.service")
-    shipped = _service(unit_path().read_text())["Service"]
-    service = _service(text)["Service"]
+    shipped = service_of(unit_path().read_text())["Service"]
+    service = service_of(text)["Service"]
     added = {k: v for k, v in service.items() if k not in shipped}
     assert added == {}
 
@@ -242,14 +108,17 @@ def test_the_binds_are_made_on_a_private_rootfs_and_undone_as_slaves(rig: Rig) -
     install(rig.node())
     lines = rig.read("/etc/systemd/system/crishim-rootfs.service").splitlines()
     starts = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStart=")]
-    assert starts[:5] == [
+    assert starts[:7] == [
         f"/usr/bin/mount --bind {ROOTFS_DIR} {ROOTFS_DIR}",
         f"/usr/bin/mount --make-private {ROOTFS_DIR}",
         f"/usr/bin/mount --bind {ROOTFS_DIR} {ROOTFS_DIR}",
         f"/usr/bin/mount --make-private {ROOTFS_DIR}",
+        # the node's root, a slave, before the binds (which it must not hold)
+        f"/usr/bin/mount --rbind / {ROOTFS_DIR}/host",
+        f"/usr/bin/mount --make-rslave {ROOTFS_DIR}/host",
         f"/usr/bin/mount --rbind /proc {ROOTFS_DIR}/proc",
     ]
-    assert len(starts) == 4 + len(BINDS)
+    assert len(starts) == 6 + len(BINDS)
     stops = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStopPost=")]
     assert stops == [
         f"-/usr/bin/mount --make-rslave {ROOTFS_DIR}",
@@ -259,8 +128,8 @@ def test_the_binds_are_made_on_a_private_rootfs_and_undone_as_slaves(rig: Rig) -
 
 
 def test_kubeadms_flags_file_is_edited_when_it_sets_the_endpoint(tmp_path: Path) -> None:
-    _make_host(tmp_path / "host", flags=True)
-    _make_image(tmp_path / "image")
+    make_host(tmp_path / "host", flags=True)
+    make_image(tmp_path / "image")
     rig = Rig(tmp_path / "host", tmp_path / "image", FakeHost(), [])
     config = rig.read("/var/lib/kubelet/config.yaml")
     install(rig.node())
@@ -351,6 +220,7 @@ def test_a_failure_after_each_step_rolls_the_node_back(rig: Rig, step: str) -> N
         "systemctl enable",
         "systemctl restart crishim.service",
         "wait_cri",
+        "systemctl stop kubelet.service",
         "systemctl restart kubelet.service",
         "wait_kubelet",
     ],
@@ -389,6 +259,8 @@ def test_uninstall_restores_the_node_keeping_crishims_state(rig: Rig) -> None:
     assert {k for k in after if k not in before} == {"var/lib/crishim", "var/lib/crishim/images"}
     assert {k: v for k, v in after.items() if k in before} == before
     assert rig.host.calls == [
+        "systemctl stop kubelet.service",
+        "remove_pods crishim.sock",
         "systemctl restart kubelet.service",
         "wait_kubelet 10248",
         "systemctl disable --now crishim.service",
@@ -482,12 +354,12 @@ def test_a_host_without_mount_is_refused(rig: Rig) -> None:
 
 
 def test_installed_from_the_host_itself_there_is_no_rootfs(tmp_path: Path) -> None:
-    _make_host(tmp_path)
+    make_host(tmp_path)
     rig = Rig(tmp_path, tmp_path, FakeHost(), [])
     install(rig.node())
     assert not rig.exists(ROOTFS_DIR)
     assert not rig.exists("/etc/systemd/system/crishim-rootfs.service")
-    service = _service(rig.read("/etc/systemd/system/crishim.service"))["Service"]
+    service = service_of(rig.read("/etc/systemd/system/crishim.service"))["Service"]
     assert "RootDirectory" not in service
     assert service["ExecStart"] == f"{EXECUTABLE} serve"
     uninstall(rig.node())
