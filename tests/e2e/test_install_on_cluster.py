@@ -38,15 +38,6 @@ pytestmark = pytest.mark.root
 PLACEHOLDER = "registry.example.com/crishim/crishim:0.1.0"
 DEPLOY = REPO / "docker" / "deploy"
 NAMESPACE = "crishim-system"
-# What stops the rest today (CRISHIM_E2E_FULL=1 runs it anyway).
-KNOWN_BLOCKER = (
-    "the node switched to crishim (checked); the rest is blocked: once kubelet runs on "
-    "crishim, the DaemonSet's pod is recreated on crishim, whose hostPath / is crishim's "
-    "chroot (/opt/crishim/rootfs), not the host's root, so `crishim node install --host-root "
-    "/host` syncs the image into the rootfs's own /opt/crishim/rootfs, restarts "
-    "crishim.service under its own pod, and the pod never becomes Ready; the uninstaller "
-    "would see no install record there. Set CRISHIM_E2E_FULL=1 to run the rest."
-)
 
 
 class Transcript:
@@ -171,6 +162,12 @@ def diagnose(transcript: Transcript, node: KubeNode) -> None:
             transcript.lines.append(node.bed.journal(unit, 40))
 
 
+def processes(node: KubeNode) -> list[str]:
+    """The command names of the node's processes."""
+    out = node.bed.run("sh", "-c", "cat /proc/[0-9]*/comm 2>/dev/null; true")
+    return out.split()
+
+
 def run_test_pod(transcript: Transcript, name: str, image: str) -> None:
     """A test pod Ready, and kubectl exec into it."""
     transcript.kubectl("apply", "-f", "-", input=json.dumps(idle_pod(name, image)))
@@ -200,12 +197,15 @@ def test_daemonset_switches_the_node_to_crishim_and_back(
         )
         wait_runtime(transcript, node, "crishim://", 420)
         assert node.kubelet_config_text().count(CRISHIM_ENDPOINT) == 1
-        if not os.environ.get("CRISHIM_E2E_FULL"):
-            pytest.skip(KNOWN_BLOCKER)
         transcript.kubectl(
             "-n", NAMESPACE, "rollout", "status", "daemonset/crishim-install", "--timeout=180s"
         )
         transcript.kubectl("-n", NAMESPACE, "get", "pods", "-o", "wide")
+        transcript.lines.append("--- journal of crishim-node (the install handed off) ---")
+        transcript.lines.append(node.bed.journal("crishim-node", 40))
+        # containerd's pods were removed at the switch; kubelet runs them again on crishim
+        transcript.kubectl("wait", "--for=condition=Ready", "pod/on-containerd", "--timeout=180s")
+        assert "conmon" in processes(node), "no pod of the node runs on crishim"
         run_test_pod(transcript, "on-crishim", images.busybox)
         transcript.kubectl("get", "pods", "-o", "wide")
 
@@ -220,9 +220,16 @@ def test_daemonset_switches_the_node_to_crishim_and_back(
         transcript.kubectl(
             "-n", NAMESPACE, "rollout", "status", "daemonset/crishim-uninstall", "--timeout=300s"
         )
+        transcript.lines.append("--- journal of crishim-node (the uninstall handed off) ---")
+        transcript.lines.append(node.bed.journal("crishim-node", 60))
         run_test_pod(transcript, "back-on-containerd", images.busybox)
+        transcript.kubectl("wait", "--for=condition=Ready", "pod/on-crishim", "--timeout=180s")
         transcript.kubectl("get", "pods", "-A", "-o", "wide")
         assert CRISHIM_ENDPOINT not in node.kubelet_config_text()
+        # nothing of crishim is left running: its pods were removed, the service is gone
+        assert "conmon" not in processes(node)
+        assert "crishim" not in processes(node)
+        assert not (node.bed.root / "opt/crishim").exists()
         transcript.kubectl(
             "delete", "-f", "-", "--wait=true", "--timeout=120s",
             input=manifest("crishim-uninstall.yaml", built_image.pushed),
