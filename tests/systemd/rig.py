@@ -155,6 +155,7 @@ class SystemdRig:
         name: str,
         command: list[str],
         resources: v1.LinuxContainerResources | None = None,
+        mounts: list[v1.Mount] | None = None,
     ) -> str:
         status = (
             await self.runtime.pod_sandbox_status(v1.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
@@ -167,6 +168,7 @@ class SystemdRig:
             image=v1.ImageSpec(image=self.image),
             command=command,
             log_path=f"{name}/0.log",
+            mounts=mounts or [],
             linux=v1.LinuxContainerConfig(
                 resources=resources or v1.LinuxContainerResources(cpu_shares=2),
                 security_context=v1.LinuxContainerSecurityContext(

@@ -97,6 +97,39 @@ async def test_install_runs_pods_from_the_rootfs_and_uninstall_leaves_the_node_a
         pod, _ = await rig.run_pod("installed", "runc")
         cid = await rig.start_container(pod, "app", ["sleep", "1000"])
         assert (await rig.exec_out(cid, "echo", "from the rootfs")).strip() == "from the rootfs"
+        # The node's root as the DaemonSet mounts it (hostPath /), and a node path outside
+        # the bound directories: the container's process sees the node's files, not the
+        # rootfs's (read by the container itself: see the README on exec in this mode).
+        _write(node, "/etc/crishim-test-node-file", "the node's\n")
+        reader = "cat /host/opt/crishim/installed /host/etc/crishim-test-node-file"
+        reader += " /node-etc/crishim-test-node-file; sleep 1000"
+        await rig.start_container(
+            pod,
+            "node-root",
+            ["sh", "-c", reader],
+            mounts=[
+                v1.Mount(
+                    container_path="/host",
+                    host_path="/",
+                    propagation=v1.MountPropagation.PROPAGATION_HOST_TO_CONTAINER,
+                ),
+                v1.Mount(container_path="/node-etc", host_path="/etc", readonly=True),
+            ],
+        )
+        sandbox = await rig.runtime.pod_sandbox_status(
+            v1.PodSandboxStatusRequest(pod_sandbox_id=pod)
+        )
+        assert sandbox.status is not None
+        assert sandbox.status.metadata is not None
+        log = rig.log_file("installed", sandbox.status.metadata.uid, "node-root")
+
+        async def three_lines() -> bool:
+            return log.exists() and log.read_text().count("\n") >= 3
+
+        await rig.until(three_lines, "the node's files in the container's log")
+        seen = [line.split(" ", 3)[-1] for line in log.read_text().splitlines()]
+        assert seen == ["0.1.0", "the node's", "the node's"], seen
+        node.run("rm", "/etc/crishim-test-node-file")
         # crishim's mounts (the pod's namespace pins) are in the host's mount namespace...
         pins = [m for m in _mounts(node) if m.startswith(f"{ROOTFS}/run/crishim/ns/")]
         assert pins, _mounts(node)
