@@ -302,7 +302,7 @@ def _listing(top: Path, skip: Path) -> Listing:
             st_ = os.lstat(path)
             data = path.read_bytes() if stat.S_ISREG(st_.st_mode) else b""
             if stat.S_ISLNK(st_.st_mode):
-                data = os.readlink(path).encode()
+                data = os.fsencode(os.readlink(path))
             out[str(path.relative_to(top))] = (
                 st_.st_mode,
                 st_.st_uid,
