@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.typing import Subprotocol
 
 from crishim.streaming import spdy
@@ -92,6 +92,19 @@ async def echo_session(server: StreamingServer) -> None:
         await client.send(b"\xff\x00")
         channels = await ws_collect(client)
     assert json.loads(channels[3]) == SUCCESS
+
+
+async def echo_session_dropped_or_not(server: StreamingServer, attempts: int = 5) -> None:
+    """An exec session while a flood of half-open connections pours in: the cap drops the
+    oldest handshakes, and on a loaded machine that may be this client's before the server
+    has read its request; like any client it then connects again."""
+    for attempt in range(attempts):
+        try:
+            await echo_session(server)
+            return
+        except (InvalidMessage, EOFError, ConnectionError):
+            if attempt == attempts - 1:
+                raise
 
 
 async def connect_when_free(url: str, timeout: float = 5.0) -> ClientConnection:
@@ -243,7 +256,8 @@ async def test_half_open_flood_holds_little_memory_and_sessions_go_on(
                 halfway = json.loads(await asyncio.wait_for(flood.stdout.readline(), 30))
                 assert halfway == {"halfway": count // 2}
                 started = time.monotonic()
-                await asyncio.wait_for(echo_session(server), 10)  # while the flood pours in
+                # while the flood pours in
+                await asyncio.wait_for(echo_session_dropped_or_not(server), 10)
                 during = time.monotonic() - started
                 report = json.loads(await asyncio.wait_for(flood.stdout.readline(), 90))
                 started = time.monotonic()
