@@ -10,6 +10,8 @@ runs through ``nsenter --target 1`` into PID 1's mount, UTS, IPC, network and PI
 namespaces (the pod is privileged and shares the host's PID namespace, so PID 1 is the
 host's systemd), where ``systemctl`` is the host's own binary talking to its own manager.
 Run by hand on the host, the namespaces are already PID 1's and systemctl runs directly.
+``systemd-run`` (the transient unit a DaemonSet's run hands its work to) goes the same way;
+the pods of a runtime are removed through its CRI socket.
 """
 
 from __future__ import annotations

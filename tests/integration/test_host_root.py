@@ -23,6 +23,7 @@ from grpclib import GRPCError
 from grpclib.const import Status
 
 from crishim.api import v1
+from crishim.node.host import RealHost
 from tests.integration.test_faults import HOST_NETWORK, require_host_tools, start_rig, stop_rig
 from tests.rig.fixtures import PushedImage
 from tests.rig.host import run
@@ -139,3 +140,19 @@ async def test_a_symlink_loop_on_the_node_is_a_clear_invalid_argument(node: Node
     assert raised.value.message == (
         "host path /etc/crishim-test-loop: too many levels of symbolic links"
     )
+
+
+async def test_the_installer_removes_every_pod_of_the_runtime_kubelet_leaves(node: Node) -> None:
+    """What `crishim node install|uninstall` does to the runtime kubelet leaves, through
+    RealHost against this real crishim: every pod stopped and removed, containers too."""
+    rig = node.rig
+    pods = [await rig.run_pod(f"leaving-{n}", network=HOST_NETWORK) for n in range(3)]
+    await rig.start_container(pods[0], "app", ["sleep", "1000"])
+    removed = await asyncio.to_thread(RealHost().remove_pods, rig.proc.socket, 30.0)
+    assert removed >= len(pods)
+    listed = await rig.runtime.list_pod_sandbox(v1.ListPodSandboxRequest())
+    assert listed.items == []
+    containers = await rig.runtime.list_containers(v1.ListContainersRequest())
+    assert containers.containers == []
+    # a runtime whose socket is gone has no pods to remove
+    assert await asyncio.to_thread(RealHost().remove_pods, rig.proc.socket.with_name("x"), 1.0) == 0
