@@ -90,7 +90,7 @@ def _node_parser(node: argparse.ArgumentParser) -> None:
     # The host's transient unit a DaemonSet's pod hands its work to: run here, not again
     # handed off (crishim.node.install).
     where.add_argument("--on-host", action="store_true", help=argparse.SUPPRESS)
-    actions = node.add_subparsers(dest="action", required=True)
+    actions = node.add_subparsers(dest="action", required=True, metavar="{install,uninstall}")
     install = actions.add_parser(
         "install",
         parents=[where],
@@ -111,6 +111,11 @@ def _node_parser(node: argparse.ArgumentParser) -> None:
     uninstall.add_argument(
         "--purge", action="store_true", help="also remove /var/lib/crishim (images, state)"
     )
+    # How the installed crishim.service starts crishim (crishim.node.enter); not for users.
+    enter = actions.add_parser("enter")
+    enter.add_argument("--rootfs", required=True)
+    enter.add_argument("--pin", required=True)
+    enter.add_argument("argv", nargs=argparse.REMAINDER)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -170,6 +175,13 @@ def _unit(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
+    if args.action == "enter":
+        from crishim.node.enter import enter_rootfs
+
+        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        enter_rootfs(args.rootfs, args.pin, command)
+        return 1  # not reached: enter_rootfs execs or raises
+
     from crishim.node.host import RealHost
     from crishim.node.install import install, uninstall
     from crishim.node.steps import Node

@@ -8,6 +8,7 @@ for the caller to word.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 __all__ = [
@@ -21,9 +22,11 @@ __all__ = [
     "MS_RDONLY",
     "MS_REC",
     "MS_REMOUNT",
+    "MS_SLAVE",
     "idmapped_clone",
     "mount",
     "move_mount",
+    "pivot_root",
     "setns",
     "umount",
     "unshare",
@@ -41,6 +44,7 @@ MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_SLAVE = 0x80000
 MS_RELATIME = 0x200000
 MS_STRICTATIME = 0x1000000
 MNT_DETACH = 0x2
@@ -73,6 +77,8 @@ _OPEN_TREE_CLONE = 1
 _OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 _MOUNT_ATTR_IDMAP = 0x100000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
+# pivot_root(2) has no libc wrapper; its number differs between the two architectures.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 _libc.syscall.restype = ctypes.c_long
 
 
@@ -117,6 +123,15 @@ def setns(fd: int, nstype: int) -> None:
     if _libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2); OSError on failure (EINVAL: a root or parent mount is shared)."""
+    machine = os.uname().machine
+    if machine not in _SYS_PIVOT_ROOT:
+        raise OSError(errno.ENOSYS, f"pivot_root: unknown system call number on {machine}")
+    number = _SYS_PIVOT_ROOT[machine]
+    _check(_libc.syscall(number, os.fsencode(new_root), os.fsencode(put_old)), new_root)
 
 
 def _check(result: int, what: str) -> int:
