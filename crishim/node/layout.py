@@ -18,20 +18,24 @@ bound into it at the same paths. Two systemd units do that:
   a volume kubelet names by a node path that is not bound at its own path
   (``hostPath: /etc/ssl``, or ``/`` itself) is taken from there, not from the image.
 - ``crishim.service`` is the shipped unit (``crishim unit``) with ``ExecStart=`` run by the
-  host's ``chroot`` into the rootfs: a plain chroot(2) in the host's mount namespace (what
-  ``RootDirectory=`` with ``MountAPIVFS=no`` would be, had systemd 252 not looked the
-  program up on the host's root).
+  host's ``chroot`` into the rootfs, through ``crishim node enter`` (crishim.node.enter):
+  it gives crishim a mount namespace of its own whose root is the rootfs, with the
+  propagation of every bind unchanged, kept at ``/run/crishim-rootfs/mnt`` for the next
+  crishim after a restart, and execs ``crishim serve`` there. A plain chroot
+  would leave the node's ``/`` as the root of every container's mount namespace, where
+  ``runc exec`` then lands.
 
 Why not ``RootDirectory=`` with ``BindPaths=``: any ``BindPaths=`` (or ``MountAPIVFS=yes``)
-gives the service its own mount namespace, created anew at each start, whose mounts never
-propagate back to the host (systemd makes the namespace a slave of the host's before it
-sets it up). crishim pins each pod's namespaces with bind mounts under ``/run/crishim/ns``
-and mounts container root file systems under ``/var/lib/crishim``; after a restart or an
-upgrade of crishim (containers keep running under conmon) the new process would find its
-pins empty, and a container's Bidirectional mounts would never reach kubelet. In the
-host's namespace both keep working (tests/systemd/test_node_install.py restarts crishim
-under a running pod), at the price of each mount below a bound path being listed twice in
-the host's mount table.
+gives the service a mount namespace systemd makes a slave of the host's before it sets it
+up, so its mounts never propagate back to the host; and systemd 252 (Debian 12) looks the
+``ExecStart=`` program up on the host's root, not in ``RootDirectory=``. crishim pins each
+pod's namespaces with bind mounts under ``/run/crishim/ns`` and mounts container root file
+systems under ``/var/lib/crishim``; after a restart or an upgrade of crishim (containers
+keep running under conmon) the new process must find them, and a container's
+Bidirectional mounts must reach kubelet. ``crishim node enter`` keeps the binds peers of
+the host's directories, so both keep working (tests/systemd/test_node_install.py restarts
+crishim under a running pod), at the price of each mount below a bound path being listed
+twice in the host's mount table.
 
 ``/opt/crishim`` also holds the record of what the installer did (``install.json``), the
 originals it replaced (``saved/``) and the marker of a finished install (``installed``).
@@ -50,6 +54,7 @@ __all__ = [
     "HOST_IN_ROOTFS",
     "INSTALLED_MARKER",
     "LOCK_FILE",
+    "NAMESPACE_PIN",
     "NODE_UNIT_NAME",
     "OPT_DIR",
     "RECORD_FILE",
@@ -83,6 +88,9 @@ NODE_UNIT_NAME = "crishim-node.service"
 #: held by whoever installs or uninstalls (on the node's /run: gone at reboot)
 LOCK_FILE = "/run/crishim-node.lock"
 STATE_DIR = "/var/lib/crishim"
+#: crishim's mount namespace, kept for the next crishim (crishim.node.enter); in a private
+#: mount point of its own
+NAMESPACE_PIN = "/run/crishim-rootfs/mnt"
 
 
 @dataclass(frozen=True)
@@ -130,7 +138,7 @@ ROOTFS_EXCLUDES: tuple[str, ...] = (
 )
 
 
-def _mount_lines(mount: str, umount: str) -> tuple[list[str], list[str]]:
+def _mount_lines(mount: str, umount: str, rm: str) -> tuple[list[str], list[str]]:
     # The rootfs is made a mount point of its own, twice over, both private. runc sets the
     # propagation of "/" (crishim's root), which only a mount point has, and pivot_root(2)
     # refuses a root whose parent mount is shared (the host's /): the upper bind's parent
@@ -153,8 +161,16 @@ def _mount_lines(mount: str, umount: str) -> tuple[list[str], list[str]]:
         how = "--rbind" if bind.directory else "--bind"
         prefix = "-" if bind.optional else ""
         start.append(f"ExecStart={prefix}{mount} {how} {bind.path} {ROOTFS_DIR}{bind.path}")
-    # Slaves first: unmounting a shared bind would unmount the host's mounts below it.
+    # crishim's mount namespace goes with the binds it was made of (crishim.node.enter).
+    pin_dir = str(PurePosixPath(NAMESPACE_PIN).parent)
     stop = [
+        f"ExecStopPost=-{umount} {NAMESPACE_PIN}",
+        f"ExecStopPost=-{umount} --lazy {pin_dir}",
+        f"ExecStopPost=-{rm} -f {NAMESPACE_PIN}",
+        f"ExecStopPost=-{rm} -d {pin_dir}",
+    ]
+    # Slaves first: unmounting a shared bind would unmount the host's mounts below it.
+    stop += [
         f"ExecStopPost=-{mount} --make-rslave {ROOTFS_DIR}",
         f"ExecStopPost=-{umount} --recursive --lazy {ROOTFS_DIR}",
         f"ExecStopPost=-{umount} --lazy {ROOTFS_DIR}",
@@ -162,10 +178,13 @@ def _mount_lines(mount: str, umount: str) -> tuple[list[str], list[str]]:
     return start, stop
 
 
-def render_rootfs_unit(mount: str = "/bin/mount", umount: str = "/bin/umount") -> str:
+def render_rootfs_unit(
+    mount: str = "/bin/mount", umount: str = "/bin/umount", rm: str = "/bin/rm"
+) -> str:
     """``crishim-rootfs.service``: the binds of :data:`BINDS` into the rootfs, made with the
-    host's ``mount`` and ``umount`` (absolute paths on the host)."""
-    start, stop = _mount_lines(mount, umount)
+    host's ``mount``, and undone with its ``umount`` and ``rm`` (absolute paths on the host),
+    with crishim's mount namespace."""
+    start, stop = _mount_lines(mount, umount, rm)
     lines = [
         "# Written by `crishim node install`: binds the host paths crishim needs into its root",
         f"# file system {ROOTFS_DIR}, in the host's mount namespace.",
@@ -185,13 +204,15 @@ def render_rootfs_unit(mount: str = "/bin/mount", umount: str = "/bin/umount") -
 
 def render_service_unit(shipped: str, executable: str, chroot: str = "/usr/sbin/chroot") -> str:
     """``crishim.service`` for the rootfs: the shipped unit running ``executable`` (a path
-    inside the rootfs) chrooted into it by the host's ``chroot`` (an absolute path on the
-    host), after and bound to ``crishim-rootfs.service``.
-
-    Not ``RootDirectory=``: systemd 252 (Debian 12) looks the ``ExecStart=`` program up on
-    the host's root, not in ``RootDirectory=``, and fails ("Failed to locate executable")
-    unless the host happens to have a file at that path too."""
-    text = render_unit(shipped, f"{chroot} {ROOTFS_DIR} {executable}")
+    inside the rootfs) through ``crishim node enter`` (crishim.node.enter), started by the
+    host's ``chroot`` (an absolute path on the host), after and bound to
+    ``crishim-rootfs.service``."""
+    enter = (
+        f"{chroot} {ROOTFS_DIR} {executable} node enter --rootfs {ROOTFS_DIR}"
+        f" --pin {NAMESPACE_PIN}"
+        f" -- {executable}"
+    )
+    text = render_unit(shipped, enter)
     text = (
         "\n".join(
             f"{line} --host-root {HOST_IN_ROOTFS}" if line.startswith("ExecStart=") else line
@@ -209,8 +230,8 @@ def render_service_unit(shipped: str, executable: str, chroot: str = "/usr/sbin/
         "Service",
         [
             "# Installed by `crishim node install`: crishim runs from its image's root file",
-            "# system, chrooted in the host's mount namespace (no namespacing setting may be",
-            "# added: it would give the service a mount namespace its mounts cannot leave).",
+            "# system, as the root of a mount namespace whose binds stay peers of the host's",
+            "# (no namespacing setting may be added: systemd's namespace would cut them off).",
         ],
     )
 

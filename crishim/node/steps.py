@@ -297,7 +297,7 @@ def _units(node: Node) -> dict[str, str]:
         return {f"{UNIT_DIR}/{SERVICE_UNIT_NAME}": render_unit(node.shipped_unit, node.executable)}
     mount, umount = node.host_binary("mount"), node.host_binary("umount")
     return {
-        f"{UNIT_DIR}/{ROOTFS_UNIT_NAME}": render_rootfs_unit(mount, umount),
+        f"{UNIT_DIR}/{ROOTFS_UNIT_NAME}": render_rootfs_unit(mount, umount, node.host_binary("rm")),
         f"{UNIT_DIR}/{SERVICE_UNIT_NAME}": render_service_unit(
             node.shipped_unit, node.executable, node.host_binary("chroot")
         ),

@@ -3,10 +3,11 @@
 The bed plays a node with no crishim service and a stand-in kubelet (a unit that sleeps,
 and kubelet's config file with containerd's endpoint). The image root is a plain bind of
 the bed's own root at ``/srv/image`` (Debian, the runtimes, crishim in its venv), so the
-installer copies it to ``/opt/crishim/rootfs`` and runs crishim chrooted there. The tests
-check what the unit tests cannot: that systemd starts crishim in PID 1's mount namespace,
-that it runs pods from the rootfs, that a restart of crishim finds its pods' namespaces
-again (mounts made under the rootfs reach the host), and that uninstall leaves no mount.
+installer copies it to ``/opt/crishim/rootfs`` and runs crishim there as the root of its own
+mount namespace (``crishim node enter``). The tests check what the unit tests cannot: that
+it runs pods from the rootfs, that exec lands in the container's file system, that a
+restart of crishim finds its pods' namespaces again (mounts made under the rootfs reach the
+host), and that uninstall leaves no mount.
 """
 
 from __future__ import annotations
@@ -83,9 +84,10 @@ async def test_install_runs_pods_from_the_rootfs_and_uninstall_leaves_the_node_a
         CONTAINERD, "unix:///run/crishim-cri/crishim.sock"
     )
     pid = node.show("crishim.service", "MainPID")["MainPID"]
-    assert node.run("readlink", f"/proc/{pid}/root").strip() == ROOTFS
-    # A plain chroot: the service shares PID 1's mount namespace.
-    assert node.run("readlink", f"/proc/{pid}/ns/mnt") == node.run("readlink", "/proc/1/ns/mnt")
+    # Its own mount namespace, whose root is the rootfs (with the node's root at /host).
+    assert node.run("readlink", f"/proc/{pid}/ns/mnt") != node.run("readlink", "/proc/1/ns/mnt")
+    joined = node.run("nsenter", "-t", pid, "-m", "cat", "/host/opt/crishim/installed")
+    assert joined.strip() == "0.1.0"
     assert f"{ROOTFS}/var/lib/kubelet" in _mounts(node)
 
     rig = SystemdRig(node, busybox_pushed.ref)
@@ -97,13 +99,17 @@ async def test_install_runs_pods_from_the_rootfs_and_uninstall_leaves_the_node_a
         pod, _ = await rig.run_pod("installed", "runc")
         cid = await rig.start_container(pod, "app", ["sleep", "1000"])
         assert (await rig.exec_out(cid, "echo", "from the rootfs")).strip() == "from the rootfs"
+        # exec runs in the container's file system (busybox's), not the node's (with /srv).
+        listing = (await rig.exec_out(cid, "ls", "/")).split()
+        assert "bin" in listing, listing
+        assert "srv" not in listing, listing
         # The node's root as the DaemonSet mounts it (hostPath /), and a node path outside
         # the bound directories: the container's process sees the node's files, not the
-        # rootfs's (read by the container itself: see the README on exec in this mode).
+        # rootfs's, both to the container's own process and to exec.
         _write(node, "/etc/crishim-test-node-file", "the node's\n")
         reader = "cat /host/opt/crishim/installed /host/etc/crishim-test-node-file"
         reader += " /node-etc/crishim-test-node-file; sleep 1000"
-        await rig.start_container(
+        reader_id = await rig.start_container(
             pod,
             "node-root",
             ["sh", "-c", reader],
@@ -129,13 +135,20 @@ async def test_install_runs_pods_from_the_rootfs_and_uninstall_leaves_the_node_a
         await rig.until(three_lines, "the node's files in the container's log")
         seen = [line.split(" ", 3)[-1] for line in log.read_text().splitlines()]
         assert seen == ["0.1.0", "the node's", "the node's"], seen
+        exec_seen = await rig.exec_out(
+            reader_id, "cat", "/host/opt/crishim/installed", "/node-etc/crishim-test-node-file"
+        )
+        assert exec_seen.split("\n")[:2] == ["0.1.0", "the node's"], exec_seen
         node.run("rm", "/etc/crishim-test-node-file")
-        # crishim's mounts (the pod's namespace pins) are in the host's mount namespace...
-        pins = [m for m in _mounts(node) if m.startswith(f"{ROOTFS}/run/crishim/ns/")]
-        assert pins, _mounts(node)
-        # ...so a restarted crishim (systemd gives it no new mount namespace) finds them.
+        # crishim's private mounts (the pod's namespace pins) are in its mount namespace...
+        namespace = node.run("readlink", f"/proc/{pid}/ns/mnt")
+        pins = [m for m in _mounts(node, pid) if m.startswith("/run/crishim/ns/")]
+        assert pins, _mounts(node, pid)
+        # ...which is kept: a restarted crishim joins it again and finds them.
         node.systemctl("restart", "crishim.service")
         await rig.wait_serving()
+        pid = node.show("crishim.service", "MainPID")["MainPID"]
+        assert node.run("readlink", f"/proc/{pid}/ns/mnt") == namespace
         status = await rig.runtime.pod_sandbox_status(
             v1.PodSandboxStatusRequest(pod_sandbox_id=pod)
         )
@@ -153,7 +166,8 @@ async def test_install_runs_pods_from_the_rootfs_and_uninstall_leaves_the_node_a
     out = _crishim_node(node, "uninstall")
     assert "crishim uninstalled" in out, out
     assert node.read("/var/lib/kubelet/config.yaml") == KUBELET_CONFIG
-    assert [m for m in _mounts(node) if m.startswith("/opt/crishim")] == []
+    assert [m for m in _mounts(node) if m.startswith(("/opt/crishim", "/run/crishim-rootfs"))] == []
+    assert node.run("ls", "/run").split().count("crishim-rootfs") == 0
     assert node.run("ls", "/opt/crishim").split().count("rootfs") == 0
     # (list-unit-files exits 1 when it lists none)
     units = node.systemctl("list-unit-files", "--no-legend", "crishim*", check=False)

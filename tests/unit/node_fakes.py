@@ -119,7 +119,7 @@ def make_image(root: Path) -> None:
 
 
 def make_host(root: Path, *, flags: bool = False) -> None:
-    for tool in ("usr/bin/mount", "usr/bin/umount", "usr/sbin/chroot"):
+    for tool in ("usr/bin/mount", "usr/bin/umount", "usr/bin/rm", "usr/sbin/chroot"):
         (root / tool).parent.mkdir(parents=True, exist_ok=True)
         (root / tool).write_text("#!/bin/sh\n")
         (root / tool).chmod(0o755)

@@ -68,7 +68,8 @@ def test_install_puts_crishim_on_the_host_and_switches_kubelet(rig: Rig) -> None
     # the units
     service = service_of(rig.read("/etc/systemd/system/crishim.service"))
     assert service["Service"]["ExecStart"] == (
-        f"/usr/sbin/chroot {ROOTFS_DIR} {EXECUTABLE} serve --host-root /host"
+        f"/usr/sbin/chroot {ROOTFS_DIR} {EXECUTABLE} node enter --rootfs {ROOTFS_DIR}"
+        f" --pin /run/crishim-rootfs/mnt -- {EXECUTABLE} serve --host-root /host"
     )
     assert service["Unit"]["BindsTo"] == "crishim-rootfs.service"
     binds = rig.read("/etc/systemd/system/crishim-rootfs.service").splitlines()
@@ -121,6 +122,11 @@ def test_the_binds_are_made_on_a_private_rootfs_and_undone_as_slaves(rig: Rig) -
     assert len(starts) == 6 + len(BINDS)
     stops = [line.split("=", 1)[1] for line in lines if line.startswith("ExecStopPost=")]
     assert stops == [
+        # crishim's mount namespace, kept across its restarts (crishim.node.enter)
+        "-/usr/bin/umount /run/crishim-rootfs/mnt",
+        "-/usr/bin/umount --lazy /run/crishim-rootfs",
+        "-/usr/bin/rm -f /run/crishim-rootfs/mnt",
+        "-/usr/bin/rm -d /run/crishim-rootfs",
         f"-/usr/bin/mount --make-rslave {ROOTFS_DIR}",
         f"-/usr/bin/umount --recursive --lazy {ROOTFS_DIR}",
         f"-/usr/bin/umount --lazy {ROOTFS_DIR}",
