@@ -34,6 +34,7 @@ Then it execs COMMAND, looked up in the rootfs.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -94,15 +95,7 @@ def _create(rootfs: str, pin: str) -> None:
     Path(pin).touch()
     host = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        unshare(_CLONE_NEWNS)
-        created = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            # Bound from the host's namespace: a namespace cannot hold its own file.
-            setns(host, _CLONE_NEWNS)
-            mount(f"/proc/self/fd/{created}", pin, None, MS_BIND)
-            setns(created, _CLONE_NEWNS)
-        finally:
-            os.close(created)
+        _create_pinned(host, pin)
     finally:
         os.close(host)
     os.chdir(rootfs)
@@ -119,6 +112,40 @@ def _create(rootfs: str, pin: str) -> None:
         os.close(old_root)
     mount(None, ".", None, MS_SLAVE | MS_REC)
     umount(".", MNT_DETACH)
+
+
+def _create_pinned(host: int, pin: str) -> None:
+    """unshare(CLONE_NEWNS), the new namespace bound at ``pin`` from ``host`` (a namespace
+    cannot hold its own file), and this process left in the new one.
+
+    The kernel refuses (EINVAL) to bind the file of a namespace whose ID is lower than the
+    binder's, to prevent loops. IDs are handed out in per-CPU batches (seen on 6.18), so a
+    namespace made after the host's can still have a lower ID: each try is made on the
+    next CPU, and one of them (the CPU that made the host's namespace) gives a higher one."""
+    original = os.sched_getaffinity(0)
+    cpus = sorted(original)
+    refused: OSError | None = None
+    try:
+        for attempt in range(4 * len(cpus)):
+            os.sched_setaffinity(0, {cpus[attempt % len(cpus)]})
+            unshare(_CLONE_NEWNS)
+            created = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                setns(host, _CLONE_NEWNS)
+                try:
+                    mount(f"/proc/self/fd/{created}", pin, None, MS_BIND)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    refused = exc
+                    continue
+                setns(created, _CLONE_NEWNS)
+                return
+            finally:
+                os.close(created)
+    finally:
+        os.sched_setaffinity(0, original)
+    raise FailedPrecondition(f"node enter: the kernel refused to keep the namespace: {refused}")
 
 
 def enter_rootfs(rootfs: str, pin: str, command: list[str]) -> None:
