@@ -8,7 +8,7 @@ config sets the systemd cgroup driver.
 What the container gets (and why):
 
 - ``--register=no --keep-unit``: the host's PID 1 is not systemd, nothing to register with;
-- its own cgroup ``crishim-bed-<pid>`` in every hierarchy, made before nspawn starts, so
+- its own cgroup ``crishim-bed-<pid>-<n>`` in every hierarchy, made before nspawn starts, so
   the container's cgroup namespace (and everything systemd does inside) stays below it;
 - the init wrapper (writable v1 controllers, /proc/sys, /sys; see rootfs.INIT_SCRIPT) then
   systemd as PID 1, with ``--kill-signal=SIGRTMIN+3`` as ``-b`` would set;
@@ -29,6 +29,7 @@ iptables rules removed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shlex
 import shutil
@@ -89,14 +90,21 @@ def _cgroup_pids(directory: Path) -> list[int]:
     return pids
 
 
+_BED_NUMBERS = itertools.count(1)
+
+
 def _remove_cgroup_tree(directory: Path) -> None:
-    if not directory.is_dir():
-        return
-    for child in sorted((p for p in directory.rglob("*") if p.is_dir()), reverse=True):
+    # Killed processes leave their cgroups a moment after the kill: until then rmdir says
+    # EBUSY. Tries for up to 10 s, then leaves what is still busy.
+    for _ in range(100):
+        if not directory.is_dir():
+            return
+        for child in sorted((p for p in directory.rglob("*") if p.is_dir()), reverse=True):
+            with contextlib.suppress(OSError):
+                child.rmdir()
         with contextlib.suppress(OSError):
-            child.rmdir()
-    with contextlib.suppress(OSError):
-        directory.rmdir()
+            directory.rmdir()
+        time.sleep(0.1)
 
 
 class Bed:
@@ -121,7 +129,8 @@ class Bed:
         self.cri = base / "cri"
         self.state = base / "var-lib-crishim"
         self.log_file = base / "nspawn.log"
-        self.name = f"crishim-bed-{os.getpid()}"
+        # Unique per bed, not per test process: a bed never meets another's leftovers.
+        self.name = f"crishim-bed-{os.getpid()}-{next(_BED_NUMBERS)}"
         self._extra_config = crishim_config
         self.binds = {inside: base / ("bind" + inside.replace("/", "-")) for inside in binds}
         self.nspawn: subprocess.Popen[bytes] | None = None

@@ -68,7 +68,11 @@ async def node_fixture(
 
 
 def _crishim_node(bed: Bed, *args: str) -> str:
-    return bed.run(f"{VENV}/bin/crishim", "node", *args, "--host-root", "/", timeout=600)
+    try:
+        return bed.run(f"{VENV}/bin/crishim", "node", *args, "--host-root", "/", timeout=600)
+    except AssertionError as exc:
+        journal = bed.journal("crishim", 40)
+        raise AssertionError(f"{exc}\n--- journal of crishim.service ---\n{journal}") from None
 
 
 def _mounts(bed: Bed, pid: str = "1") -> list[str]:
