@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import statistics
 import tempfile
 import time
@@ -181,9 +182,16 @@ def fresh(
         )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def hold(runtime: Crishim, subject: Subject) -> None:
-    """Call ContainerStatus until interrupted (for py-spy on crishim's pid)."""
+    """Call ContainerStatus until interrupted (for py-spy on crishim's pid): SIGINT, also
+    where a shell started it in the background with SIGINT ignored, or SIGTERM (timeout)."""
     assert runtime.proc.proc is not None
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     print(f"crishim pid {runtime.proc.proc.pid}; calling ContainerStatus, ^C to stop", flush=True)
     client = RawClient(runtime.socket)
     path, request = steady_calls(subject)["ContainerStatus"]
