@@ -18,10 +18,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from crishim.errors import FailedPrecondition
+from crishim.util import syscalls
 
 __all__ = [
     "file_digest",
     "mount_points",
+    "release_stale_mounts",
     "remove_tree",
     "sync_tree",
     "write_atomic",
@@ -54,8 +56,42 @@ def mount_points(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
 
 
 def _mounts_at_or_below(path: Path) -> list[str]:
-    root = os.path.realpath(path)
-    return [p for p in mount_points() if p == root or p.startswith(root.rstrip("/") + "/")]
+    return _at_or_below(mount_points(), os.path.realpath(path))
+
+
+def _at_or_below(points: Iterable[str], root: str) -> list[str]:
+    return [p for p in points if p == root or p.startswith(root.rstrip("/") + "/")]
+
+
+def release_stale_mounts(path: Path, host_path: str, node_pid: int = 1) -> list[str]:
+    """Detach the mounts at or below ``path`` that this mount namespace holds but the
+    node's (``node_pid``'s, where ``path`` is ``host_path``) no longer has; the ones
+    detached.
+
+    A DaemonSet's pod got a copy of the node's mounts when it started, and a copy of a
+    private mount never learns that the node unmounted it: after crishim-rootfs.service
+    stopped, the pod (and the installer's hand-off, which runs in the pod's mount
+    namespace) still sees the rootfs and every bind in it. The copies are this namespace's
+    own: detaching them changes nothing on the node. Refuses (FailedPrecondition) when the
+    node itself still has mounts there; does nothing in the node's own namespace or when
+    its mount table cannot be read (remove_tree then refuses if anything is mounted)."""
+    try:
+        node_ns = os.stat(f"/proc/{node_pid}/ns/mnt").st_ino
+        if node_ns == os.stat("/proc/self/ns/mnt").st_ino:
+            return []
+        on_node = _at_or_below(mount_points(Path(f"/proc/{node_pid}/mountinfo")), host_path)
+    except OSError:
+        return []
+    if on_node:
+        raise FailedPrecondition(
+            f"{host_path}: still mounted on the node: {', '.join(on_node[:5])}"
+        )
+    released = []
+    while here := _at_or_below(mount_points(), os.path.realpath(path)):
+        top = min(here, key=len)
+        syscalls.umount(top, syscalls.MNT_DETACH)
+        released.append(top)
+    return released
 
 
 def remove_tree(path: Path) -> bool:

@@ -26,7 +26,14 @@ from typing import Any, ClassVar
 from crishim.config import Config, load_config
 from crishim.errors import ConfigError, CrishimError, FailedPrecondition
 from crishim.node import kubelet
-from crishim.node.files import file_digest, mount_points, remove_tree, sync_tree, write_atomic
+from crishim.node.files import (
+    file_digest,
+    mount_points,
+    release_stale_mounts,
+    remove_tree,
+    sync_tree,
+    write_atomic,
+)
 from crishim.node.host import HostSystem
 from crishim.node.layout import (
     BINDS,
@@ -163,7 +170,12 @@ class RootfsStep(Step):
     def undo(self, node: Node, data: Data, *, purge: bool) -> str:
         if data.get("existed"):
             return f"{ROOTFS_DIR} was there before: kept"
-        return f"{ROOTFS_DIR} removed" if remove_tree(node.path(ROOTFS_DIR)) else "no rootfs"
+        rootfs = node.path(ROOTFS_DIR)
+        released = release_stale_mounts(rootfs, ROOTFS_DIR)
+        removed = f"{ROOTFS_DIR} removed" if remove_tree(rootfs) else "no rootfs"
+        if released:
+            removed += f" (after detaching {len(released)} stale copies of its mounts here)"
+        return removed
 
 
 def _mounts_inside(root: Path) -> set[str]:
