@@ -246,7 +246,14 @@ def test_daemonset_switches_the_node_to_crishim_and_back(
         while {"conmon", "crishim"} & set(processes(node)) and time.monotonic() < deadline:
             time.sleep(1)
         assert not {"conmon", "crishim"} & set(processes(node)), processes(node)
-        assert not (node.bed.root / "opt/crishim").exists()
+        # what the installer put there is gone (the node image keeps its own venv in
+        # /opt/crishim), and so are its mounts and crishim's kept mount namespace
+        opt = node.bed.root / "opt/crishim"
+        left = [n for n in ("rootfs", "install.json", "installed", "saved") if (opt / n).exists()]
+        assert left == [], left
+        assert "crishim-rootfs" not in node.bed.run("ls", "/run").split()
+        mounts = node.bed.read("/proc/1/mountinfo")
+        assert "/opt/crishim" not in mounts, mounts
         transcript.kubectl(
             "delete", "-f", "-", "--wait=true", "--timeout=120s",
             input=manifest("crishim-uninstall.yaml", built_image.pushed),
