@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from crishim import __version__
 from crishim.errors import CrishimError
 from crishim.node.files import remove_tree
+from crishim.node.kubelet_step import kubelet_on_crishim
 from crishim.node.layout import (
     INSTALLED_MARKER,
     NODE_UNIT_NAME,
@@ -37,7 +38,7 @@ from crishim.node.layout import (
     SAVED_DIR,
 )
 from crishim.node.record import InstallRecord, StepRecord
-from crishim.node.steps import STEPS, Node, Step, kubelet_on_crishim, missing_dirs, preflight
+from crishim.node.steps import STEPS, Node, Step, missing_dirs, preflight
 
 __all__ = ["InstallFailed", "install", "uninstall"]
 
