@@ -89,7 +89,10 @@ def release_stale_mounts(path: Path, host_path: str, node_pid: int = 1) -> list[
     released = []
     while here := _at_or_below(mount_points(), os.path.realpath(path)):
         top = min(here, key=len)
-        syscalls.umount(top, syscalls.MNT_DETACH)
+        try:
+            syscalls.umount(top, syscalls.MNT_DETACH)
+        except OSError as exc:
+            raise FailedPrecondition(f"{top}: cannot detach this namespace's copy: {exc}") from exc
         released.append(top)
     return released
 
