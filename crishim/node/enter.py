@@ -24,10 +24,11 @@ share its mount namespace. When ``FILE`` holds a namespace it joins it; otherwis
    ``crishim-rootfs.service`` stay peers of the node's directories, so what crishim mounts
    below them in the open (container root file systems) reaches the node, and kubelet's
    volume mounts reach crishim;
-2. the new namespace bound at ``FILE``, from the host's namespace;
-3. pivot_root(2) into the rootfs (a private mount whose parent is private);
-4. the old root, the node's tree, made a slave recursively and detached: its unmounts then
-   cannot propagate to the node's own mounts.
+2. pivot_root(2) into the rootfs (a private mount whose parent is private);
+3. the old root, the node's tree, made a slave recursively and detached: its unmounts then
+   cannot propagate to the node's own mounts;
+4. the namespace, now complete, bound at ``FILE`` from the host's namespace. Nothing is
+   bound when a step before fails, so the next start does not join a half-made namespace.
 
 Then it execs COMMAND, looked up in the rootfs.
 """
@@ -39,9 +40,10 @@ import os
 from pathlib import Path
 
 from crishim.errors import FailedPrecondition
-from crishim.node.files import mount_points
+from crishim.node.files import mount_points, same_mount_namespace
 from crishim.util.mountpoint import make_private_mount_point
 from crishim.util.syscalls import (
+    CLONE_NEWNS,
     MNT_DETACH,
     MS_BIND,
     MS_REC,
@@ -55,18 +57,12 @@ from crishim.util.syscalls import (
 
 __all__ = ["enter_rootfs"]
 
-_CLONE_NEWNS = 0x00020000
-
-
-def _same_mount_namespace(pid: int) -> bool:
-    return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
-
 
 def _leave_chroot() -> None:
     """To the root of the parent process (systemd's), in the same mount namespace."""
     parent = os.getppid()
     try:
-        if not _same_mount_namespace(parent):
+        if not same_mount_namespace(parent):
             raise FailedPrecondition(
                 f"node enter: process {parent}, which started crishim, is in another mount "
                 "namespace; run this command from the host's chroot, not from a container"
@@ -84,25 +80,29 @@ def _leave_chroot() -> None:
 def _join(pin: str) -> None:
     namespace = os.open(pin, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        setns(namespace, _CLONE_NEWNS)
+        setns(namespace, CLONE_NEWNS)
     finally:
         os.close(namespace)
 
 
 def _create(rootfs: str, pin: str) -> None:
-    """A new mount namespace, bound at ``pin``, whose root is ``rootfs``; this process in it."""
-    make_private_mount_point(Path(pin).parent)
-    Path(pin).touch()
-    host = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _create_pinned(host, pin)
-    finally:
-        os.close(host)
-    os.chdir(rootfs)
+    """A new mount namespace whose root is ``rootfs``, bound at ``pin``; this process in it."""
     if os.path.realpath(rootfs) not in mount_points():
         raise FailedPrecondition(
             f"node enter: {rootfs} is not a mount point (is crishim-rootfs.service up?)"
         )
+    make_private_mount_point(Path(pin).parent)
+    Path(pin).touch()
+    host = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _create_pinned(host, rootfs, pin)
+    finally:
+        os.close(host)
+
+
+def _pivot(rootfs: str) -> None:
+    """This (new) mount namespace's root made ``rootfs``; the node's tree detached."""
+    os.chdir(rootfs)
     old_root = os.open("/", os.O_PATH | os.O_DIRECTORY)
     try:
         # The old root ends up mounted over the new one; its descriptor names it.
@@ -114,24 +114,26 @@ def _create(rootfs: str, pin: str) -> None:
     umount(".", MNT_DETACH)
 
 
-def _create_pinned(host: int, pin: str) -> None:
-    """unshare(CLONE_NEWNS), the new namespace bound at ``pin`` from ``host`` (a namespace
-    cannot hold its own file), and this process left in the new one.
+def _create_pinned(host: int, rootfs: str, pin: str) -> None:
+    """unshare(CLONE_NEWNS) and :func:`_pivot`, then the namespace bound at ``pin`` from
+    ``host`` (a namespace cannot hold its own file), and this process left in it.
 
     The kernel refuses (EINVAL) to bind the file of a namespace whose ID is lower than the
     binder's, to prevent loops. IDs are handed out in per-CPU batches (seen on 6.18), so a
     namespace made after the host's can still have a lower ID: each try is made on the
-    next CPU, and one of them (the CPU that made the host's namespace) gives a higher one."""
+    next CPU, and one of them (the CPU that made the host's namespace) gives a higher one.
+    A refused namespace goes when its descriptor is closed."""
     original = os.sched_getaffinity(0)
     cpus = sorted(original)
     refused: OSError | None = None
     try:
         for attempt in range(4 * len(cpus)):
             os.sched_setaffinity(0, {cpus[attempt % len(cpus)]})
-            unshare(_CLONE_NEWNS)
+            unshare(CLONE_NEWNS)
             created = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
             try:
-                setns(host, _CLONE_NEWNS)
+                _pivot(rootfs)
+                setns(host, CLONE_NEWNS)  # back at the host's root, rootfs a host path again
                 try:
                     mount(f"/proc/self/fd/{created}", pin, None, MS_BIND)
                 except OSError as exc:
@@ -139,7 +141,7 @@ def _create_pinned(host: int, pin: str) -> None:
                         raise
                     refused = exc
                     continue
-                setns(created, _CLONE_NEWNS)
+                setns(created, CLONE_NEWNS)
                 return
             finally:
                 os.close(created)

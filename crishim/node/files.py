@@ -25,6 +25,7 @@ __all__ = [
     "mount_points",
     "release_stale_mounts",
     "remove_tree",
+    "same_mount_namespace",
     "sync_tree",
     "write_atomic",
 ]
@@ -55,6 +56,12 @@ def mount_points(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
     return points
 
 
+def same_mount_namespace(pid: int) -> bool:
+    """Whether process ``pid`` is in this process's mount namespace (OSError when its
+    namespace cannot be read)."""
+    return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
+
+
 def _mounts_at_or_below(path: Path) -> list[str]:
     return _at_or_below(mount_points(), os.path.realpath(path))
 
@@ -76,8 +83,7 @@ def release_stale_mounts(path: Path, host_path: str, node_pid: int = 1) -> list[
     node itself still has mounts there; does nothing in the node's own namespace or when
     its mount table cannot be read (remove_tree then refuses if anything is mounted)."""
     try:
-        node_ns = os.stat(f"/proc/{node_pid}/ns/mnt").st_ino
-        if node_ns == os.stat("/proc/self/ns/mnt").st_ino:
+        if same_mount_namespace(node_pid):
             return []
         on_node = _at_or_below(mount_points(Path(f"/proc/{node_pid}/mountinfo")), host_path)
     except OSError:

@@ -14,6 +14,7 @@ import os
 __all__ = [
     "CLONE_NEWIPC",
     "CLONE_NEWNET",
+    "CLONE_NEWNS",
     "CLONE_NEWUSER",
     "CLONE_NEWUTS",
     "MNT_DETACH",
@@ -62,6 +63,7 @@ _libc.unshare.argtypes = [ctypes.c_int]
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000

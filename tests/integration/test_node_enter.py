@@ -96,6 +96,8 @@ echo "lost-mounts=$(comm -23 "$W/before" "$W/after" | wc -l)"
 
 # Refusals: not a mount point; started from another mount namespace.
 "$PY" -m crishim.cli node enter --rootfs "$W/plain" --pin "$W/pins2/mnt" -- /bin/true 2>&1 || true
+pinned=no; mountpoint -q "$W/pins2/mnt" 2>/dev/null && pinned=yes
+echo "refused-pinned=$pinned"
 unshare --mount "$PY" -m crishim.cli node enter --rootfs "$R" --pin "$PIN" -- /bin/true 2>&1 || true
 """
 
@@ -130,4 +132,6 @@ def test_enter_makes_the_rootfs_the_namespace_root_and_keeps_propagation(
     assert "rejoined=yes" in out, out
     assert "lost-mounts=0" in out, out
     assert "/mnt/plain is not a mount point" in out, out
+    # a refused enter keeps no namespace for the next one to join
+    assert "refused-pinned=no" in out, out
     assert "is in another mount namespace" in out, out
