@@ -8,21 +8,18 @@ is removed and connections closed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import stat
-from asyncio import BaseTransport
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from grpclib.const import Handler
-from grpclib.protocol import H2Protocol
-from grpclib.server import Server
 
 from crishim.api.codec import CriCodec
+from crishim.api.grpc_server import GrpcServer
 from crishim.api.instrument import CallTracker
 from crishim.errors import Unavailable
 from crishim.util.sockets import unix_socket_answers
@@ -30,62 +27,6 @@ from crishim.util.sockets import unix_socket_answers
 log = logging.getLogger(__name__)
 
 SOCKET_MODE = 0o660
-
-
-class _CorkedTransport:
-    """Writes made in one turn of the event loop leave in one system call.
-
-    grpclib writes a reply's headers, message and trailers separately, each a write to
-    the socket and a wake-up of the client: a third of a small call's time in crishim.
-    Gathering them until the loop turns sends them together. Everything else is the real
-    transport's; its flow control (pause/resume writing) is unchanged.
-    """
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():
-            self._transport.write(b"".join(pending))
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-class _CorkedProtocol(H2Protocol):
-    def connection_made(self, transport: BaseTransport) -> None:
-        # (uvloop's transports are not asyncio.Transport subclasses, only alike)
-        corked = _CorkedTransport(cast(asyncio.Transport, transport))
-        super().connection_made(cast(asyncio.Transport, corked))
-
-
-class _Server(Server):
-    """grpclib's server, its connections corked (see _CorkedTransport)."""
-
-    def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
-        return _CorkedProtocol(protocol.handler, protocol.config, protocol.h2_config)
-
-
-class _Servable:
-    """One grpclib servable holding the merged mapping of several servicers."""
-
-    def __init__(self, mapping: dict[str, Handler]) -> None:
-        self._mapping = mapping
-
-    def __mapping__(self) -> dict[str, Handler]:
-        return self._mapping
 
 
 async def prepare_socket_path(path: Path) -> None:
@@ -104,13 +45,13 @@ async def prepare_socket_path(path: Path) -> None:
 
 
 class CriServer:
-    """grpclib on a unix socket, with the CRI servicers' instrumented mappings."""
+    """The gRPC server on a unix socket, with the CRI servicers' instrumented mappings."""
 
     def __init__(self, servicers: Collection[Any], socket_path: Path, tracker: CallTracker):
         mapping: dict[str, Handler] = {}
         for servicer in servicers:
             mapping.update(servicer.__mapping__())
-        self._server = _Server([_Servable(mapping)], codec=CriCodec())
+        self._server = GrpcServer(mapping, CriCodec())
         self._path = socket_path
         self._tracker = tracker
         self._inode: int | None = None
@@ -126,7 +67,7 @@ class CriServer:
         # The umask makes the socket 0660 from the moment it exists, not after a chmod.
         old_umask = os.umask(0o777 & ~SOCKET_MODE)
         try:
-            await self._server.start(path=str(self._path))
+            await self._server.start(str(self._path))
         finally:
             os.umask(old_umask)
         os.chmod(self._path, SOCKET_MODE)

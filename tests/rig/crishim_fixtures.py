@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,11 @@ from typing import Any
 
 import pytest
 from grpclib.client import Channel
-from grpclib.testing import ChannelFor
 
 from crishim.api import v1
 from crishim.api.codec import CriCodec
 from crishim.api.instrument import CallTracker
+from crishim.api.server import CriServer
 from crishim.app import Services, Stores, build_servicers, build_services, open_stores
 from crishim.config import Config
 from crishim.images.snapshots.copy import CopySnapshotter
@@ -59,7 +60,7 @@ async def cri(crishim: CrishimProcess) -> AsyncIterator[CriClient]:
 
 @dataclass
 class InMemoryApi:
-    """The real servicers over stores in a temporary root, reached without a socket."""
+    """The real servicers over stores in a temporary root, served on a private socket."""
 
     config: Config
     client: CriClient
@@ -70,7 +71,8 @@ class InMemoryApi:
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[InMemoryApi]:
-    """Fast handler tests: grpclib's ChannelFor runs the servicers through real stubs."""
+    """Fast handler tests: the servicers behind crishim's gRPC server on a socket of the
+    test's own, called through real stubs (grpclib's client)."""
     cni = tmp_path / "cni"
     cni.mkdir()
     config = Config(root=str(tmp_path / "root"), state=str(tmp_path / "state"))
@@ -82,11 +84,17 @@ async def api(tmp_path: Path) -> AsyncIterator[InMemoryApi]:
     snapshotter = CopySnapshotter(tmp_path / "root" / "images" / "snapshots" / "native")
     services = build_services(config, stores, snapshotter)
     servicers = build_servicers(services, tracker)
-    async with ChannelFor(servicers, codec=CriCodec()) as channel:
+    # A socket path must stay within 108 bytes: pytest's directories can be longer.
+    with tempfile.TemporaryDirectory(prefix="crishim-api-", dir="/tmp") as socket_dir:
+        server = CriServer(servicers, Path(socket_dir) / "cri.sock", tracker)
+        await server.start()
+        channel = Channel(path=str(server.socket_path), codec=CriCodec())
         client = CriClient(channel, v1.RuntimeServiceStub(channel), v1.ImageServiceStub(channel))
         try:
             yield InMemoryApi(config, client, stores, tracker, services)
         finally:
+            channel.close()
+            await server.stop(grace=5)
             await services.registry.close()
 
 

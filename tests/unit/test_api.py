@@ -17,7 +17,6 @@ from grpclib.const import Cardinality, Status
 from crishim.api import v1
 from crishim.api.codec import PreEncoded
 from crishim.api.encoded import frame_field
-from crishim.api.server import _CorkedTransport
 from crishim.model import (
     Container,
     ContainerMetadata,
@@ -384,40 +383,6 @@ async def test_streaming_calls_need_the_streaming_server(api: InMemoryApi) -> No
         await api.client.runtime.exec(v1.ExecRequest(container_id="x", cmd=["true"]))
     assert info.value.status is Status.UNAVAILABLE
     assert info.value.message == "the streaming server is not running"
-
-
-class _RecordingTransport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str) -> str:
-        return f"info:{name}"
-
-
-async def test_writes_of_one_loop_turn_leave_together() -> None:
-    real = _RecordingTransport()
-    corked = _CorkedTransport(real)  # type: ignore[arg-type]
-    corked.write(b"headers|")
-    corked.write(b"message|")
-    corked.write(b"trailers")
-    assert real.writes == []
-    await asyncio.sleep(0)
-    assert real.writes == [b"headers|message|trailers"]
-    corked.write(b"last")
-    corked.close()  # flushes before closing
-    assert real.writes[-1] == b"last"
-    assert real.closed
-    assert corked.get_extra_info("peername") == "info:peername"
 
 
 async def test_concurrent_removals_of_one_container_all_succeed(api: InMemoryApi) -> None:
