@@ -684,7 +684,6 @@ class GrpcServer:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            conn.go_away()
             self._cancelled += conn.tasks()
         for task in self._cancelled:
             task.cancel()
@@ -692,9 +691,10 @@ class GrpcServer:
     async def wait_closed(self) -> None:
         """Wait for the cancelled calls to end, then close the connections.
 
-        A client may not have read the last replies yet when the server stops; some
-        (grpclib's) fail a call whose reply they hold once the connection ends. The
-        connections therefore end :data:`LINGER` seconds after the GOAWAY.
+        A client may not have read its last replies yet when the server stops, and some
+        (grpclib's) fail a call whose reply they already hold once they see GOAWAY or the
+        connection's end. The connections therefore end :data:`LINGER` seconds after the
+        last reply.
         """
         if self._server is not None:
             await self._server.wait_closed()
@@ -703,4 +703,5 @@ class GrpcServer:
         if self.connections:
             await asyncio.sleep(LINGER)
         for conn in list(self.connections):
+            conn.go_away()
             conn.close()
