@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from grpclib.const import Handler
 
-from crishim.api import convert, v1
-from crishim.api.instrument import CallTracker, build_mapping
-from crishim.api.runtime_service import STREAM_CHUNK
+from crishim.api import convert, v1, wire
+from crishim.api.codec import PreEncoded
+from crishim.api.encoded import EncodedItems
+from crishim.api.instrument import CallTracker, StreamHandler, build_mapping
+from crishim.api.runtime_service import STREAM_CHUNK, join_pruned
 from crishim.errors import InvalidArgument
 from crishim.images.auth import Credentials
+from crishim.model import Image
 from crishim.services.images import ImageService
 from crishim.services.stats import StatsService
 
@@ -35,6 +39,13 @@ def _image_name(spec: v1.ImageSpec | None) -> str:
     return spec.image
 
 
+def _query(message: v1.ListImagesRequest | v1.StreamImagesRequest) -> str:
+    """The image a list asks about ("" for all)."""
+    if message.filter is not None and message.filter.image is not None:
+        return message.filter.image.image
+    return ""
+
+
 class ImageServicer(v1.ImageServiceBase):
     """ImageService over crishim's image service."""
 
@@ -42,9 +53,35 @@ class ImageServicer(v1.ImageServiceBase):
         self._images = images
         self._stats = stats
         self._tracker = tracker
+        # ImageStatusResponse.image and ListImagesResponse.images are both field 1: one
+        # framed encoding of each image serves both replies.
+        self._encoded: EncodedItems[Image] = EncodedItems(
+            1, lambda i: wire.encode(convert.image(i))
+        )
 
     def __mapping__(self) -> dict[str, Handler]:
-        return build_mapping(self, v1.ImageServiceBase, self._tracker)
+        service = "/runtime.v1.ImageService/"
+        overrides: dict[str, StreamHandler] = {
+            service + "ImageStatus": self._image_status_encoded,
+            service + "ListImages": self._list_images_encoded,
+        }
+        return build_mapping(self, v1.ImageServiceBase, self._tracker, overrides)
+
+    async def _image_status_encoded(self, stream: Any) -> None:
+        request: v1.ImageStatusRequest = await stream.recv_message()
+        if request.verbose:
+            await stream.send_message(await self.image_status(request))
+            return
+        found = self._images.status(_image_name(request.image))
+        items = [found] if found is not None else []
+        await stream.send_message(PreEncoded(self._join(items)))
+
+    async def _list_images_encoded(self, stream: Any) -> None:
+        request: v1.ListImagesRequest = await stream.recv_message()
+        await stream.send_message(PreEncoded(self._join(self._images.list(_query(request)))))
+
+    def _join(self, items: list[Image]) -> bytes:
+        return join_pruned(self._encoded, items, self._images.count(), self._images.ids)
 
     async def pull_image(self, message: v1.PullImageRequest) -> v1.PullImageResponse:
         pulled = await self._images.pull(_image_name(message.image), credentials(message.auth))
@@ -68,18 +105,13 @@ class ImageServicer(v1.ImageServiceBase):
         return v1.ImageStatusResponse(image=convert.image(found), info=info)
 
     async def list_images(self, message: v1.ListImagesRequest) -> v1.ListImagesResponse:
-        query = ""
-        if message.filter is not None and message.filter.image is not None:
-            query = message.filter.image.image
-        return v1.ListImagesResponse(images=[convert.image(i) for i in self._images.list(query)])
+        images = self._images.list(_query(message))
+        return v1.ListImagesResponse(images=[convert.image(i) for i in images])
 
     async def stream_images(
         self, message: v1.StreamImagesRequest
     ) -> AsyncIterator[v1.StreamImagesResponse]:
-        query = ""
-        if message.filter is not None and message.filter.image is not None:
-            query = message.filter.image.image
-        found = self._images.list(query)
+        found = self._images.list(_query(message))
         for start in range(0, len(found), STREAM_CHUNK):
             chunk = found[start : start + STREAM_CHUNK]
             yield v1.StreamImagesResponse(images=[convert.image(i) for i in chunk])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from grpclib.const import Handler
@@ -394,8 +394,15 @@ def _chunks(items: list[T]) -> list[list[T]]:
 
 
 def _join(cache: EncodedItems[R], items: list[R], source: _Listing) -> bytes:
-    """The encoded reply for ``items``, pruning the cache once it holds many dead ids."""
+    return join_pruned(cache, items, source.count(), source.ids)
+
+
+def join_pruned(
+    cache: EncodedItems[R], items: list[R], live: int, ids: Callable[[], Iterable[str]]
+) -> bytes:
+    """The encoded reply for ``items``, pruning the cache once it holds many more ids than
+    the ``live`` objects (whose ids ``ids`` lists)."""
     data = cache.join(items)
-    if len(cache) > source.count() + _PRUNE_SLACK:
-        cache.prune(source.ids())
+    if len(cache) > live + _PRUNE_SLACK:
+        cache.prune(ids())
     return data

@@ -23,6 +23,7 @@ through :func:`parse_image_query`, which tells the two apart.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -147,10 +148,12 @@ def parse_reference(text: str, *, default_tag: str = "latest") -> Reference:
     return Reference(domain, path, tag, digest)
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_image_query(text: str) -> ImageQuery:
     """Tell an image ID (``<64 hex>`` or ``sha256:<64 hex>``) from a reference.
 
-    Raises InvalidArgument when ``text`` is neither.
+    Raises InvalidArgument when ``text`` is neither. Results are kept (they are frozen):
+    kubelet asks about the same few images again and again.
     """
     hex_part = text.removeprefix("sha256:")
     if _IMAGE_ID_HEX_RE.fullmatch(hex_part):

@@ -438,11 +438,16 @@ class ImageService:
         if isinstance(parsed, IdQuery):
             return self._store.find(parsed.image_id), None
         ref = parsed.ref
-        for image in self._store.list():
-            if ref.digest is None and str(ref) in image.repo_tags:
-                return image, ref
-            if ref.digest is not None and f"{ref.name}@{ref.digest}" in image.repo_digests:
-                return image, ref
+        if ref.digest is None:
+            tag = str(ref)
+            for image in self._store.list():
+                if tag in image.repo_tags:
+                    return image, ref
+        else:
+            digest = f"{ref.name}@{ref.digest}"
+            for image in self._store.list():
+                if digest in image.repo_digests:
+                    return image, ref
         return None, ref
 
     def status(self, query: str) -> Image | None:
@@ -455,6 +460,14 @@ class ImageService:
             found = self.status(query)
             return [found] if found else []
         return sorted(self._store.list(), key=lambda i: i.pulled_at)
+
+    def count(self) -> int:
+        """How many images are here."""
+        return len(self._store)
+
+    def ids(self) -> tuple[str, ...]:
+        """The id of every image."""
+        return tuple(i.id for i in self._store.list())
 
     def config(self, image: Image) -> dict[str, object]:
         """The image's config document as stored."""

@@ -14,8 +14,8 @@ a state, which no cache has seen): ContainerStatus after StartContainer, PodSand
 after RunPodSandbox, ImageStatus after PullImage of an image pulled before.
 
 Run: ``python -m tests.bench.bench_status [--calls 200] [--fresh 10] [--rounds 2]``
-(``--only crishim`` skips containerd; ``--hold`` keeps crishim calling ContainerStatus
-until interrupted, printing its pid, for a profiler.)
+(``--only crishim`` skips containerd; ``--hold [CALL]`` keeps crishim answering one call
+(ContainerStatus unless named) until interrupted, printing its pid, for a profiler.)
 """
 
 from __future__ import annotations
@@ -186,15 +186,15 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def hold(runtime: Crishim, subject: Subject) -> None:
-    """Call ContainerStatus until interrupted (for py-spy on crishim's pid): SIGINT, also
+def hold(runtime: Crishim, subject: Subject, call: str) -> None:
+    """Make ``call`` until interrupted (for py-spy on crishim's pid): SIGINT, also
     where a shell started it in the background with SIGINT ignored, or SIGTERM (timeout)."""
     assert runtime.proc.proc is not None
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    print(f"crishim pid {runtime.proc.proc.pid}; calling ContainerStatus, ^C to stop", flush=True)
+    print(f"crishim pid {runtime.proc.proc.pid}; calling {call}, ^C to stop", flush=True)
     client = RawClient(runtime.socket)
-    path, request = steady_calls(subject)["ContainerStatus"]
+    path, request = steady_calls(subject)[call]
     try:
         while True:
             client.call(path, request)
@@ -210,7 +210,13 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=10, help="first-call samples per round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
     parser.add_argument("--only", choices=["crishim"], help="measure crishim alone")
-    parser.add_argument("--hold", action="store_true", help="call crishim until ^C")
+    parser.add_argument(
+        "--hold",
+        nargs="?",
+        const="ContainerStatus",
+        metavar="CALL",
+        help="call crishim until ^C (ContainerStatus or another of the steady calls)",
+    )
     args = parser.parse_args()
     with Registry() as registry, tempfile.TemporaryDirectory(prefix="crishim-bench-") as tmp:
         base = Path(tmp)
@@ -231,7 +237,7 @@ def main() -> None:
                 )
             if args.hold:
                 assert isinstance(runtimes[0], Crishim)
-                hold(runtimes[0], subjects["crishim"])
+                hold(runtimes[0], subjects["crishim"], args.hold)
                 return
             clients = {r.name: RawClient(r.socket) for r in runtimes}
             for round_ in range(args.rounds):

@@ -399,3 +399,48 @@ async def test_concurrent_removals_of_one_container_all_succeed(api: InMemoryApi
     )
     listed = await runtime.list_containers(v1.ListContainersRequest())
     assert [c.id for c in listed.containers] == ["ct2", "ct0"]
+
+
+async def test_image_status_and_list_answer_from_encoded_images_and_follow_changes(
+    api: InMemoryApi,
+) -> None:
+    """ImageStatus and ListImages reply with each image's kept encoding: the same bytes as
+    encoding the reply whole, and a changed image (a new tag) is encoded anew."""
+    from crishim.api import convert
+    from crishim.model import Image
+
+    images = []
+    for n in range(3):
+        image = Image(
+            id="sha256:" + f"{n}" * 64,
+            repo_tags=[f"example.org/app{n}:1"],
+            repo_digests=[f"example.org/app{n}@sha256:" + "f" * 64],
+            size=1000 + n,
+            manifest_digest="sha256:" + "e" * 64,
+            user="1000" if n else "nobody",
+            pulled_at=n,
+        )
+        images.append(await api.stores.images.add(image))
+    client = api.client.images
+    for _ in range(2):  # the second time from the kept encodings
+        listed = await client.list_images(v1.ListImagesRequest())
+        assert listed == v1.ListImagesResponse(images=[convert.image(i) for i in images])
+        status = await client.image_status(
+            v1.ImageStatusRequest(image=v1.ImageSpec(image="example.org/app1:1"))
+        )
+        assert status == v1.ImageStatusResponse(image=convert.image(images[1]))
+    missing = await client.image_status(v1.ImageStatusRequest(image=v1.ImageSpec(image="nope")))
+    assert missing.image is None
+    retagged = await api.stores.images.update(
+        images[1].id,
+        lambda i: i.model_copy(update={"repo_tags": [*i.repo_tags, "example.org/b:2"]}),
+    )
+    status = await client.image_status(
+        v1.ImageStatusRequest(image=v1.ImageSpec(image="example.org/b:2"))
+    )
+    assert status.image is not None
+    assert status.image.repo_tags == ["example.org/app1:1", "example.org/b:2"] == retagged.repo_tags
+    listed = await client.list_images(
+        v1.ListImagesRequest(filter=v1.ImageFilter(image=v1.ImageSpec(image="example.org/b:2")))
+    )
+    assert [i.repo_tags for i in listed.images] == [retagged.repo_tags]
