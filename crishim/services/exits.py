@@ -2,7 +2,8 @@
 
 conmon writes ``<exits>/<id>`` with the exit code when a container's process ends (and an
 ``oom`` file in the bundle after an OOM kill). While containers run, one background watch
-reads the exit directory a few times a second and marks the exited ones; after a restart
+reads the exit directory whenever inotify reports a file landing in it (and every few
+seconds regardless) and marks the exited ones; after a restart
 of crishim, :meth:`ExitTracker.refresh` reconciles every record with conmon's files and the
 runtime's view.
 """
@@ -22,13 +23,16 @@ from crishim.runtime.conmon import oom_killed, read_exit_code
 from crishim.runtime.oci_runtime import OciRuntime
 from crishim.services.events import EventBus
 from crishim.store import ObjectStore
+from crishim.util.inotify import DirectoryWatch
 from crishim.util.tasks import BackgroundTasks
 
 __all__ = ["EXIT_POLL_SECONDS", "ExitTracker"]
 
 log = logging.getLogger(__name__)
 
-# How often exits are looked for while containers run (conmon writes the exit file).
+# conmon writes each exit file; inotify tells crishim when one lands. The exit directory
+# is still read this often (every EXIT_POLL_SECONDS where inotify is not available).
+WATCH_FALLBACK_SECONDS = 1.0
 EXIT_POLL_SECONDS = 0.25
 
 
@@ -52,6 +56,21 @@ class ExitTracker:
         self._lock_for = lock_for
         self._background = BackgroundTasks()
         self._watcher: asyncio.Task[None] | None = None
+        self._landing = DirectoryWatch(self._exits)
+
+    def _landed(self) -> asyncio.Future[None]:
+        """A future for the next exit file (taken before looking for one)."""
+        if not self._landing.active:
+            try:
+                self._exits.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                log.warning("cannot create %s: %s", self._exits, exc)
+            else:
+                self._landing.start()
+        return self._landing.changed()
+
+    def _poll_interval(self) -> float:
+        return WATCH_FALLBACK_SECONDS if self._landing.active else EXIT_POLL_SECONDS
 
     def _bundle(self, container_id: str) -> Path:
         return self._state / "containers" / container_id / "bundle"
@@ -60,11 +79,17 @@ class ExitTracker:
         """True once conmon recorded the container's exit, False after ``timeout`` s."""
         deadline = time.monotonic() + max(timeout, 0)
         while True:
+            landed = self._landed()
             if read_exit_code(self._exits, container_id) is not None:
+                self._landing.forget(landed)
                 return True
-            if time.monotonic() >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._landing.forget(landed)
                 return False
-            await asyncio.sleep(0.05)
+            # (inotify wakes this at once; the poll is the fallback should it stop)
+            wait = min(remaining, 0.5 if self._landing.active else 0.05)
+            await self._landing.wait(landed, wait)
 
     async def record(self, container_id: str) -> Container:
         """Mark the container exited with the code conmon recorded (the caller holds the
@@ -106,11 +131,14 @@ class ExitTracker:
     async def close(self) -> None:
         """Stop watching (at shutdown)."""
         await self._background.close()
+        self._landing.close()
 
     async def _watch(self) -> None:
         while True:
+            landed = self._landed()
             running = [c for c in self._store.list() if c.state is ContainerState.RUNNING]
             if not running:
+                self._landing.forget(landed)
                 return
             # One directory read per round, however many containers run.
             try:
@@ -124,7 +152,7 @@ class ExitTracker:
                     except Exception:
                         # One container's trouble must not stop the watch over the others.
                         log.exception("recording the exit of container %s", container.id[:12])
-            await asyncio.sleep(EXIT_POLL_SECONDS)
+            await self._landing.wait(landed, self._poll_interval())
 
     async def _record_running(self, container_id: str) -> None:
         async with self._lock_for(container_id):
