@@ -238,8 +238,12 @@ def container_statuses(items: Iterable[model.Container]) -> list[v1.ContainerSta
     """The statuses of a pod's containers, newest first: kubelet takes the first status of
     a name as that container's current one, and does not sort PodSandboxStatus' list
     before it looks (kuberuntime_manager.go GetPodStatus; FindContainerStatusByName)."""
-    newest_first = sorted(items, key=lambda c: c.created_at, reverse=True)
-    return [container_status(c) for c in newest_first]
+    return [container_status(c) for c in newest_first(items)]
+
+
+def newest_first(items: Iterable[model.Container]) -> list[model.Container]:
+    """Containers in the order of PodSandboxStatus' ``containers_statuses``."""
+    return sorted(items, key=lambda c: c.created_at, reverse=True)
 
 
 def _status_mounts(item: model.Container) -> list[v1.Mount]:

@@ -29,8 +29,14 @@ from crishim.streaming.backend import PortForwardRequest as StreamPortForwardReq
 
 LIST_POD_SANDBOX = "/runtime.v1.RuntimeService/ListPodSandbox"
 LIST_CONTAINERS = "/runtime.v1.RuntimeService/ListContainers"
-# ListPodSandboxResponse.items and ListContainersResponse.containers are field 1.
+POD_SANDBOX_STATUS = "/runtime.v1.RuntimeService/PodSandboxStatus"
+CONTAINER_STATUS = "/runtime.v1.RuntimeService/ContainerStatus"
+# ListPodSandboxResponse.items and ListContainersResponse.containers are field 1, as are
+# PodSandboxStatusResponse.status and ContainerStatusResponse.status.
 _LIST_FIELD = 1
+_STATUS_FIELD = 1
+_MEMBER_STATUSES_FIELD = 3  # PodSandboxStatusResponse.containers_statuses
+_TIMESTAMP_KEY = wire.varint(4 << 3)  # PodSandboxStatusResponse.timestamp, a varint
 # Cached encodings of removed objects tolerated before the cache is pruned.
 _PRUNE_SLACK = 64
 # The version of the kubelet-runtime API itself, as every CRI runtime reports it.
@@ -72,11 +78,24 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         self._encoded_containers: EncodedItems[Container] = EncodedItems(
             _LIST_FIELD, lambda c: wire.encode(convert.container(c))
         )
+        # Statuses are asked for over and over (kubelet, probes, critest) and change only
+        # with the record: each is encoded once per revision.
+        self._encoded_pod_status: EncodedItems[Sandbox] = EncodedItems(
+            _STATUS_FIELD, lambda s: wire.encode(convert.pod_sandbox_status(s))
+        )
+        self._encoded_status: EncodedItems[Container] = EncodedItems(
+            _STATUS_FIELD, lambda c: wire.encode(convert.container_status(c))
+        )
+        self._encoded_member_status: EncodedItems[Container] = EncodedItems(
+            _MEMBER_STATUSES_FIELD, lambda c: wire.encode(convert.container_status(c))
+        )
 
     def __mapping__(self) -> dict[str, Handler]:
         overrides: dict[str, StreamHandler] = {
             LIST_POD_SANDBOX: self._list_pod_sandbox_encoded,
             LIST_CONTAINERS: self._list_containers_encoded,
+            POD_SANDBOX_STATUS: self._pod_sandbox_status_encoded,
+            CONTAINER_STATUS: self._container_status_encoded,
         }
         return build_mapping(self, v1.RuntimeServiceBase, self._tracker, overrides)
 
@@ -369,6 +388,31 @@ class RuntimeServicer(v1.RuntimeServiceBase):
     ) -> AsyncIterator[v1.StreamPodSandboxMetricsResponse]:
         for chunk in _chunks(await self._pod_metrics()):
             yield v1.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=chunk)
+
+    async def _pod_sandbox_status_encoded(self, stream: Any) -> None:
+        request: v1.PodSandboxStatusRequest = await stream.recv_message()
+        if request.verbose:
+            await stream.send_message(await self.pod_sandbox_status(request))
+            return
+        # As pod_sandbox_status: no await between the stamp and the reading.
+        timestamp = time.time_ns()
+        sandbox = self._sandboxes.get(request.pod_sandbox_id)
+        members = convert.newest_first(
+            self._containers.matching(ContainerFilter(sandbox_id=sandbox.id))
+        )
+        data = _join(self._encoded_pod_status, [sandbox], self._sandboxes)
+        data += _join(self._encoded_member_status, members, self._containers)
+        data += _TIMESTAMP_KEY + wire.varint(timestamp)
+        await stream.send_message(PreEncoded(data))
+
+    async def _container_status_encoded(self, stream: Any) -> None:
+        request: v1.ContainerStatusRequest = await stream.recv_message()
+        if request.verbose:
+            await stream.send_message(await self.container_status(request))
+            return
+        container = self._containers.get(request.container_id)
+        data = _join(self._encoded_status, [container], self._containers)
+        await stream.send_message(PreEncoded(data))
 
     async def _list_pod_sandbox_encoded(self, stream: Any) -> None:
         request: v1.ListPodSandboxRequest = await stream.recv_message()

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -444,3 +445,52 @@ async def test_image_status_and_list_answer_from_encoded_images_and_follow_chang
         v1.ListImagesRequest(filter=v1.ImageFilter(image=v1.ImageSpec(image="example.org/b:2")))
     )
     assert [i.repo_tags for i in listed.images] == [retagged.repo_tags]
+
+
+async def test_status_replies_from_kept_encodings_equal_encoding_them_whole(
+    api: InMemoryApi,
+) -> None:
+    """ContainerStatus and PodSandboxStatus answer from each record's kept encoding: the
+    reply is what encoding it whole gives (PodSandboxStatus' timestamp aside), the pod's
+    containers newest first, and a changed record is encoded anew."""
+    from crishim.api import convert
+
+    await seed(api)
+    runtime = api.client.runtime
+    for _ in range(2):  # the second time from the kept encodings
+        for container in api.stores.containers.list():
+            reply = await runtime.container_status(
+                v1.ContainerStatusRequest(container_id=container.id)
+            )
+            assert reply == v1.ContainerStatusResponse(status=convert.container_status(container))
+        sandbox = api.stores.sandboxes.get("sb0")
+        before = time.time_ns()
+        pod = await runtime.pod_sandbox_status(v1.PodSandboxStatusRequest(pod_sandbox_id="sb0"))
+        members = [c for c in api.stores.containers.list() if c.sandbox_id == "sb0"]
+        assert len(members) == 2
+        assert before <= pod.timestamp <= time.time_ns()
+        assert pod == v1.PodSandboxStatusResponse(
+            status=convert.pod_sandbox_status(sandbox),
+            containers_statuses=convert.container_statuses(members),
+            timestamp=pod.timestamp,
+        )
+        assert [s.id for s in pod.containers_statuses] == ["ct0", "ct2"]  # newest first
+    await api.stores.containers.update(
+        "ct0",
+        lambda c: c.model_copy(update={"state": ContainerState.EXITED, "exit_code": 7}),
+    )
+    reply = await runtime.container_status(v1.ContainerStatusRequest(container_id="ct0"))
+    assert reply.status is not None
+    assert (reply.status.state, reply.status.exit_code) == (
+        v1.ContainerState.CONTAINER_EXITED,
+        7,
+    )
+    pod = await runtime.pod_sandbox_status(v1.PodSandboxStatusRequest(pod_sandbox_id="sb0"))
+    assert pod.containers_statuses[0].exit_code == 7
+    verbose = await runtime.container_status(
+        v1.ContainerStatusRequest(container_id="ct0", verbose=True)
+    )
+    assert "sandboxID" in verbose.info["info"]
+    with pytest.raises(GRPCError) as info:
+        await runtime.container_status(v1.ContainerStatusRequest(container_id="nope"))
+    assert info.value.status is Status.NOT_FOUND
