@@ -23,12 +23,12 @@ from asyncio import BaseTransport
 from collections.abc import Mapping
 from typing import Any, cast
 
-import hpack
 from grpclib import GRPCError
 from grpclib.const import Cardinality, Handler, Status
 
 from crishim.api import h2frames as h2
 from crishim.api.h2frames import H2ConnectionError
+from crishim.api.hpack_decode import HpackDecoder, HpackError
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,7 @@ class GrpcConnection(asyncio.Protocol):
         self.peer_initial_window = h2.DEFAULT_WINDOW
         self._transport: asyncio.Transport | None = None
         self._mapping = server.mapping
-        self._decoder = hpack.Decoder()
-        self._decoder.max_header_list_size = MAX_HEADER_BLOCK
+        self._decoder = HpackDecoder(max_list_size=MAX_HEADER_BLOCK)
         self._buffer = b""
         self._preface = False
         self._continuing: tuple[int, bool, bytearray] | None = None
@@ -401,7 +400,7 @@ class GrpcConnection(asyncio.Protocol):
     def _on_header_block(self, stream_id: int, end_stream: bool, block: bytes) -> None:
         try:
             headers = self._decoder.decode(block)
-        except hpack.HPACKError as exc:
+        except HpackError as exc:
             raise H2ConnectionError(h2.COMPRESSION_ERROR, f"header block: {exc}") from exc
         stream = self._streams.get(stream_id)
         if stream is not None:  # trailers of a client stream
@@ -417,7 +416,7 @@ class GrpcConnection(asyncio.Protocol):
         if self._going_away:
             self._out.append(h2.rst_stream(stream_id, h2.REFUSED_STREAM))
             return
-        self._open(stream_id, end_stream, cast(list[tuple[str, str]], headers))
+        self._open(stream_id, end_stream, headers)
 
     def _open(self, stream_id: int, end_stream: bool, headers: list[tuple[str, str]]) -> None:
         try:
