@@ -22,7 +22,8 @@ from grpclib.const import Cardinality, Handler, Status
 from crishim.api import h2frames as h2
 from crishim.api import v1
 from crishim.api.codec import CriCodec
-from crishim.api.grpc_server import MAX_MESSAGE, STREAM_WINDOW, GrpcServer
+from crishim.api.grpc_server import GrpcServer
+from crishim.api.grpc_stream import MAX_MESSAGE, STREAM_WINDOW
 
 Req, Rep = v1.ExecSyncRequest, v1.ExecSyncResponse
 
@@ -156,11 +157,17 @@ async def test_errors_carry_status_and_the_whole_message(served: Any) -> None:
         assert (await unary(channel, "Echo")(Req(container_id="ok"))).stdout == b"ok"
 
 
+async def start_slow(channel: Channel, calls: Calls, name: str) -> asyncio.Future[Any]:
+    """A Slow call, once its handler runs."""
+    call = asyncio.ensure_future(unary(channel, "Slow")(Req(container_id=name)))
+    await asyncio.wait_for(calls.started.wait(), 5)
+    return call
+
+
 async def test_a_cancelled_call_cancels_its_handler(served: Any) -> None:
     calls, _, path = served
     async with Channel(path=path) as channel:
-        call = asyncio.ensure_future(unary(channel, "Slow")(Req(container_id="c1")))
-        await asyncio.wait_for(calls.started.wait(), 5)
+        call = await start_slow(channel, calls, "c1")
         call.cancel()
         for _ in range(100):
             if calls.cancelled:
@@ -337,8 +344,7 @@ async def test_garbage_closes_only_its_own_connection(served: Any) -> None:
 async def test_closing_the_server_cancels_running_calls(served: Any) -> None:
     calls, server, path = served
     async with Channel(path=path) as channel:
-        call = asyncio.ensure_future(unary(channel, "Slow")(Req(container_id="running")))
-        await asyncio.wait_for(calls.started.wait(), 5)
+        call = await start_slow(channel, calls, "running")
         server.close()
         await asyncio.wait_for(server.wait_closed(), 5)
         assert calls.cancelled == ["running"]
