@@ -1,4 +1,8 @@
-"""Per-object cache of encoded list items, keyed by record id and revision.
+"""Per-object cache of encoded list items, keyed by record id, valid for one record object.
+
+Records are frozen and replaced on every change, so an entry holds the record it encoded
+and serves only that object. (A revision alone is not enough: an image removed and pulled
+again comes back with the same id at revision 0.)
 
 A repeated message field is the concatenation of (tag, length, item bytes) for each item,
 so a list reply can be built by joining cached items without encoding anything.
@@ -26,7 +30,7 @@ class EncodedItems(Generic[R]):
     def __init__(self, field_number: int, encode: Callable[[R], bytes]) -> None:
         self._field_number = field_number
         self._encode = encode
-        self._cache: dict[str, tuple[int, bytes]] = {}
+        self._cache: dict[str, tuple[R, bytes]] = {}
 
     def join(self, items: Iterable[R]) -> bytes:
         """The reply bytes holding ``items`` in the repeated field."""
@@ -34,8 +38,8 @@ class EncodedItems(Generic[R]):
         cache = self._cache
         for item in items:
             hit = cache.get(item.id)
-            if hit is None or hit[0] != item.revision:
-                hit = (item.revision, frame_field(self._field_number, self._encode(item)))
+            if hit is None or hit[0] is not item:
+                hit = (item, frame_field(self._field_number, self._encode(item)))
                 cache[item.id] = hit
             parts.append(hit[1])
         return b"".join(parts)

@@ -35,10 +35,12 @@ log = logging.getLogger(__name__)
 CONNECTION_WINDOW = 64 * 1024 * 1024
 MAX_HEADER_BLOCK = 64 * 1024
 LINGER = 0.1
+MAX_STREAMS = 1000  # calls at once on one connection (grpc-go clients queue beyond it)
 _SERVER_SETTINGS = h2.settings_frame(
     {
         h2.SETTINGS_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
         h2.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_BLOCK,
+        h2.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_STREAMS,
     }
 )
 _CLIENT_STREAMS = (Cardinality.STREAM_UNARY, Cardinality.STREAM_STREAM)
@@ -80,14 +82,21 @@ class GrpcConnection(asyncio.Protocol):
         self._out.append(h2.window_update(0, CONNECTION_WINDOW - h2.DEFAULT_WINDOW))
         self.flush()
 
+    def pause_writing(self) -> None:
+        # The client is not reading: read nothing more from it until it does (its requests
+        # and PINGs would only pile up replies here).
+        if self._transport is not None and not self._closed:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._closed:
+            self._transport.resume_reading()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.server.connections.discard(self)
         for stream in self._streams.values():
-            stream.reset = True
-            if stream.task is not None:
-                stream.task.cancel()
-            stream.drained()
+            stream.abandon()
         self._streams.clear()
         self._blocked.clear()
 
@@ -223,7 +232,7 @@ class GrpcConnection(asyncio.Protocol):
         if stream_id % 2 == 0 or stream_id <= self._last_stream_id:
             raise H2ConnectionError(h2.PROTOCOL_ERROR, f"HEADERS opening stream {stream_id}")
         self._last_stream_id = stream_id
-        if self._going_away:
+        if self._going_away or len(self._streams) >= MAX_STREAMS:
             self._out.append(h2.rst_stream(stream_id, h2.REFUSED_STREAM))
             return
         self._open(stream_id, end_stream, headers)
@@ -305,10 +314,7 @@ class GrpcConnection(asyncio.Protocol):
         if stream is None:
             return
         self._blocked.pop(stream_id, None)
-        stream.reset = True
-        if stream.task is not None:
-            stream.task.cancel()
-        stream.drained()
+        stream.abandon()
 
     # -- calls --
 
@@ -318,7 +324,10 @@ class GrpcConnection(asyncio.Protocol):
     async def _run(self, stream: ServerStream) -> None:
         status: Status = Status.OK
         message: str | None = None
+        stream.started = True
         try:
+            if stream.deadline_passed:
+                raise asyncio.CancelledError
             await stream.handler.func(stream)
         except GRPCError as exc:
             status, message = exc.status, exc.message
@@ -467,6 +476,10 @@ class GrpcConnection(asyncio.Protocol):
             self._transport.close()
         self._closed = True
 
+    def buffered(self) -> int:
+        """Bytes written and not yet taken by the client."""
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
     def tasks(self) -> list[asyncio.Task[None]]:
         """The calls running on this connection."""
         return [s.task for s in self._streams.values() if s.task is not None]
@@ -505,8 +518,6 @@ class GrpcServer:
         connection's end. The connections therefore end :data:`LINGER` seconds after the
         last reply.
         """
-        if self._server is not None:
-            await self._server.wait_closed()
         if self._cancelled:
             await asyncio.gather(*self._cancelled, return_exceptions=True)
         if self.connections:
@@ -514,3 +525,6 @@ class GrpcServer:
         for conn in list(self.connections):
             conn.go_away()
             conn.close()
+        if self._server is not None:
+            # (asyncio's waits for the connections to end since Python 3.12)
+            await self._server.wait_closed()

@@ -46,6 +46,7 @@ class ServerStream:
         "recv_window",
         "reset",
         "send_window",
+        "started",
         "task",
         "timer",
         "trailers",
@@ -59,6 +60,7 @@ class ServerStream:
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.deadline_passed = False
+        self.started = False  # the handler's task has taken its first step
         self.reset = False
         # receiving
         self.ended = False
@@ -203,10 +205,21 @@ class ServerStream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def abandon(self) -> None:
+        """The call is gone (reset by the client, or its connection lost): nothing more is
+        sent, its handler is cancelled, its deadline dropped."""
+        self.reset = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+        self.drained()
+
     def expire(self) -> None:
         """The call's deadline has passed."""
         self.deadline_passed = True
-        if self.task is not None:
-            self.task.cancel()
-        else:
+        if self.task is None:
             self._conn.expired(self)
+        elif self.started:
+            self.task.cancel()
+        # (a task not yet started sees deadline_passed when it does, and answers)

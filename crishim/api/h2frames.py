@@ -162,16 +162,24 @@ def status_block(http_status: int) -> bytes:
     return hpack_int(8, 4, 0) + hpack_int(len(text), 7, 0) + text
 
 
-GRPC_MESSAGE_LIMIT = 8192
+# The encoded grpc-message is cut here: a trailer block must fit one frame (16 KiB).
+GRPC_MESSAGE_LIMIT = 4096
 _UNRESERVED = frozenset(range(0x20, 0x7F)) - {ord("%")}
 
 
 def percent_encode(message: str) -> bytes:
-    """grpc-message's encoding: UTF-8, bytes outside printable ASCII and '%' as %XX."""
-    raw = message.encode("utf-8", "replace")[:GRPC_MESSAGE_LIMIT]
-    if all(b in _UNRESERVED for b in raw):
+    """grpc-message's encoding: UTF-8, bytes outside printable ASCII and '%' as %XX; at
+    most :data:`GRPC_MESSAGE_LIMIT` bytes, cut between escapes."""
+    raw = message.encode("utf-8", "replace")
+    if len(raw) <= GRPC_MESSAGE_LIMIT and all(b in _UNRESERVED for b in raw):
         return raw
-    return b"".join(bytes((b,)) if b in _UNRESERVED else b"%%%02X" % b for b in raw)
+    out = bytearray()
+    for b in raw:
+        piece = bytes((b,)) if b in _UNRESERVED else b"%%%02X" % b
+        if len(out) + len(piece) > GRPC_MESSAGE_LIMIT:
+            break
+        out += piece
+    return bytes(out)
 
 
 def trailer_block(status: int, message: str | None) -> bytes:

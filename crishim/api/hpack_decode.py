@@ -21,6 +21,7 @@ _STATIC = tuple((name.decode(), value.decode()) for name, value in HeaderTable.S
 _STATIC_COUNT = len(_STATIC)
 _ENTRY_OVERHEAD = 32
 _HUFFMAN_CACHE_LIMIT = 2048
+_HUFFMAN_CACHED_LENGTH = 64  # longer strings are decoded each time (bounds the cache)
 
 
 class HpackError(Exception):
@@ -105,9 +106,10 @@ class HpackDecoder:
                 text = decode_huffman(raw).decode("utf-8", "surrogateescape")
             except Exception as exc:
                 raise HpackError(f"bad Huffman string: {exc}") from exc
-            if len(self._huffman) >= _HUFFMAN_CACHE_LIMIT:
-                self._huffman.clear()
-            self._huffman[raw] = text
+            if length <= _HUFFMAN_CACHED_LENGTH:
+                if len(self._huffman) >= _HUFFMAN_CACHE_LIMIT:
+                    self._huffman.clear()
+                self._huffman[raw] = text
         return text, end
 
     @staticmethod

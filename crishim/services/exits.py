@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # conmon writes each exit file; inotify tells crishim when one lands. The exit directory
 # is still read this often (every EXIT_POLL_SECONDS where inotify is not available).
 WATCH_FALLBACK_SECONDS = 1.0
+WATCH_RETRY_SECONDS = 30.0  # between tries to watch, where a watch could not be set up
 EXIT_POLL_SECONDS = 0.25
 
 
@@ -57,10 +58,16 @@ class ExitTracker:
         self._background = BackgroundTasks()
         self._watcher: asyncio.Task[None] | None = None
         self._landing = DirectoryWatch(self._exits)
+        self._retry_watch_at = 0.0
+        self._closed = False
 
     def _landed(self) -> asyncio.Future[None]:
         """A future for the next exit file (taken before looking for one)."""
-        if not self._landing.active:
+        now = time.monotonic()
+        if not self._landing.active and not self._closed and now >= self._retry_watch_at:
+            # Where inotify fails (out of instances, say), polling goes on and a new watch
+            # is tried now and then, not at every poll.
+            self._retry_watch_at = now + WATCH_RETRY_SECONDS
             try:
                 self._exits.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -130,6 +137,7 @@ class ExitTracker:
 
     async def close(self) -> None:
         """Stop watching (at shutdown)."""
+        self._closed = True
         await self._background.close()
         self._landing.close()
 

@@ -63,6 +63,7 @@ class DirectoryWatch:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._fd: int | None = None
+        self._warned = False
         self._waiters: list[asyncio.Future[None]] = []
         self.landed = 0  # files reported so far (for tests and logs)
 
@@ -77,17 +78,23 @@ class DirectoryWatch:
             return True
         fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
-            log.warning("inotify is not available (%s): polling", os.strerror(ctypes.get_errno()))
+            self._cannot("inotify is not available", ctypes.get_errno())
             return False
         mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
         if _libc.inotify_add_watch(fd, os.fsencode(self.directory), mask) < 0:
             error = ctypes.get_errno()
             os.close(fd)
-            log.warning("cannot watch %s (%s): polling", self.directory, os.strerror(error))
+            self._cannot(f"cannot watch {self.directory}", error)
             return False
         self._fd = fd
         asyncio.get_running_loop().add_reader(fd, self._on_readable)
         return True
+
+    def _cannot(self, what: str, error: int) -> None:
+        # Said once at WARNING; callers retry now and then.
+        level = logging.DEBUG if self._warned else logging.WARNING
+        log.log(level, "%s (%s): polling instead", what, os.strerror(error))
+        self._warned = True
 
     def changed(self) -> asyncio.Future[None]:
         """A future that resolves when the next file lands (take it before looking)."""

@@ -445,6 +445,17 @@ async def test_image_status_and_list_answer_from_encoded_images_and_follow_chang
         v1.ListImagesRequest(filter=v1.ImageFilter(image=v1.ImageSpec(image="example.org/b:2")))
     )
     assert [i.repo_tags for i in listed.images] == [retagged.repo_tags]
+    # removed, then back (pulled again under another name): same id, revision 0 again
+    await api.stores.images.delete(images[0].id)
+    back = images[0].model_copy(update={"repo_tags": ["example.org/again:3"]})
+    await api.stores.images.add(back)
+    status = await client.image_status(
+        v1.ImageStatusRequest(image=v1.ImageSpec(image="example.org/again:3"))
+    )
+    assert status.image is not None
+    assert status.image.repo_tags == ["example.org/again:3"]
+    listed = await client.list_images(v1.ListImagesRequest())
+    assert ["example.org/again:3"] in [i.repo_tags for i in listed.images]
 
 
 async def test_status_replies_from_kept_encodings_equal_encoding_them_whole(

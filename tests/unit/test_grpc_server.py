@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import struct
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class Calls:
         return {
             "/t.T/Echo": Handler(self.echo, uu, Req, Rep),
             "/t.T/Fail": Handler(self.fail, uu, Req, Rep),
+            "/t.T/Huge": Handler(self.huge, uu, Req, Rep),
             "/t.T/Slow": Handler(self.slow, uu, Req, Rep),
             "/t.T/Silent": Handler(self.silent, uu, Req, Rep),
             "/t.T/Events": Handler(self.events, us, Req, Rep),
@@ -56,6 +58,11 @@ class Calls:
     async def fail(self, stream: Any) -> None:
         await stream.recv_message()
         raise GRPCError(Status.NOT_FOUND, "nö such container: 100% gone\nreally")
+
+    async def huge(self, stream: Any) -> None:
+        """An error whose message, escaped, would not fit one frame."""
+        await stream.recv_message()
+        raise GRPCError(Status.NOT_FOUND, "é\n" * 10_000)
 
     async def slow(self, stream: Any) -> None:
         request = await stream.recv_message()
@@ -155,6 +162,21 @@ async def test_errors_carry_status_and_the_whole_message(served: Any) -> None:
         assert info.value.status is Status.INTERNAL
         # the connection still serves
         assert (await unary(channel, "Echo")(Req(container_id="ok"))).stdout == b"ok"
+
+
+async def test_an_error_message_too_long_for_a_frame_is_cut(served: Any) -> None:
+    calls, _, path = served
+    async with Channel(path=path) as channel:
+        other = await start_slow(channel, calls, "bystander")
+        with pytest.raises(GRPCError) as info:
+            await unary(channel, "Huge")(Req())
+        assert info.value.status is Status.NOT_FOUND
+        assert (info.value.message or "").startswith("é\né\n")
+        assert len((info.value.message or "").encode()) <= h2.GRPC_MESSAGE_LIMIT
+        # the connection, and the call running on it, live on
+        assert not other.done()
+        assert (await unary(channel, "Echo")(Req(container_id="ok"))).stdout == b"ok"
+        other.cancel()
 
 
 async def start_slow(channel: Channel, calls: Calls, name: str) -> asyncio.Future[Any]:
@@ -296,6 +318,33 @@ async def test_server_enforces_the_calls_deadline(served: Any) -> None:
         client.close()
 
 
+async def test_a_deadline_passing_before_the_handler_starts_is_answered(served: Any) -> None:
+    """The deadline fires in the loop turn that delivers the request: the handler's task
+    exists but has not run. The call still ends with DEADLINE_EXCEEDED."""
+    calls, _, path = served
+    client = await RawClient.connect(path)
+    try:
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/t.T/Slow"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("grpc-timeout", "20m"),
+        ]
+        block = client.encoder.encode(headers)
+        client.writer.write(h2.frame(h2.HEADERS, h2.END_HEADERS, 1, block))
+        await asyncio.sleep(0.005)  # the server has the headers and the deadline's timer
+        data = message(Req(container_id="never"))
+        client.writer.write(h2.frame(h2.DATA, h2.END_STREAM, 1, data))
+        time.sleep(0.05)  # noqa: ASYNC251 - the loop must be late: data and deadline together
+        trailers = await client.trailers(1)
+        assert trailers["grpc-status"] == str(Status.DEADLINE_EXCEEDED.value)
+        assert calls.cancelled == []  # the handler never ran
+    finally:
+        client.close()
+
+
 async def test_compressed_and_oversized_messages_are_refused_by_name(served: Any) -> None:
     _, _, path = served
     client = await RawClient.connect(path)
@@ -339,6 +388,21 @@ async def test_garbage_closes_only_its_own_connection(served: Any) -> None:
     worse.close()
     async with Channel(path=path) as channel:
         assert (await unary(channel, "Echo")(Req(container_id="still"))).stdout == b"still"
+
+
+async def test_a_client_that_does_not_read_stops_being_read(served: Any) -> None:
+    """PINGs from a client that never reads its PING ACKs: the server stops reading it
+    instead of piling up answers."""
+    _, server, path = served
+    client = await RawClient.connect(path)
+    try:
+        ping = h2.frame(h2.PING, 0, 0, b"12345678")
+        client.writer.write(ping * 300_000)  # 5 MiB of PINGs, 5 MiB of ACKs to send back
+        await asyncio.sleep(1.0)
+        (conn,) = server.connections
+        assert conn.buffered() < 2 * 1024 * 1024
+    finally:
+        client.writer.transport.abort()
 
 
 async def test_closing_the_server_cancels_running_calls(served: Any) -> None:
