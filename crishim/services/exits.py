@@ -2,8 +2,8 @@
 
 conmon writes ``<exits>/<id>`` with the exit code when a container's process ends (and an
 ``oom`` file in the bundle after an OOM kill). While containers run, one background watch
-reads the exit directory whenever inotify reports a file landing in it (and every few
-seconds regardless) and marks the exited ones; after a restart
+reads the exit directory whenever inotify reports a file landing in it (and every second
+regardless) and marks the exited ones; after a restart
 of crishim, :meth:`ExitTracker.refresh` reconciles every record with conmon's files and the
 runtime's view.
 """
