@@ -213,14 +213,12 @@ class Request:
     path: str
     content_type: str
     timeout: float | None
-    encoding: str | None
 
 
 def parse_request(headers: list[tuple[str, str]]) -> Request:
     """A request from its decoded header list; ValueError names what is malformed."""
     method = path = content_type = ""
     timeout: float | None = None
-    encoding: str | None = None
     for name, value in headers:
         if name == ":path":
             path = value
@@ -230,8 +228,6 @@ def parse_request(headers: list[tuple[str, str]]) -> Request:
             content_type = value
         elif name == "grpc-timeout":
             timeout = parse_timeout(value)
-        elif name == "grpc-encoding":
-            encoding = value
     if not path:
         raise ValueError("request without :path")
-    return Request(method, path, content_type, timeout, encoding)
+    return Request(method, path, content_type, timeout)

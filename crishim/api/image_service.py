@@ -81,7 +81,7 @@ class ImageServicer(v1.ImageServiceBase):
         await stream.send_message(PreEncoded(self._join(self._images.list(_query(request)))))
 
     def _join(self, items: list[Image]) -> bytes:
-        return join_pruned(self._encoded, items, self._images.count(), self._images.ids)
+        return join_pruned(self._encoded, items, self._images)
 
     async def pull_image(self, message: v1.PullImageRequest) -> v1.PullImageResponse:
         pulled = await self._images.pull(_image_name(message.image), credentials(message.auth))

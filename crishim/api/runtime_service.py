@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, Protocol, TypeVar
 
 from grpclib.const import Handler
@@ -46,10 +46,12 @@ R = TypeVar("R", bound=Record)
 T = TypeVar("T")
 
 
-class _Listing(Protocol):
+class Listing(Protocol):
+    """What the pruning of kept encodings asks of a service."""
+
     def count(self) -> int: ...
 
-    def ids(self) -> list[str]: ...
+    def ids(self) -> Iterable[str]: ...
 
 
 class RuntimeServicer(v1.RuntimeServiceBase):
@@ -79,7 +81,7 @@ class RuntimeServicer(v1.RuntimeServiceBase):
             _LIST_FIELD, lambda c: wire.encode(convert.container(c))
         )
         # Statuses are asked for over and over (kubelet, probes, critest) and change only
-        # with the record: each is encoded once per revision.
+        # with the record: each record is encoded once.
         self._encoded_pod_status: EncodedItems[Sandbox] = EncodedItems(
             _STATUS_FIELD, lambda s: wire.encode(convert.pod_sandbox_status(s))
         )
@@ -400,8 +402,8 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         members = convert.newest_first(
             self._containers.matching(ContainerFilter(sandbox_id=sandbox.id))
         )
-        data = _join(self._encoded_pod_status, [sandbox], self._sandboxes)
-        data += _join(self._encoded_member_status, members, self._containers)
+        data = join_pruned(self._encoded_pod_status, [sandbox], self._sandboxes)
+        data += join_pruned(self._encoded_member_status, members, self._containers)
         data += _TIMESTAMP_KEY + wire.varint(timestamp)
         await stream.send_message(PreEncoded(data))
 
@@ -411,21 +413,21 @@ class RuntimeServicer(v1.RuntimeServiceBase):
             await stream.send_message(await self.container_status(request))
             return
         container = self._containers.get(request.container_id)
-        data = _join(self._encoded_status, [container], self._containers)
+        data = join_pruned(self._encoded_status, [container], self._containers)
         await stream.send_message(PreEncoded(data))
 
     async def _list_pod_sandbox_encoded(self, stream: Any) -> None:
         request: v1.ListPodSandboxRequest = await stream.recv_message()
         items = self._sandboxes.matching(convert.sandbox_filter(request.filter))
         await stream.send_message(
-            PreEncoded(_join(self._encoded_sandboxes, items, self._sandboxes))
+            PreEncoded(join_pruned(self._encoded_sandboxes, items, self._sandboxes))
         )
 
     async def _list_containers_encoded(self, stream: Any) -> None:
         request: v1.ListContainersRequest = await stream.recv_message()
         items = self._containers.matching(convert.container_filter(request.filter))
         await stream.send_message(
-            PreEncoded(_join(self._encoded_containers, items, self._containers))
+            PreEncoded(join_pruned(self._encoded_containers, items, self._containers))
         )
 
 
@@ -437,16 +439,10 @@ def _chunks(items: list[T]) -> list[list[T]]:
     return [items[i : i + STREAM_CHUNK] for i in range(0, len(items), STREAM_CHUNK)]
 
 
-def _join(cache: EncodedItems[R], items: list[R], source: _Listing) -> bytes:
-    return join_pruned(cache, items, source.count(), source.ids)
-
-
-def join_pruned(
-    cache: EncodedItems[R], items: list[R], live: int, ids: Callable[[], Iterable[str]]
-) -> bytes:
-    """The encoded reply for ``items``, pruning the cache once it holds many more ids than
-    the ``live`` objects (whose ids ``ids`` lists)."""
+def join_pruned(cache: EncodedItems[R], items: list[R], source: Listing) -> bytes:
+    """The encoded reply for ``items``, pruning the cache once it holds many more objects
+    than ``source`` has."""
     data = cache.join(items)
-    if len(cache) > live + _PRUNE_SLACK:
-        cache.prune(ids())
+    if len(cache) > source.count() + _PRUNE_SLACK:
+        cache.prune(source.ids())
     return data

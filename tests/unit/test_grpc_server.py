@@ -345,6 +345,24 @@ async def test_a_deadline_passing_before_the_handler_starts_is_answered(served: 
         client.close()
 
 
+async def test_malformed_requests_are_refused_by_name(served: Any) -> None:
+    _, _, path = served
+    client = await RawClient.connect(path)
+    try:
+        client.request(1, "Echo", message(Req()), [("grpc-timeout", "123456789S")])
+        trailers = await client.trailers(1)
+        assert (trailers[":status"], trailers["grpc-status"]) == ("400", "13")
+        assert "grpc-timeout" in trailers["grpc-message"]
+        headers = [(":method", "POST"), (":path", "/t.T/Echo"), ("content-type", "text/plain")]
+        block = client.encoder.encode(headers)
+        client.writer.write(h2.frame(h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 3, block))
+        trailers = await client.trailers(3)
+        assert trailers[":status"] == "415"
+        assert "text/plain" in trailers["grpc-message"]
+    finally:
+        client.close()
+
+
 async def test_compressed_and_oversized_messages_are_refused_by_name(served: Any) -> None:
     _, _, path = served
     client = await RawClient.connect(path)
