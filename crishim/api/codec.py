@@ -35,3 +35,6 @@ class CriCodec(ProtoCodec):
                 f"reply must be a {message_type.__name__}, not {type(message).__name__}"
             )
         return wire.encode(message)
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return wire.decode(data, message_type)

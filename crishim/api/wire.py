@@ -1,4 +1,4 @@
-"""Protobuf encoding of the generated messages, fast and byte-identical to betterproto2's.
+"""Protobuf encoding and decoding of the generated messages, fast and equal to betterproto2's.
 
 betterproto2 encodes field by field in pure Python with heavy per-field costs (a warnings
 filter around each default, a BytesIO per varint): a ContainerStatus reply took about a
@@ -9,6 +9,13 @@ numbers packed, map entries with key and value always written, unknown fields la
 
 Classes this plan cannot express (wrapped well-known types, pydantic dataclasses) are
 encoded by betterproto2 itself.
+
+:func:`decode` is the same idea the other way: betterproto2 parses a 50-byte ImageStatus
+request in about 30 µs (a BytesIO, a generator and a frozen dataclass per field); a plan
+compiled per class, keyed by each field's tag, reads it in a few. Only well-formed input
+takes the fast path: anything it does not expect (a field under a wire type other than its
+own, a truncated value, a group, a varint longer than ten bytes) is handed to betterproto2,
+so the result, or the error, is always betterproto2's.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import betterproto2
 from pydantic.dataclasses import is_pydantic_dataclass
@@ -25,6 +32,7 @@ Parts = list[bytes]
 Writer = Callable[[Any, Parts], None]
 # (attribute, its default, how to write a non-default value)
 Plan = tuple[tuple[str, Any, Writer], ...]
+M = TypeVar("M", bound=betterproto2.Message)
 
 _WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_FIXED32 = 0, 1, 2, 5
 _VARINT_TYPES = frozenset(
@@ -199,3 +207,253 @@ def encode(message: betterproto2.Message) -> bytes:
     if unknown:
         parts.append(unknown)
     return b"".join(parts)
+
+
+# -- decoding --
+
+# What a decoded value does to its field.
+_SET, _APPEND, _EXTEND, _MAP_ENTRY = range(4)
+Reader = Callable[[bytes, int], tuple[Any, int]]
+# tag (number << 3 | wire type) -> (attribute, reader, what to do); the field numbers
+DecodePlan = tuple[dict[int, tuple[str, Reader, int]], frozenset[int]]
+_DECODE_PLANS: dict[type, DecodePlan | None] = {}
+_PACKABLE = frozenset(betterproto2.PACKED_TYPES)
+_M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
+
+
+class _Unexpected(Exception):
+    """Input that the fast path leaves to betterproto2."""
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it (at most ten bytes, as betterproto2)."""
+    result = 0
+    shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise _Unexpected("varint longer than ten bytes")
+
+
+def _signed32(value: int) -> int:
+    value &= _M32
+    return value - (1 << 32) if value >> 31 else value
+
+
+def _signed64(value: int) -> int:
+    value &= _M64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _unzigzag(bits: int) -> Callable[[int], int]:
+    mask = (1 << bits) - 1
+
+    def convert(value: int) -> int:
+        value &= mask
+        return (value >> 1) ^ -(value & 1)
+
+    return convert
+
+
+def _varint_converter(proto_type: str, field_cls: Any) -> Callable[[int], Any]:
+    """How a field's varint becomes its value, as betterproto2 turns it."""
+    if proto_type == betterproto2.TYPE_INT32:
+        return _signed32
+    if proto_type == betterproto2.TYPE_INT64:
+        return _signed64
+    if proto_type == betterproto2.TYPE_ENUM:
+        return lambda value: field_cls(_signed64(value))
+    if proto_type == betterproto2.TYPE_UINT32:
+        return lambda value: value & _M32
+    if proto_type == betterproto2.TYPE_UINT64:
+        return lambda value: value & _M64
+    if proto_type == betterproto2.TYPE_SINT32:
+        return _unzigzag(32)
+    if proto_type == betterproto2.TYPE_SINT64:
+        return _unzigzag(64)
+    if proto_type == betterproto2.TYPE_BOOL:
+        return lambda value: value > 0
+    raise NotImplementedError(proto_type)
+
+
+def _delimited(data: bytes, pos: int) -> tuple[bytes, int]:
+    length = data[pos]
+    if length < 0x80:
+        pos += 1
+    else:
+        length, pos = _read_varint(data, pos)
+    end = pos + length
+    if end > len(data):
+        raise _Unexpected("value runs past the message")
+    return data[pos:end], end
+
+
+def _value_reader(proto_type: str, field_cls: Any) -> Reader:
+    """A reader of one value of the field's own wire type."""
+    if proto_type in _VARINT_TYPES or proto_type in _ZIGZAG_TYPES:
+        convert = _varint_converter(proto_type, field_cls)
+
+        def read_varint(data: bytes, pos: int) -> tuple[Any, int]:
+            value, pos = _read_varint(data, pos)
+            return convert(value), pos
+
+        return read_varint
+    if proto_type in _FIXED_FORMATS:
+        fixed = struct.Struct(_FIXED_FORMATS[proto_type][0])
+        size = fixed.size
+
+        def read_fixed(data: bytes, pos: int) -> tuple[Any, int]:
+            return fixed.unpack_from(data, pos)[0], pos + size
+
+        return read_fixed
+    if proto_type == betterproto2.TYPE_STRING:
+
+        def read_string(data: bytes, pos: int) -> tuple[Any, int]:
+            raw, pos = _delimited(data, pos)
+            return raw.decode("utf-8"), pos
+
+        return read_string
+    if proto_type == betterproto2.TYPE_BYTES:
+        return _delimited
+    if proto_type == betterproto2.TYPE_MESSAGE:
+
+        def read_message(data: bytes, pos: int) -> tuple[Any, int]:
+            raw, pos = _delimited(data, pos)
+            return decode(raw, field_cls), pos
+
+        return read_message
+    raise NotImplementedError(proto_type)
+
+
+def _packed_reader(proto_type: str, field_cls: Any) -> Reader:
+    """A reader of a packed run of numbers."""
+    if proto_type in _FIXED_FORMATS:
+        fixed = struct.Struct(_FIXED_FORMATS[proto_type][0])
+
+        def read_fixed_run(data: bytes, pos: int) -> tuple[Any, int]:
+            raw, pos = _delimited(data, pos)
+            return [item for (item,) in fixed.iter_unpack(raw)], pos
+
+        return read_fixed_run
+    convert = _varint_converter(proto_type, field_cls)
+
+    def read_varint_run(data: bytes, pos: int) -> tuple[Any, int]:
+        raw, pos = _delimited(data, pos)
+        values = []
+        at = 0
+        while at < len(raw):
+            value, at = _read_varint(raw, at)
+            values.append(convert(value))
+        return values, pos
+
+    return read_varint_run
+
+
+def _entry_reader(entry_cls: type) -> Reader:
+    """A reader of one map entry, as (key, value)."""
+
+    def read_entry(data: bytes, pos: int) -> tuple[Any, int]:
+        raw, pos = _delimited(data, pos)
+        entry: Any = decode(raw, entry_cls)
+        return (entry.key, entry.value), pos
+
+    return read_entry
+
+
+def _compile_decoder(cls: type) -> DecodePlan | None:
+    """The decoding plan of a message class, or None where betterproto2 must parse it."""
+    if is_pydantic_dataclass(cls):
+        return None
+    classes = cls._betterproto.cls_by_field  # type: ignore[attr-defined]
+    by_tag: dict[int, tuple[str, Reader, int]] = {}
+    numbers = set()
+    for field in dataclasses.fields(cls):
+        meta = betterproto2.FieldMetadata.get(field)
+        if meta.unwrap is not None:
+            return None
+        name, number, proto_type = field.name, meta.number, meta.proto_type
+        numbers.add(number)
+        if meta.map_meta is not None:
+            by_tag[number << 3 | _WIRE_LEN] = (name, _entry_reader(classes[name]), _MAP_ENTRY)
+            continue
+        try:
+            read = _value_reader(proto_type, classes.get(name))
+        except NotImplementedError:
+            return None
+        tag = number << 3 | _wire_type(proto_type)
+        if not meta.repeated:
+            by_tag[tag] = (name, read, _SET)
+            continue
+        by_tag[tag] = (name, read, _APPEND)
+        if proto_type in _PACKABLE:
+            by_tag[number << 3 | _WIRE_LEN] = (
+                name,
+                _packed_reader(proto_type, classes.get(name)),
+                _EXTEND,
+            )
+    return by_tag, frozenset(numbers)
+
+
+def _skip(data: bytes, pos: int, wire: int) -> int:
+    """The position after an unknown field's value."""
+    if wire == _WIRE_VARINT:
+        return _read_varint(data, pos)[1]
+    if wire == _WIRE_LEN:
+        return _delimited(data, pos)[1]
+    size = {_WIRE_FIXED64: 8, _WIRE_FIXED32: 4}.get(wire)
+    if size is None or pos + size > len(data):
+        raise _Unexpected(f"wire type {wire}")
+    return pos + size
+
+
+def _decode(data: bytes, cls: type, plan: DecodePlan) -> Any:
+    by_tag, numbers = plan
+    message = cls()
+    pos = 0
+    end = len(data)
+    while pos < end:
+        start = pos
+        tag = data[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _read_varint(data, pos)
+        try:
+            name, read, action = by_tag[tag]
+        except KeyError:
+            if tag >> 3 in numbers:
+                raise _Unexpected(f"field {tag >> 3} under wire type {tag & 7}") from None
+            pos = _skip(data, pos, tag & 7)
+            message._unknown_fields += data[start:pos]
+            continue
+        value, pos = read(data, pos)
+        if action == _SET:
+            setattr(message, name, value)
+        elif action == _APPEND:
+            getattr(message, name).append(value)
+        elif action == _EXTEND:
+            getattr(message, name).extend(value)
+        else:
+            key, item = value
+            getattr(message, name)[key] = item
+    return message
+
+
+def decode(data: bytes, cls: type[M]) -> M:
+    """The message in ``data``, equal to ``cls.parse(data)`` (which decides odd input)."""
+    try:
+        plan = _DECODE_PLANS[cls]
+    except KeyError:
+        plan = _DECODE_PLANS[cls] = _compile_decoder(cls)
+    if plan is None:
+        return cls.parse(data)
+    try:
+        return _decode(data, cls, plan)  # type: ignore[no-any-return]
+    except Exception:
+        # betterproto2 says what odd input means, or raises its own error
+        return cls.parse(data)
