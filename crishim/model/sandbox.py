@@ -52,7 +52,9 @@ class Sandbox(Record):
     ipcns: str = Field(default="", description="pinned IPC namespace ('' = host)")
     utsns: str = Field(default="", description="pinned UTS namespace ('' = host)")
     userns: str = Field(default="", description="pinned user namespace ('' = the node's)")
-    infra_pid: int = Field(default=0, description="pid of the process holding a shared PID ns")
+    infra_pid: int = Field(
+        default=0, description="pid of the process holding a shared PID ns; 0 once stopped"
+    )
     ips: list[str] = Field(default_factory=list, description="pod IPs, primary first")
     network_ready: bool = Field(default=False, description="CNI ADD done and not yet torn down")
     network: str = Field(default="", description="the CNI network the pod joined")

@@ -5,7 +5,8 @@ A sandbox is a set of pinned namespaces (network, IPC, UTS, and user for a pod w
 its network (CNI), a /dev/shm, and the files containers mount: hostname, hosts and
 resolv.conf. No infra container exists unless the pod shares one PID namespace; then a
 catatonit process holds it. Every step of RunPodSandbox registers its undo, so a failure
-leaves nothing behind.
+leaves nothing behind. The network and the infra process need only the namespaces, so they
+are set up (and, at stop, torn down) at the same time.
 
 Contracts kept for recovery: the record is written only once the sandbox is ready; a
 record whose namespaces are gone (after a reboot) is reported not ready.
@@ -44,7 +45,7 @@ from crishim.services.events import EventBus
 from crishim.store import ObjectStore
 from crishim.util.disk import disk_full_as
 from crishim.util.fs import remove_tree
-from crishim.util.tasks import join_shared
+from crishim.util.tasks import join_shared, run_all
 
 log = logging.getLogger(__name__)
 
@@ -255,15 +256,7 @@ class SandboxService:
             undo.push_async_callback(remove_pod_namespaces, namespaces)
             await self._make_shm(paths, host_ipc, userns)
             undo.push_async_callback(unmount, paths.shm)
-            ips: list[str] = []
-            attachment: Attachment | None = None
-            if not host_network and namespaces.network:
-                attachment = await self._network_up(sandbox_id, namespaces.network, config)
-                ips = [ip.address.split("/")[0] for ip in attachment.result.ips]
-                undo.push_async_callback(self._network_down, sandbox_id, namespaces.network)
-            with disk_full_as("writing hostname, hosts and resolv.conf in", paths.base):
-                self._write_files(paths, config, hostname, ips, host_network)
-            sandbox = Sandbox(
+            record = Sandbox(
                 id=sandbox_id,
                 metadata=PodMetadata(
                     name=config.metadata.name,
@@ -287,19 +280,28 @@ class SandboxService:
                 ipcns=namespaces.ipc or "",
                 utsns=namespaces.uts or "",
                 userns=namespaces.user or "",
-                ips=ips,
-                network_ready=attachment is not None,
-                network=attachment.network if attachment else "",
-                network_config=attachment.source if attachment else "",
                 config=config.model_dump(mode="json"),
             )
-            if shared_pid:
-                if self.start_infra is None:
-                    raise FailedPrecondition("pods sharing a PID namespace are not supported here")
-                infra_pid = await self.start_infra(sandbox, config)
-                if self.stop_infra is not None:
-                    undo.push_async_callback(self.stop_infra, sandbox)
-                sandbox = sandbox.model_copy(update={"infra_pid": infra_pid})
+            # The network and the infra process need only the namespaces: they start at
+            # once. Each registers its undo the moment it has succeeded.
+            attachment: Attachment | None
+            infra_pid: int
+            attachment, infra_pid = await run_all(
+                self._attach(undo, sandbox_id, namespaces.network, config),
+                self._start_infra(undo, record, config),
+            )
+            ips = [ip.address.split("/")[0] for ip in attachment.result.ips] if attachment else []
+            with disk_full_as("writing hostname, hosts and resolv.conf in", paths.base):
+                self._write_files(paths, config, hostname, ips, host_network)
+            sandbox = record.model_copy(
+                update={
+                    "ips": ips,
+                    "network_ready": attachment is not None,
+                    "network": attachment.network if attachment else "",
+                    "network_config": attachment.source if attachment else "",
+                    "infra_pid": infra_pid,
+                }
+            )
             await self._store.add(sandbox)
             undo.pop_all()
         self._events.publish(sandbox.id, sandbox.id, EventType.CREATED)
@@ -312,6 +314,34 @@ class SandboxService:
             f"ips {', '.join(ips)} on network {sandbox.network}" if ips else "host network",
         )
         return sandbox
+
+    async def _attach(
+        self,
+        undo: contextlib.AsyncExitStack,
+        sandbox_id: str,
+        netns: str | None,
+        config: SandboxConfig,
+    ) -> Attachment | None:
+        """The pod's network (none for a host-network pod), its undo registered."""
+        if netns is None:
+            return None
+        attachment = await self._network_up(sandbox_id, netns, config)
+        undo.push_async_callback(self._network_down, sandbox_id, netns)
+        return attachment
+
+    async def _start_infra(
+        self, undo: contextlib.AsyncExitStack, sandbox: Sandbox, config: SandboxConfig
+    ) -> int:
+        """The pid of the pod's infra process (0: the pod shares no PID namespace), its
+        undo registered."""
+        if not sandbox.shared_pid:
+            return 0
+        if self.start_infra is None:
+            raise FailedPrecondition("pods sharing a PID namespace are not supported here")
+        infra_pid = await self.start_infra(sandbox, config)
+        if self.stop_infra is not None:
+            undo.push_async_callback(self.stop_infra, sandbox)
+        return infra_pid
 
     async def _make_shm(
         self, paths: SandboxPaths, host_ipc: bool, userns: UserNamespace | None
@@ -411,16 +441,20 @@ class SandboxService:
             if self.reap_containers is not None:
                 await self.reap_containers(sandbox.id, False)
             sandbox = self._store.get(sandbox.id)
+            # The infra process and the network are independent: both go at once. Once
+            # both are gone the record says so, and a second stop (remove's) skips them.
+            teardown = []
             if sandbox.infra_pid and self.stop_infra is not None:
-                await self.stop_infra(sandbox)
+                teardown.append(self.stop_infra(sandbox))
             if sandbox.network_ready:
-                await self._network_down(sandbox.id, sandbox.netns or None)
+                teardown.append(self._network_down(sandbox.id, sandbox.netns or None))
+            await run_all(*teardown)
             await unmount(self.paths(sandbox.id).shm)
             was_ready = sandbox.state is SandboxState.READY
             await self._store.update(
                 sandbox.id,
                 lambda s: s.model_copy(
-                    update={"state": SandboxState.NOTREADY, "network_ready": False}
+                    update={"state": SandboxState.NOTREADY, "network_ready": False, "infra_pid": 0}
                 ),
             )
         if was_ready:

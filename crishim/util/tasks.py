@@ -9,16 +9,19 @@ crishim, and both go through here:
 - Shared work that a caller may abandon (a create kept running for kubelet's retry, a
   pull several callers wait on): :func:`join_shared` awaits it shielded; when the caller
   is cancelled, the task goes on and its outcome is logged instead of lost.
+
+And one kind of task that never outlives its caller: independent steps of one call run at
+once by :func:`run_all`, which does not return before every one of them has ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["BackgroundTasks", "join_shared"]
+__all__ = ["BackgroundTasks", "join_shared", "run_all"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,35 @@ async def join_shared(task: asyncio.Task[T], what: str) -> T:
     except asyncio.CancelledError:
         task.add_done_callback(_report(f"{what} (its caller had gone)"))
         raise
+
+
+async def run_all(*steps: Awaitable[Any]) -> list[Any]:
+    """Run independent ``steps`` at once; their results, in order, once all succeeded.
+
+    A failing step does not stop the others: each runs to its end (so a step that succeeds
+    has done, and registered the undo of, all of its work), then the first failure in
+    ``steps`` order is raised. When the caller is cancelled, the steps are cancelled and
+    awaited before the cancellation goes on.
+    """
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    if not tasks:
+        return []
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    failure: BaseException | None = None
+    for task in tasks:
+        # every exception is retrieved, so none is reported as "never retrieved"
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if exc is not None and failure is None:
+            failure = exc
+    if failure is not None:
+        raise failure
+    return [task.result() for task in tasks]
 
 
 class BackgroundTasks:

@@ -374,15 +374,17 @@ async def test_a_start_on_a_full_disk_is_resource_exhausted_and_leaves_nothing(
 
 @dataclass
 class Binaries:
-    """crishim with runtime handlers "ghost" (no binary) and "bad" (a script that fails),
-    conmon at ``conmon`` (a link to the real one that tests replace), and CNI plugins
-    searched in ``bin_dir`` first."""
+    """crishim with runtime handlers "ghost" (no binary), "bad" (a script that fails) and
+    "counted" (runc, each call's arguments written to ``runtime_calls``), conmon at
+    ``conmon`` (a link to the real one that tests replace), and CNI plugins searched in
+    ``bin_dir`` first."""
 
     rig: PodRig
     bin_dir: Path
     conmon: Path
     ghost: Path
     bad_runtime: Path
+    runtime_calls: Path
 
     def restore_conmon(self) -> None:
         self.conmon.unlink(missing_ok=True)
@@ -412,14 +414,17 @@ async def binaries_fixture(
         bin_dir / "bad-runtime", 'echo "bad-runtime: broken on purpose" >&2\nexit 1\n'
     )
     ghost = base / "not-installed" / "runc"
+    runtime_calls = base / "counted.calls"
+    counted = script(bin_dir / "counted", f'echo "$@" >> {runtime_calls}\nexec runc "$@"\n')
     config = (
         f'conmon = "{bin_dir}/conmon"\n'
         f'[runtimes.ghost]\npath = "{ghost}"\n'
         f'[runtimes.bad]\npath = "{bad_runtime}"\n'
+        f'[runtimes.counted]\npath = "{counted}"\n'
         f'[cni]\nbin_dirs = ["{bin_dir}", "{CNI_BIN}"]\n'
     )
     rig = await start_rig(base / "crishim", config, busybox_pushed.ref)
-    binaries = Binaries(rig, bin_dir, bin_dir / "conmon", ghost, bad_runtime)
+    binaries = Binaries(rig, bin_dir, bin_dir / "conmon", ghost, bad_runtime, runtime_calls)
     binaries.restore_conmon()
     try:
         await pull(rig)
@@ -562,4 +567,94 @@ async def test_a_failing_cni_plugin_fails_run_pod_sandbox_with_its_error(
     )
     print(f"failing CNI plugin: {error.status.name} {error.message}")
     # The failed ADD was rolled back: the plugin got its DEL.
+    assert calls.read_text().split() == ["ADD", "DEL"]
+
+
+# ---- a pod sharing one PID namespace: its infra process and its network start at once ----
+
+SHARED_PID = v1.NamespaceMode.POD
+
+
+def recording_plugin(path: Path, calls: Path) -> None:
+    """A CNI plugin that succeeds with an empty result and writes each command to ``calls``
+    (a new file)."""
+    calls.unlink(missing_ok=True)
+    script(
+        path,
+        f'echo "$CNI_COMMAND" >> {calls}\ncat >/dev/null\n'
+        'if [ "$CNI_COMMAND" = ADD ]; then echo \'{"cniVersion": "1.0.0"}\'; fi\n',
+    )
+
+
+async def test_a_shared_pid_pod_whose_network_fails_has_its_infra_process_undone(
+    faulty: Binaries,
+) -> None:
+    calls = faulty.bin_dir / "ft-slow-fail.calls"
+    runc_root = faulty.rig.proc.state / "runtimes" / "runc"
+    # ADD waits until the infra process, started alongside it, is known to runc; then fails.
+    script(
+        faulty.bin_dir / "ft-slow-fail",
+        f'echo "$CNI_COMMAND" >> {calls}\ncat >/dev/null\n'
+        'if [ "$CNI_COMMAND" = ADD ]; then\n'
+        "  for i in $(seq 200); do\n"
+        f'    if [ -e "{runc_root}/$CNI_CONTAINERID/state.json" ]; then\n'
+        f"      echo infra-created >> {calls}; break\n"
+        "    fi\n"
+        "    sleep 0.05\n"
+        "  done\n"
+        '  echo \'{"cniVersion": "1.0.0", "code": 11, "msg": "no addresses left"}\'\n'
+        "  exit 1\n"
+        "fi\n",
+    )
+    faulty.write_conflist("ft-slow-fail")
+    error = await run_pod_error(faulty.rig, "slow-fail", pid=SHARED_PID)
+    assert error.status is Status.UNAVAILABLE
+    assert error.message == (
+        f"CNI plugin ft-slow-fail (ADD) of network {NETWORK} failed: no addresses left"
+    )
+    assert calls.read_text().split() == ["ADD", "infra-created", "DEL"]
+    # The infra process, its conmon and runc's state are gone (the fixture's check).
+
+
+async def test_a_shared_pid_pod_whose_infra_process_fails_has_its_network_undone(
+    faulty: Binaries,
+) -> None:
+    calls = faulty.bin_dir / "ft-record.calls"
+    recording_plugin(faulty.bin_dir / "ft-record", calls)
+    faulty.write_conflist("ft-record")
+    faulty.conmon.unlink()
+    script(faulty.conmon, 'echo "conmon: broken on purpose" >&2\nexit 1\n')
+    error = await run_pod_error(faulty.rig, "bad-infra", pid=SHARED_PID)
+    assert error.status is Status.INTERNAL
+    assert (error.message or "").endswith(" exited with status 1: conmon: broken on purpose")
+    # The ADD that ran alongside was finished, then undone.
+    assert calls.read_text().split() == ["ADD", "DEL"]
+
+
+def command(runtime_call: str) -> str:
+    """A runtime call without crishim's global options (``--root R --log-format json``)."""
+    return runtime_call.split(" --log-format json ", 1)[1]
+
+
+async def test_a_stopped_shared_pid_pod_is_removed_without_the_runtime(faulty: Binaries) -> None:
+    rig = faulty.rig
+    calls = faulty.bin_dir / "ft-record.calls"
+    recording_plugin(faulty.bin_dir / "ft-record", calls)
+    faulty.write_conflist("ft-record")
+    config = rig.sandbox_config("counted", pid=SHARED_PID)
+    reply = await rig.runtime.run_pod_sandbox(
+        v1.RunPodSandboxRequest(config=config, runtime_handler="counted")
+    )
+    pod = reply.pod_sandbox_id
+    assert calls.read_text().split() == ["ADD"]
+    started = faulty.runtime_calls.read_text().splitlines()
+    assert [command(line) for line in started if " start " in line] == [f"start {pod}"]
+    await rig.runtime.stop_pod_sandbox(v1.StopPodSandboxRequest(pod_sandbox_id=pod))
+    # The infra process is killed and deleted, and the network torn down, once.
+    stopped = faulty.runtime_calls.read_text().splitlines()[len(started) :]
+    assert [command(line) for line in stopped] == [f"kill {pod} 9", f"delete --force {pod}"]
+    assert calls.read_text().split() == ["ADD", "DEL"]
+    await rig.runtime.stop_pod_sandbox(v1.StopPodSandboxRequest(pod_sandbox_id=pod))
+    await rig.runtime.remove_pod_sandbox(v1.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    assert faulty.runtime_calls.read_text().splitlines()[len(started) :] == stopped
     assert calls.read_text().split() == ["ADD", "DEL"]

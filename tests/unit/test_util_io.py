@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ import uvloop
 
 from crishim.util.fdio import read_chunk, read_line, write_all
 from crishim.util.fs import remove_tree
-from crishim.util.tasks import BackgroundTasks, join_shared
+from crishim.util.tasks import BackgroundTasks, join_shared, run_all
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -227,6 +228,73 @@ def test_shared_work_hands_its_result_to_the_caller(
         return await join_shared(asyncio.create_task(answer()), "answer")
 
     assert run(loop_factory, main()) == 7
+
+
+def test_steps_run_at_once_and_give_their_results_in_order(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    async def main() -> None:
+        async def step(value: str, delay: float) -> str:
+            await asyncio.sleep(delay)
+            return value
+
+        start = asyncio.get_running_loop().time()
+        results = await run_all(step("slow", 0.2), step("quick", 0.0), step("mid", 0.2))
+        took = asyncio.get_running_loop().time() - start
+        assert results == ["slow", "quick", "mid"]
+        assert took < 0.35  # at once: not 0.4 s one after the other
+        assert await run_all() == []
+
+    run(loop_factory, main())
+
+
+def test_a_failing_step_lets_the_others_finish_then_the_first_failure_is_raised(
+    loop_factory: type[asyncio.AbstractEventLoop], caplog: pytest.LogCaptureFixture
+) -> None:
+    finished: list[str] = []
+
+    async def main() -> None:
+        async def fail(message: str, delay: float) -> None:
+            await asyncio.sleep(delay)
+            finished.append(message)
+            raise OSError(message)
+
+        async def succeed() -> None:
+            await asyncio.sleep(0.1)
+            finished.append("undo registered")
+
+        with pytest.raises(OSError, match="network"):
+            await run_all(fail("network", 0.05), succeed(), fail("later", 0.0))
+
+    with caplog.at_level(logging.ERROR):
+        run(loop_factory, main())
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+    assert sorted(finished) == ["later", "network", "undo registered"]
+    assert "never retrieved" not in caplog.text
+
+
+def test_a_cancelled_caller_cancels_the_steps_and_waits_for_them(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    cleaned: list[str] = []
+
+    async def main() -> None:
+        async def step(name: str) -> None:
+            try:
+                await asyncio.sleep(10)
+            finally:
+                await asyncio.sleep(0.05)  # its own cleanup takes a moment
+                cleaned.append(name)
+
+        caller = asyncio.create_task(run_all(step("network"), step("infra")))
+        await asyncio.sleep(0.01)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        # Both had cleaned up before the cancellation reached the caller's caller.
+        assert sorted(cleaned) == ["infra", "network"]
+
+    run(loop_factory, main())
 
 
 # ---- remove_tree ---------------------------------------------------------------------------
