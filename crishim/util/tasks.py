@@ -17,6 +17,7 @@ once by :func:`run_all`, which does not return before every one of them has ende
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -54,8 +55,9 @@ async def run_all(*steps: Awaitable[Any]) -> list[Any]:
 
     A failing step does not stop the others: each runs to its end (so a step that succeeds
     has done, and registered the undo of, all of its work), then the first failure in
-    ``steps`` order is raised. When the caller is cancelled, the steps are cancelled and
-    awaited before the cancellation goes on.
+    ``steps`` order is raised and any other is logged. When the caller is cancelled, the
+    steps are cancelled once and awaited to their end (a step's own cleanup is never cut
+    short by a second cancellation) before the cancellation goes on.
     """
     tasks = [asyncio.ensure_future(step) for step in steps]
     if not tasks:
@@ -64,18 +66,37 @@ async def run_all(*steps: Awaitable[Any]) -> list[Any]:
         await asyncio.wait(tasks)
     except asyncio.CancelledError:
         for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            if not task.done() and not task.cancelling():
+                task.cancel()
+        await _wait_out(tasks)
+        _failures(tasks)  # retrieved: the cancellation is what the caller sees
         raise
-    failure: BaseException | None = None
-    for task in tasks:
-        # every exception is retrieved, so none is reported as "never retrieved"
-        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
-        if exc is not None and failure is None:
-            failure = exc
-    if failure is not None:
-        raise failure
+    failures = _failures(tasks)
+    if failures:
+        for other in failures[1:]:
+            log.warning("a step run alongside also failed: %s", other, exc_info=other)
+        raise failures[0]
     return [task.result() for task in tasks]
+
+
+async def _wait_out(tasks: list[asyncio.Task[Any]]) -> None:
+    """Wait until every task has ended, whatever cancels the waiting meanwhile."""
+    pending = [task for task in tasks if not task.done()]
+    while pending:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait(pending)
+        pending = [task for task in pending if not task.done()]
+
+
+def _failures(tasks: list[asyncio.Task[Any]]) -> list[BaseException]:
+    """The ended tasks' exceptions, in order (each retrieved, so none is reported as
+    "never retrieved")."""
+    failures = []
+    for task in tasks:
+        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if exc is not None:
+            failures.append(exc)
+    return failures
 
 
 class BackgroundTasks:

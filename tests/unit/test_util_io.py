@@ -266,11 +266,13 @@ def test_a_failing_step_lets_the_others_finish_then_the_first_failure_is_raised(
         with pytest.raises(OSError, match="network"):
             await run_all(fail("network", 0.05), succeed(), fail("later", 0.0))
 
-    with caplog.at_level(logging.ERROR):
+    with caplog.at_level(logging.WARNING):
         run(loop_factory, main())
         gc.collect()  # an unretrieved exception is reported when its task is collected
     assert sorted(finished) == ["later", "network", "undo registered"]
     assert "never retrieved" not in caplog.text
+    # the failure not raised is not lost
+    assert "a step run alongside also failed: later" in caplog.text
 
 
 def test_a_cancelled_caller_cancels_the_steps_and_waits_for_them(
@@ -292,6 +294,35 @@ def test_a_cancelled_caller_cancels_the_steps_and_waits_for_them(
         with pytest.raises(asyncio.CancelledError):
             await caller
         # Both had cleaned up before the cancellation reached the caller's caller.
+        assert sorted(cleaned) == ["infra", "network"]
+
+    run(loop_factory, main())
+
+
+def test_a_second_cancellation_does_not_cut_the_steps_cleanup_short(
+    loop_factory: type[asyncio.AbstractEventLoop],
+) -> None:
+    cleaned: list[str] = []
+
+    async def main() -> None:
+        async def step(name: str) -> None:
+            try:
+                await asyncio.sleep(10)
+            finally:
+                await asyncio.sleep(0.05)
+                cleaned.append(name)
+
+        caller = asyncio.create_task(run_all(step("network"), step("infra")))
+        await asyncio.sleep(0.01)
+        # As at shutdown: every task is cancelled, the steps along with the caller ...
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
+        await asyncio.sleep(0.01)
+        # ... and the caller once more while it waits for their cleanup.
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
         assert sorted(cleaned) == ["infra", "network"]
 
     run(loop_factory, main())
