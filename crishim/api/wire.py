@@ -15,7 +15,9 @@ request in about 30 µs (a BytesIO, a generator and a frozen dataclass per field
 compiled per class, keyed by each field's tag, reads it in a few. Only well-formed input
 takes the fast path: anything it does not expect (a field under a wire type other than its
 own, a truncated value, a group, a varint longer than ten bytes) is handed to betterproto2,
-so the result, or the error, is always betterproto2's.
+so the result, or the error, is betterproto2's. Except past ``FALLBACK_LIMIT``: there odd
+input is refused with a ValueError, since betterproto2 keeps unknown fields in time
+quadratic in their number (a 16 MiB request of them would hold the event loop for hours).
 """
 
 from __future__ import annotations
@@ -218,6 +220,8 @@ Reader = Callable[[bytes, int], tuple[Any, int]]
 DecodePlan = tuple[dict[int, tuple[str, Reader, int]], frozenset[int]]
 _DECODE_PLANS: dict[type, DecodePlan | None] = {}
 _PACKABLE = frozenset(betterproto2.PACKED_TYPES)
+# Odd input up to this size is left to betterproto2; larger odd input is refused.
+FALLBACK_LIMIT = 64 * 1024
 _M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
 
 
@@ -414,6 +418,10 @@ def _skip(data: bytes, pos: int, wire: int) -> int:
 def _decode(data: bytes, cls: type, plan: DecodePlan) -> Any:
     by_tag, numbers = plan
     message = cls()
+    # Unknown fields are kept as runs of the input, joined once: adding each to a bytes
+    # value (as betterproto2 does) is quadratic in their number.
+    unknown: list[bytes] = []
+    run_start = run_end = -1
     pos = 0
     end = len(data)
     while pos < end:
@@ -423,14 +431,18 @@ def _decode(data: bytes, cls: type, plan: DecodePlan) -> Any:
             pos += 1
         else:
             tag, pos = _read_varint(data, pos)
-        try:
-            name, read, action = by_tag[tag]
-        except KeyError:
+        entry = by_tag.get(tag)
+        if entry is None:
             if tag >> 3 in numbers:
-                raise _Unexpected(f"field {tag >> 3} under wire type {tag & 7}") from None
+                raise _Unexpected(f"field {tag >> 3} under wire type {tag & 7}")
             pos = _skip(data, pos, tag & 7)
-            message._unknown_fields += data[start:pos]
+            if start != run_end:
+                if run_end > 0:
+                    unknown.append(data[run_start:run_end])
+                run_start = start
+            run_end = pos
             continue
+        name, read, action = entry
         value, pos = read(data, pos)
         if action == _SET:
             setattr(message, name, value)
@@ -441,6 +453,9 @@ def _decode(data: bytes, cls: type, plan: DecodePlan) -> Any:
         else:
             key, item = value
             getattr(message, name)[key] = item
+    if run_end > 0:
+        unknown.append(data[run_start:run_end])
+        message._unknown_fields = b"".join(unknown)
     return message
 
 
@@ -454,6 +469,9 @@ def decode(data: bytes, cls: type[M]) -> M:
         return cls.parse(data)
     try:
         return _decode(data, cls, plan)  # type: ignore[no-any-return]
-    except Exception:
+    except Exception as exc:
+        if len(data) > FALLBACK_LIMIT:
+            # betterproto2 would take time quadratic in the number of unknown fields
+            raise ValueError(f"malformed message of {len(data)} bytes: {exc}") from None
         # betterproto2 says what odd input means, or raises its own error
         return cls.parse(data)
