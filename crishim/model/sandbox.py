@@ -53,7 +53,7 @@ class Sandbox(Record):
     utsns: str = Field(default="", description="pinned UTS namespace ('' = host)")
     userns: str = Field(default="", description="pinned user namespace ('' = the node's)")
     infra_pid: int = Field(
-        default=0, description="pid of the process holding a shared PID ns; 0 once stopped"
+        default=0, description="pid of the process holding a shared PID ns; 0: none, or stopped"
     )
     ips: list[str] = Field(default_factory=list, description="pod IPs, primary first")
     network_ready: bool = Field(default=False, description="CNI ADD done and not yet torn down")

@@ -167,11 +167,15 @@ class Recovery:
 
     async def _remove_pod(self, pod_id: str, conmons: dict[str, int]) -> None:
         await self._stop_process(pod_id, conmons)
+        base = self._state / "sandboxes" / pod_id
+        # The infra process of a pod sharing its PID namespace has a cgroup of its own.
+        cgroup = await anyio.to_thread.run_sync(bundle_cgroups_path, base / "infra")
+        if cgroup is not None:
+            await self._cgroups.release(self._cgroups.parent_of(cgroup), pod_id)
         pins = {kind: self._state / "ns" / kind / pod_id for kind in _NAMESPACES}
         if self._cni is not None:
             netns = pins["net"]
             await self._cni.delete(pod_id, str(netns) if namespace_alive(netns) else None)
-        base = self._state / "sandboxes" / pod_id
         await unmount(base / "shm")
         await remove_pod_namespaces(
             PodNamespaces(
