@@ -135,6 +135,10 @@ class Rig:
         mounts = CgroupMounts.read()
         hierarchies = [m.mountpoint for m in mounts.v1.values()]
         hierarchies += [mounts.v2.mountpoint] if mounts.v2 else []
+        # The runtime makes the pod's cgroup in every hierarchy, also those crishim reads
+        # nothing from (blkio, cpuset, devices, freezer, the named systemd one).
+        root = Path("/sys/fs/cgroup")
+        hierarchies += [h for h in root.iterdir() if h.is_dir()] if root.is_dir() else []
         parts = self.pod_parent.strip("/").split("/")
         for hierarchy in set(hierarchies):
             for depth in range(len(parts), 0, -1):
