@@ -24,7 +24,7 @@ from grpclib.const import Status
 
 from crishim.api import v1
 from crishim.node.host import RealHost
-from tests.integration.test_faults import HOST_NETWORK, require_host_tools, start_rig, stop_rig
+from tests.rig.faults import HOST_NETWORK, require_host_tools, start_rig, stop_rig
 from tests.rig.fixtures import PushedImage
 from tests.rig.host import run
 from tests.rig.pods import PodRig

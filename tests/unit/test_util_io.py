@@ -275,8 +275,9 @@ def test_a_failing_step_lets_the_others_finish_then_the_first_failure_is_raised(
     assert "a step run alongside also failed: later" in caplog.text
 
 
-def test_a_cancelled_caller_cancels_the_steps_and_waits_for_them(
-    loop_factory: type[asyncio.AbstractEventLoop],
+@pytest.mark.parametrize("cancellations", ["once", "as at shutdown, then again"])
+def test_a_cancelled_caller_cancels_the_steps_and_waits_for_their_cleanup(
+    loop_factory: type[asyncio.AbstractEventLoop], cancellations: str
 ) -> None:
     cleaned: list[str] = []
 
@@ -290,39 +291,20 @@ def test_a_cancelled_caller_cancels_the_steps_and_waits_for_them(
 
         caller = asyncio.create_task(run_all(step("network"), step("infra")))
         await asyncio.sleep(0.01)
-        caller.cancel()
+        if cancellations == "once":
+            caller.cancel()
+        else:
+            # Every task is cancelled, the steps along with the caller ...
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            await asyncio.sleep(0.01)
+            # ... and the caller once more while it waits for their cleanup, which a
+            # second cancellation of the steps would cut short.
+            caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
         # Both had cleaned up before the cancellation reached the caller's caller.
-        assert sorted(cleaned) == ["infra", "network"]
-
-    run(loop_factory, main())
-
-
-def test_a_second_cancellation_does_not_cut_the_steps_cleanup_short(
-    loop_factory: type[asyncio.AbstractEventLoop],
-) -> None:
-    cleaned: list[str] = []
-
-    async def main() -> None:
-        async def step(name: str) -> None:
-            try:
-                await asyncio.sleep(10)
-            finally:
-                await asyncio.sleep(0.05)
-                cleaned.append(name)
-
-        caller = asyncio.create_task(run_all(step("network"), step("infra")))
-        await asyncio.sleep(0.01)
-        # As at shutdown: every task is cancelled, the steps along with the caller ...
-        for task in asyncio.all_tasks():
-            if task is not asyncio.current_task():
-                task.cancel()
-        await asyncio.sleep(0.01)
-        # ... and the caller once more while it waits for their cleanup.
-        caller.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await caller
         assert sorted(cleaned) == ["infra", "network"]
 
     run(loop_factory, main())
