@@ -12,12 +12,12 @@ encoded by betterproto2 itself.
 
 :func:`decode` is the same idea the other way: betterproto2 parses a 50-byte ImageStatus
 request in about 30 µs (a BytesIO, a generator and a frozen dataclass per field); a plan
-compiled per class, keyed by each field's tag, reads it in a few. Only well-formed input
-takes the fast path: anything it does not expect (a field under a wire type other than its
-own, a truncated value, a group, a varint longer than ten bytes) is handed to betterproto2,
-so the result, or the error, is betterproto2's. Except past ``FALLBACK_LIMIT``: there odd
-input is refused with a ValueError, since betterproto2 keeps unknown fields in time
-quadratic in their number (a 16 MiB request of them would hold the event loop for hours).
+compiled per class, keyed by each field's tag, reads it in a few, and gives the message
+betterproto2 would. Malformed input is refused with a ValueError that says what is wrong:
+a known field under a wire type other than its own, a truncated value, a group, a varint
+longer than ten bytes, a string that is not UTF-8. (betterproto2 would keep most of these:
+an int in a string or message field, a string cut short, None for a group, and unknown
+fields in time quadratic in their number.)
 """
 
 from __future__ import annotations
@@ -220,13 +220,11 @@ Reader = Callable[[bytes, int], tuple[Any, int]]
 DecodePlan = tuple[dict[int, tuple[str, Reader, int]], frozenset[int]]
 _DECODE_PLANS: dict[type, DecodePlan | None] = {}
 _PACKABLE = frozenset(betterproto2.PACKED_TYPES)
-# Odd input up to this size is left to betterproto2; larger odd input is refused.
-FALLBACK_LIMIT = 64 * 1024
 _M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
 
 
-class _Unexpected(Exception):
-    """Input that the fast path leaves to betterproto2."""
+class _Malformed(Exception):
+    """What makes the input not a valid encoding of the message."""
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -241,7 +239,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             return result, pos
         shift += 7
         if shift > 63:
-            raise _Unexpected("varint longer than ten bytes")
+            raise _Malformed("a varint longer than ten bytes")
 
 
 def _signed32(value: int) -> int:
@@ -293,7 +291,7 @@ def _delimited(data: bytes, pos: int) -> tuple[bytes, int]:
         length, pos = _read_varint(data, pos)
     end = pos + length
     if end > len(data):
-        raise _Unexpected("value runs past the message")
+        raise _Malformed("a value runs past the end of its message")
     return data[pos:end], end
 
 
@@ -411,7 +409,7 @@ def _skip(data: bytes, pos: int, wire: int) -> int:
         return _delimited(data, pos)[1]
     size = {_WIRE_FIXED64: 8, _WIRE_FIXED32: 4}.get(wire)
     if size is None or pos + size > len(data):
-        raise _Unexpected(f"wire type {wire}")
+        raise _Malformed(f"an unknown field of wire type {wire}, or cut short")
     return pos + size
 
 
@@ -434,7 +432,7 @@ def _decode(data: bytes, cls: type, plan: DecodePlan) -> Any:
         entry = by_tag.get(tag)
         if entry is None:
             if tag >> 3 in numbers:
-                raise _Unexpected(f"field {tag >> 3} under wire type {tag & 7}")
+                raise _Malformed(f"field {tag >> 3} under wire type {tag & 7}, not its own")
             pos = _skip(data, pos, tag & 7)
             if start != run_end:
                 if run_end > 0:
@@ -460,7 +458,8 @@ def _decode(data: bytes, cls: type, plan: DecodePlan) -> Any:
 
 
 def decode(data: bytes, cls: type[M]) -> M:
-    """The message in ``data``, equal to ``cls.parse(data)`` (which decides odd input)."""
+    """The message in ``data``, as ``cls.parse(data)`` gives it; ValueError when ``data``
+    is not a valid encoding of it."""
     try:
         plan = _DECODE_PLANS[cls]
     except KeyError:
@@ -469,9 +468,11 @@ def decode(data: bytes, cls: type[M]) -> M:
         return cls.parse(data)
     try:
         return _decode(data, cls, plan)  # type: ignore[no-any-return]
-    except Exception as exc:
-        if len(data) > FALLBACK_LIMIT:
-            # betterproto2 would take time quadratic in the number of unknown fields
-            raise ValueError(f"malformed message of {len(data)} bytes: {exc}") from None
-        # betterproto2 says what odd input means, or raises its own error
-        return cls.parse(data)
+    except _Malformed as exc:
+        raise ValueError(f"{cls.__name__}: {exc}") from None
+    except IndexError:
+        raise ValueError(f"{cls.__name__}: truncated") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{cls.__name__}: a string field is not UTF-8 ({exc.reason})") from None
+    except struct.error:
+        raise ValueError(f"{cls.__name__}: a packed run of fixed-size numbers is cut") from None

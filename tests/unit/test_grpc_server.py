@@ -381,6 +381,11 @@ async def test_compressed_and_oversized_messages_are_refused_by_name(served: Any
         trailers = await client.trailers(5)
         assert trailers["grpc-status"] == str(Status.INVALID_ARGUMENT.value)
         assert "ExecSyncRequest" in trailers["grpc-message"]
+        # container_id (a string) as a varint: refused, not handed on as an int
+        client.request(7, "Echo", b"\0\0\0\0\x02\x08\x05")
+        trailers = await client.trailers(7)
+        assert trailers["grpc-status"] == str(Status.INVALID_ARGUMENT.value)
+        assert "field 1 under wire type 0" in trailers["grpc-message"]
     finally:
         client.close()
 
