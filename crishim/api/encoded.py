@@ -5,18 +5,30 @@ and serves only that object. (A revision alone is not enough: an image removed a
 again comes back with the same id at revision 0.)
 
 A repeated message field is the concatenation of (tag, length, item bytes) for each item,
-so a list reply can be built by joining cached items without encoding anything.
+so a list reply can be built by joining cached items without encoding anything. Given the
+service its records come from, the cache forgets removed records once it holds
+:data:`PRUNE_SLACK` more than the service has.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from crishim.api.wire import varint
 from crishim.model import Record
 
 R = TypeVar("R", bound=Record)
+# Cached encodings of removed objects tolerated before the cache is pruned.
+PRUNE_SLACK = 64
+
+
+class Listing(Protocol):
+    """What pruning asks of the service the records come from."""
+
+    def count(self) -> int: ...
+
+    def ids(self) -> Iterable[str]: ...
 
 
 def frame_field(field_number: int, payload: bytes) -> bytes:
@@ -27,13 +39,17 @@ def frame_field(field_number: int, payload: bytes) -> bytes:
 class EncodedItems(Generic[R]):
     """Caches the framed wire form of each record for one repeated field."""
 
-    def __init__(self, field_number: int, encode: Callable[[R], bytes]) -> None:
+    def __init__(
+        self, field_number: int, encode: Callable[[R], bytes], source: Listing | None = None
+    ) -> None:
         self._field_number = field_number
         self._encode = encode
+        self._source = source
         self._cache: dict[str, tuple[R, bytes]] = {}
 
     def join(self, items: Iterable[R]) -> bytes:
-        """The reply bytes holding ``items`` in the repeated field."""
+        """The reply bytes holding ``items`` in the repeated field (and, with a source, the
+        cache pruned once it holds many more objects than the source has)."""
         parts = []
         cache = self._cache
         for item in items:
@@ -42,6 +58,9 @@ class EncodedItems(Generic[R]):
                 hit = (item, frame_field(self._field_number, self._encode(item)))
                 cache[item.id] = hit
             parts.append(hit[1])
+        source = self._source
+        if source is not None and len(cache) > source.count() + PRUNE_SLACK:
+            self.prune(source.ids())
         return b"".join(parts)
 
     def prune(self, live_ids: Iterable[str]) -> None:

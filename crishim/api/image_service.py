@@ -12,7 +12,7 @@ from crishim.api import convert, v1, wire
 from crishim.api.codec import PreEncoded
 from crishim.api.encoded import EncodedItems
 from crishim.api.instrument import CallTracker, StreamHandler, build_mapping
-from crishim.api.runtime_service import STREAM_CHUNK, join_pruned
+from crishim.api.runtime_service import STREAM_CHUNK
 from crishim.errors import InvalidArgument
 from crishim.images.auth import Credentials
 from crishim.model import Image
@@ -56,7 +56,7 @@ class ImageServicer(v1.ImageServiceBase):
         # ImageStatusResponse.image and ListImagesResponse.images are both field 1: one
         # framed encoding of each image serves both replies.
         self._encoded: EncodedItems[Image] = EncodedItems(
-            1, lambda i: wire.encode(convert.image(i))
+            1, lambda i: wire.encode(convert.image(i)), images
         )
 
     def __mapping__(self) -> dict[str, Handler]:
@@ -74,14 +74,13 @@ class ImageServicer(v1.ImageServiceBase):
             return
         found = self._images.status(_image_name(request.image))
         items = [found] if found is not None else []
-        await stream.send_message(PreEncoded(self._join(items)))
+        await stream.send_message(PreEncoded(self._encoded.join(items)))
 
     async def _list_images_encoded(self, stream: Any) -> None:
         request: v1.ListImagesRequest = await stream.recv_message()
-        await stream.send_message(PreEncoded(self._join(self._images.list(_query(request)))))
-
-    def _join(self, items: list[Image]) -> bytes:
-        return join_pruned(self._encoded, items, self._images)
+        await stream.send_message(
+            PreEncoded(self._encoded.join(self._images.list(_query(request))))
+        )
 
     async def pull_image(self, message: v1.PullImageRequest) -> v1.PullImageResponse:
         pulled = await self._images.pull(_image_name(message.image), credentials(message.auth))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import Any, Protocol, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 from grpclib.const import Handler
 
@@ -14,7 +14,7 @@ from crishim.api.codec import PreEncoded
 from crishim.api.encoded import EncodedItems
 from crishim.api.instrument import CallTracker, StreamHandler, build_mapping
 from crishim.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from crishim.model import Container, ContainerFilter, Record, Sandbox, SandboxFilter
+from crishim.model import Container, ContainerFilter, Sandbox, SandboxFilter
 from crishim.model.events import LifecycleEvent
 from crishim.services.containers import ContainerService
 from crishim.services.exec import ExecService
@@ -37,21 +37,10 @@ _LIST_FIELD = 1
 _STATUS_FIELD = 1
 _MEMBER_STATUSES_FIELD = 3  # PodSandboxStatusResponse.containers_statuses
 _TIMESTAMP_KEY = wire.varint(4 << 3)  # PodSandboxStatusResponse.timestamp, a varint
-# Cached encodings of removed objects tolerated before the cache is pruned.
-_PRUNE_SLACK = 64
 # The version of the kubelet-runtime API itself, as every CRI runtime reports it.
 KUBE_RUNTIME_API_VERSION = "0.1.0"
 
-R = TypeVar("R", bound=Record)
 T = TypeVar("T")
-
-
-class Listing(Protocol):
-    """What the pruning of kept encodings asks of a service."""
-
-    def count(self) -> int: ...
-
-    def ids(self) -> Iterable[str]: ...
 
 
 class RuntimeServicer(v1.RuntimeServiceBase):
@@ -75,21 +64,21 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         self._exec = exec_service or ExecService(containers, sandboxes)
         self._streaming = streaming
         self._encoded_sandboxes: EncodedItems[Sandbox] = EncodedItems(
-            _LIST_FIELD, lambda s: wire.encode(convert.pod_sandbox(s))
+            _LIST_FIELD, lambda s: wire.encode(convert.pod_sandbox(s)), sandboxes
         )
         self._encoded_containers: EncodedItems[Container] = EncodedItems(
-            _LIST_FIELD, lambda c: wire.encode(convert.container(c))
+            _LIST_FIELD, lambda c: wire.encode(convert.container(c)), containers
         )
         # Statuses are asked for over and over (kubelet, probes, critest) and change only
         # with the record: each record is encoded once.
         self._encoded_pod_status: EncodedItems[Sandbox] = EncodedItems(
-            _STATUS_FIELD, lambda s: wire.encode(convert.pod_sandbox_status(s))
+            _STATUS_FIELD, lambda s: wire.encode(convert.pod_sandbox_status(s)), sandboxes
         )
         self._encoded_status: EncodedItems[Container] = EncodedItems(
-            _STATUS_FIELD, lambda c: wire.encode(convert.container_status(c))
+            _STATUS_FIELD, lambda c: wire.encode(convert.container_status(c)), containers
         )
         self._encoded_member_status: EncodedItems[Container] = EncodedItems(
-            _MEMBER_STATUSES_FIELD, lambda c: wire.encode(convert.container_status(c))
+            _MEMBER_STATUSES_FIELD, lambda c: wire.encode(convert.container_status(c)), containers
         )
 
     def __mapping__(self) -> dict[str, Handler]:
@@ -402,8 +391,8 @@ class RuntimeServicer(v1.RuntimeServiceBase):
         members = convert.newest_first(
             self._containers.matching(ContainerFilter(sandbox_id=sandbox.id))
         )
-        data = join_pruned(self._encoded_pod_status, [sandbox], self._sandboxes)
-        data += join_pruned(self._encoded_member_status, members, self._containers)
+        data = self._encoded_pod_status.join([sandbox])
+        data += self._encoded_member_status.join(members)
         data += _TIMESTAMP_KEY + wire.varint(timestamp)
         await stream.send_message(PreEncoded(data))
 
@@ -413,22 +402,18 @@ class RuntimeServicer(v1.RuntimeServiceBase):
             await stream.send_message(await self.container_status(request))
             return
         container = self._containers.get(request.container_id)
-        data = join_pruned(self._encoded_status, [container], self._containers)
+        data = self._encoded_status.join([container])
         await stream.send_message(PreEncoded(data))
 
     async def _list_pod_sandbox_encoded(self, stream: Any) -> None:
         request: v1.ListPodSandboxRequest = await stream.recv_message()
         items = self._sandboxes.matching(convert.sandbox_filter(request.filter))
-        await stream.send_message(
-            PreEncoded(join_pruned(self._encoded_sandboxes, items, self._sandboxes))
-        )
+        await stream.send_message(PreEncoded(self._encoded_sandboxes.join(items)))
 
     async def _list_containers_encoded(self, stream: Any) -> None:
         request: v1.ListContainersRequest = await stream.recv_message()
         items = self._containers.matching(convert.container_filter(request.filter))
-        await stream.send_message(
-            PreEncoded(join_pruned(self._encoded_containers, items, self._containers))
-        )
+        await stream.send_message(PreEncoded(self._encoded_containers.join(items)))
 
 
 # Items per message of a streamed list (each must stay well under gRPC's 16 MiB limit).
@@ -437,12 +422,3 @@ STREAM_CHUNK = 100
 
 def _chunks(items: list[T]) -> list[list[T]]:
     return [items[i : i + STREAM_CHUNK] for i in range(0, len(items), STREAM_CHUNK)]
-
-
-def join_pruned(cache: EncodedItems[R], items: list[R], source: Listing) -> bytes:
-    """The encoded reply for ``items``, pruning the cache once it holds many more objects
-    than ``source`` has."""
-    data = cache.join(items)
-    if len(cache) > source.count() + _PRUNE_SLACK:
-        cache.prune(source.ids())
-    return data

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from crishim.api import convert, v1
-from crishim.api.encoded import EncodedItems, frame_field
+from crishim.api.encoded import PRUNE_SLACK, EncodedItems, frame_field
 from crishim.model import Container, ContainerMetadata, ContainerState
 
 
@@ -58,3 +58,36 @@ def test_prune_forgets_removed_objects() -> None:
     c.join([make(1), make(2), make(3)])
     c.prune([make(2).id])
     assert len(c) == 1
+
+
+class Source:
+    """The records a service has (what pruning asks of it)."""
+
+    def __init__(self, items: list[Container]) -> None:
+        self.items = items
+
+    def count(self) -> int:
+        return len(self.items)
+
+    def ids(self) -> list[str]:
+        return [c.id for c in self.items]
+
+
+def test_a_cache_with_a_source_forgets_removed_objects_past_the_slack() -> None:
+    live = [make(0)]
+    c: EncodedItems[Container] = EncodedItems(
+        1, lambda c: bytes(convert.container(c)), Source(live)
+    )
+    c.join(live)
+    # Objects come and go; each join asks about one of them, as status calls do.
+    for index in range(1, PRUNE_SLACK + 1):
+        c.join([make(index)])
+    assert len(c) == 1 + PRUNE_SLACK  # up to the slack, kept
+    c.join([make(PRUNE_SLACK + 1)])
+    assert len(c) == 1  # one more: only what the source still has
+    assert c.join(live) == frame_field(1, bytes(convert.container(live[0])))
+    # without a source nothing is pruned
+    unpruned = cache()
+    for index in range(PRUNE_SLACK + 2):
+        unpruned.join([make(index)])
+    assert len(unpruned) == PRUNE_SLACK + 2
