@@ -475,4 +475,4 @@ def decode(data: bytes, cls: type[M]) -> M:
     except UnicodeDecodeError as exc:
         raise ValueError(f"{cls.__name__}: a string field is not UTF-8 ({exc.reason})") from None
     except struct.error:
-        raise ValueError(f"{cls.__name__}: a packed run of fixed-size numbers is cut") from None
+        raise ValueError(f"{cls.__name__}: a fixed-size number is cut short") from None

@@ -296,6 +296,16 @@ class RawClient:
         self.writer.close()
 
 
+@contextlib.asynccontextmanager
+async def raw_client(path: str) -> AsyncIterator[RawClient]:
+    """A connected :class:`RawClient`, closed afterwards."""
+    client = await RawClient.connect(path)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 def decoded(decoder: hpack.Decoder, block: bytes) -> list[tuple[str, str]]:
     """A header block as (name, value) pairs of text."""
     return [(str(name), str(value)) for name, value in decoder.decode(block)]
@@ -308,22 +318,18 @@ def message(request: Any, flag: int = 0) -> bytes:
 
 async def test_server_enforces_the_calls_deadline(served: Any) -> None:
     calls, _, path = served
-    client = await RawClient.connect(path)
-    try:
+    async with raw_client(path) as client:
         client.request(1, "Slow", message(Req(container_id="late")), [("grpc-timeout", "200m")])
         trailers = await client.trailers(1)
         assert trailers["grpc-status"] == str(Status.DEADLINE_EXCEEDED.value)
         assert calls.cancelled == ["late"]
-    finally:
-        client.close()
 
 
 async def test_a_deadline_passing_before_the_handler_starts_is_answered(served: Any) -> None:
     """The deadline fires in the loop turn that delivers the request: the handler's task
     exists but has not run. The call still ends with DEADLINE_EXCEEDED."""
     calls, _, path = served
-    client = await RawClient.connect(path)
-    try:
+    async with raw_client(path) as client:
         headers = [
             (":method", "POST"),
             (":scheme", "http"),
@@ -341,14 +347,11 @@ async def test_a_deadline_passing_before_the_handler_starts_is_answered(served: 
         trailers = await client.trailers(1)
         assert trailers["grpc-status"] == str(Status.DEADLINE_EXCEEDED.value)
         assert calls.cancelled == []  # the handler never ran
-    finally:
-        client.close()
 
 
 async def test_malformed_requests_are_refused_by_name(served: Any) -> None:
     _, _, path = served
-    client = await RawClient.connect(path)
-    try:
+    async with raw_client(path) as client:
         client.request(1, "Echo", message(Req()), [("grpc-timeout", "123456789S")])
         trailers = await client.trailers(1)
         assert (trailers[":status"], trailers["grpc-status"]) == ("400", "13")
@@ -359,14 +362,11 @@ async def test_malformed_requests_are_refused_by_name(served: Any) -> None:
         trailers = await client.trailers(3)
         assert trailers[":status"] == "415"
         assert "text/plain" in trailers["grpc-message"]
-    finally:
-        client.close()
 
 
 async def test_compressed_and_oversized_messages_are_refused_by_name(served: Any) -> None:
     _, _, path = served
-    client = await RawClient.connect(path)
-    try:
+    async with raw_client(path) as client:
         client.request(1, "Echo", message(Req(), flag=1), [("grpc-encoding", "gzip")])
         trailers = await client.trailers(1)
         assert trailers["grpc-status"] == str(Status.UNIMPLEMENTED.value)
@@ -386,8 +386,6 @@ async def test_compressed_and_oversized_messages_are_refused_by_name(served: Any
         trailers = await client.trailers(7)
         assert trailers["grpc-status"] == str(Status.INVALID_ARGUMENT.value)
         assert "field 1 under wire type 0" in trailers["grpc-message"]
-    finally:
-        client.close()
 
 
 async def test_garbage_closes_only_its_own_connection(served: Any) -> None:

@@ -284,6 +284,8 @@ def test_well_formed_messages_are_decoded_without_betterproto2(
         (v1.ContainerStatusRequest, b"\x10" + b"\xff" * 10 + b"\x01", "ten bytes"),
         (v1.ContainerStatusRequest, b"\x0a", "truncated"),
         (v1.ContainerStatusRequest, b"\xfb\x3f", "an unknown field of wire type 3"),
+        # PsiData.avg_10 (2) is a double: 8 bytes, here 3
+        (v1.PsiData, b"\x11abc", "a fixed-size number is cut short"),
         # a nested message names itself
         (v1.ImageStatusRequest, b"\x0a\x02\x0a\x05", "ImageSpec: a value runs past"),
         # unknown fields, then the odd one: refused at any size, in linear time
@@ -302,6 +304,7 @@ def test_well_formed_messages_are_decoded_without_betterproto2(
         "long-varint",
         "cut-tag",
         "group",
+        "cut-double",
         "nested",
         "large",
     ],
